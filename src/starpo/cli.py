@@ -1,0 +1,99 @@
+"""The ``starpo`` command. Thin: parse arguments, call the library, print errors in one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Align language models end to end: SFT, DPO/LN-DPO/SimPO/IPO, online "
+                       "DPO, evaluation and reports, from one recipe.")
+
+_DEBUG = {"on": False}
+
+
+def _fail(err: BaseException) -> None:
+    if _DEBUG["on"]:
+        raise err
+    msg = str(err).strip() or type(err).__name__
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn):
+    from starpo.errors import StarpoError
+    try:
+        return fn()
+    except StarpoError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to resume from the last checkpoint",
+                   err=True)
+        raise typer.Exit(130)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    _DEBUG["on"] = debug or bool(os.environ.get("STARPO_DEBUG"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+        overrides: Optional[list[str]] = typer.Argument(
+            None, help="Overrides key.path=value (e.g. stages.dpo.beta=0.3)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                           help="Run directory (default runs/<recipe stem>)."),
+        stages: Optional[str] = typer.Option(None, "--stages",
+                                             help="Comma-separated stage names to run."),
+        dry_run: bool = typer.Option(False, "--dry-run",
+                                     help="Print the resolved recipe and plan; train nothing."),
+        resume: bool = typer.Option(True, "--resume/--restart",
+                                    help="Continue a killed stage from its last checkpoint "
+                                         "(default), or start unfinished stages over."),
+        no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """Run the stages of RECIPE in order; finished stages are skipped."""
+    from starpo import pipeline
+    from starpo.config import dump_recipe, load_recipe
+
+    def go():
+        rec = load_recipe(recipe, overrides or [])
+        out_dir = out or Path("runs") / recipe.stem
+        only = [s.strip() for s in stages.split(",")] if stages else None
+        if dry_run:
+            typer.echo("# resolved recipe")
+            typer.echo(dump_recipe(rec))
+            typer.echo(f"# plan (run directory {out_dir})")
+            for name, kind, status in pipeline.plan(rec, out_dir, only):
+                typer.echo(f"  {name:<12} {kind:<8} {status}")
+            return
+        pipeline.run(rec, out_dir, only=only, restart=not resume, progress=not quiet,
+                     report=not no_report)
+        typer.echo(f"done: {out_dir}")
+
+    _guard(go)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
+    """Write RUN_DIR/report.html from the run's metrics and evaluation."""
+    def go():
+        from starpo.report import write_report
+        typer.echo(str(write_report(run_dir)))
+    _guard(go)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit:
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Runs the stages of a recipe in order inside one run directory.
+
+Run directory (the contract in DESIGN.md)::
+
+    DIR/recipe.yaml              the resolved recipe of the last invocation
+    DIR/base/model/              the starting checkpoint when model.name_or_path is "tiny"
+    DIR/<stage>/model/           Hugging Face checkpoint written by the stage
+    DIR/<stage>/metrics.jsonl    one JSON object per logged step
+    DIR/<stage>/stage.json       written last: the stage is complete (skipped on rerun)
+    DIR/<stage>/checkpoints/     resumable state while the stage runs
+
+A stage is complete when ``stage.json`` exists; the command can be rerun after a kill and
+continues where it stopped (finished stages are skipped, a killed stage resumes from its
+last checkpoint unless ``restart``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from starpo.config import Recipe, dump_recipe
+from starpo.errors import RecipeError, StarpoError
+
+
+def _default_log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    out: Path
+    restart: bool = False
+    log: Callable[[str], None] = _default_log
+    progress: bool = True
+    _world: object = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ paths
+    def stage_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def is_complete(self, name: str) -> bool:
+        return (self.stage_dir(name) / "stage.json").is_file()
+
+    def mark_complete(self, name: str, summary: dict) -> None:
+        d = self.stage_dir(name)
+        tmp = d / ".stage.json.tmp"
+        tmp.write_text(json.dumps({"complete": True, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "config_hash": self.stage_hash(name), **summary}, indent=2))
+        tmp.replace(d / "stage.json")
+
+    def stage_hash(self, name: str) -> str:
+        st = self.recipe.stage(name)
+        blob = json.dumps(st.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def world(self):
+        if self._world is None:
+            from starpo.world import World
+            self._world = World(self.recipe.world.seed)
+        return self._world
+
+    def seed_for(self, stage) -> int:
+        return stage.seed if getattr(stage, "seed", None) is not None else self.recipe.seed
+
+    # ------------------------------------------------------------------ models
+    def base_model_path(self) -> str:
+        """The recipe's starting model as a path or hub id ("tiny" is built once here)."""
+        spec = self.recipe.model
+        if spec.name_or_path != "tiny":
+            return spec.name_or_path
+        path = self.out / "base" / "model"
+        if not (path / "config.json").is_file():
+            from starpo import modeling
+            self.log(f"building the tiny default model and training its tokenizer → {path}")
+            model, tok = modeling.build_or_load(
+                spec, lambda: self.world.corpus(), seed=self.recipe.seed, cache_dir=None)
+            modeling.save_pretrained(model, tok, path)
+        return str(path)
+
+    def resolve_model(self, ref: str | None, *, before: str | None = None) -> str:
+        """A stage name, "base", or a path → a checkpoint path (or hub id).
+
+        ``None`` means the model of the last trained stage before ``before`` (or the base
+        model when there is none).
+        """
+        names = [s.name for s in self.recipe.stages]
+        if ref is None:
+            prev = None
+            for s in self.recipe.stages:
+                if s.name == before:
+                    break
+                if s.type != "eval" and s.type != "reward":
+                    prev = s.name
+            ref = prev or "base"
+        if ref == "base":
+            return self.base_model_path()
+        if ref in names:
+            path = self.stage_dir(ref) / "model"
+            if not (path / "config.json").is_file():
+                raise StarpoError(f"stage {before!r} needs the model of stage {ref!r}, which "
+                                  f"has not been trained yet ({path} missing); run it first "
+                                  f"(--stages {ref},{before})")
+            return str(path)
+        return ref  # a local path or a hub id
+
+
+STAGE_RUNNERS: dict[str, Callable] = {}
+
+
+def _runner(kind: str) -> Callable:
+    if not STAGE_RUNNERS:
+        from starpo.stages import register_all
+        register_all(STAGE_RUNNERS)
+    if kind not in STAGE_RUNNERS:
+        raise RecipeError(f"stage type {kind!r} is not available in this version of starpo")
+    return STAGE_RUNNERS[kind]
+
+
+def plan(recipe: Recipe, out: Path, only: list[str] | None) -> list[tuple[str, str, str]]:
+    """(stage name, type, status) for every stage that the run would touch."""
+    names = [s.name for s in recipe.stages]
+    for n in only or []:
+        if n not in names:
+            raise RecipeError(f"--stages: no stage named {n!r}; the recipe has {names}")
+    rows = []
+    for st in recipe.stages:
+        if only and st.name not in only:
+            continue
+        d = out / st.name
+        if (d / "stage.json").is_file():
+            status = "complete (skipped)"
+        elif (d / "checkpoints").is_dir() and any((d / "checkpoints").glob("step_*")):
+            status = "partial (resumes)"
+        else:
+            status = "to run"
+        rows.append((st.name, st.type, status))
+    return rows
+
+
+def run(recipe: Recipe, out: Path, *, only: list[str] | None = None, restart: bool = False,
+        log: Callable[[str], None] = _default_log, progress: bool = True,
+        report: bool = True) -> RunContext:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    ctx = RunContext(recipe, out, restart=restart, log=log, progress=progress)
+    for name, kind, status in plan(recipe, out, only):
+        if status.startswith("complete"):
+            st_hash = json.loads((out / name / "stage.json").read_text()).get("config_hash")
+            if st_hash and st_hash != ctx.stage_hash(name):
+                log(f"[{name}] complete, but its recipe section changed since it ran; delete "
+                    f"{out / name} to redo it")
+            else:
+                log(f"[{name}] complete, skipped")
+            continue
+        if restart and (out / name).exists():
+            shutil.rmtree(out / name)
+        log(f"[{name}] {kind} stage → {out / name}")
+        t0 = time.time()
+        (out / name).mkdir(parents=True, exist_ok=True)
+        summary = _runner(kind)(ctx, recipe.stage(name)) or {}
+        summary["seconds"] = round(time.time() - t0, 1)
+        ctx.mark_complete(name, summary)
+        log(f"[{name}] done in {summary['seconds']} s")
+    if report:
+        try:
+            from starpo.report import write_report
+        except ImportError:
+            write_report = None
+        if write_report is not None and any((out / s.name / "stage.json").is_file()
+                                            for s in recipe.stages):
+            path = write_report(out)
+            log(f"report → {path}")
+    return ctx

@@ -1,0 +1,87 @@
+"""The SFT stage: canonical conversations → tokens with assistant labels → packed rows →
+the shared loop with the token-level cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from starpo.batch import TokenBatch
+from starpo.config import SFTStage
+from starpo.data.packing import SFTLayout, layout_sft, padding_fraction, sft_microbatches
+from starpo.data.tokenize import tokenize_conversation
+from starpo.errors import DataError
+
+
+class SFTTask:
+    """Cross-entropy summed over assistant tokens; the loop divides by the step's count."""
+
+    def __init__(self, layout: SFTLayout, *, batch_size: int, pad_id: int, seed: int):
+        self.layout, self.batch_size, self.pad_id, self.seed = layout, batch_size, pad_id, seed
+
+    def microbatches(self, epoch: int) -> list[TokenBatch]:
+        return sft_microbatches(self.layout, batch_size=self.batch_size, pad_id=self.pad_id,
+                                seed=self.seed, epoch=epoch)
+
+    def units(self, batch: TokenBatch) -> float:
+        return float(batch.num_targets)
+
+    def loss(self, module, batch: TokenBatch):
+        _, _, tok_lp = module(batch)
+        loss_sum = -tok_lp.sum()
+        n = batch.num_targets
+        return loss_sum, {"loss": (loss_sum.item(), n),
+                          "trained_tokens": (float(n), 1.0)}
+
+
+def tokenize_sft_rows(tokenizer, rows: list[dict], *, on_bad_rows: str = "error",
+                      progress: bool = True, log=print):
+    docs, bad = [], 0
+    for r in tqdm(rows, desc="tokenizing", disable=not progress, leave=False):
+        try:
+            docs.append(tokenize_conversation(tokenizer, r["messages"], source=r.get("source", "?"),
+                                              row=r.get("row", -1)))
+        except DataError as err:
+            if on_bad_rows == "error":
+                raise
+            bad += 1
+            if bad <= 5:
+                log(f"  skipped: {err}")
+    if bad:
+        log(f"  skipped {bad} conversations with no trainable token")
+    return docs
+
+
+def run_sft(ctx, stage: SFTStage) -> dict:
+    from starpo import modeling
+    from starpo.data.sources import load_mixture
+    from starpo.train import run_loop
+
+    seed = ctx.seed_for(stage)
+    start = ctx.resolve_model(stage.model, before=stage.name)
+    tok = modeling.load_tokenizer(start, ctx.recipe.model)
+    model = modeling.load_model(start, ctx.recipe.model)
+    rows = load_mixture(stage.data, "sft", world_seed=ctx.recipe.world.seed, seed=seed,
+                        log=ctx.log)
+    docs = tokenize_sft_rows(tok, rows, on_bad_rows=stage.data.on_bad_rows,
+                             progress=ctx.progress, log=ctx.log)
+    if not docs:
+        raise DataError("no usable conversation in the stage's data", source=stage.name)
+    p = stage.packing
+    layout = layout_sft(docs, mode=p.mode, loss_masking=p.loss_masking, max_length=p.max_length,
+                        drop_masked_ratio=p.drop_masked_ratio, seed=seed)
+    first = sft_microbatches(layout, batch_size=stage.train.batch_size, pad_id=tok.pad_token_id,
+                             seed=seed, epoch=0)
+    pad = padding_fraction(first)
+    ntok = sum(b.num_targets for b in first)
+    ctx.log(f"  {len(docs)} conversations → {len(layout.rows)} rows ({p.mode}, "
+            f"{'assistant-only' if p.loss_masking else 'all-token'} loss), "
+            f"{ntok} trainable tokens/epoch, padding {pad:.1%}, truncated {layout.truncated}"
+            + (f", dropped rows {layout.dropped_rows}" if layout.dropped_rows else ""))
+    task = SFTTask(layout, batch_size=stage.train.batch_size, pad_id=tok.pad_token_id, seed=seed)
+    res = run_loop(model, task, stage.train, ctx.stage_dir(stage.name), seed=seed,
+                   resume=not ctx.restart, desc=stage.name, progress=ctx.progress)
+    modeling.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model")
+    return {"steps": res.steps, "final": res.last_metrics, "conversations": len(docs),
+            "rows": len(layout.rows), "padding_fraction": pad, "truncated": layout.truncated,
+            "trainable_tokens_per_epoch": ntok}

@@ -1,0 +1,59 @@
+"""Shared fixtures: small tokenizers and models built locally (no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|im_end|>"
+    "{% endgeneration %}{% else %}{{ message['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def realdata(*parts: str) -> Path:
+    p = REALDATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not present")
+    return p
+
+
+@pytest.fixture(scope="session")
+def gpt2_chatml():
+    """The real GPT-2 BPE with ChatML special tokens and template added."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(realdata("tokenizers", "gpt2")))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="session")
+def world_tokenizer():
+    """The tiny default tokenizer: byte-level BPE trained on the world's corpus."""
+    from starpo import modeling
+    from starpo.world import World
+    return modeling.train_tokenizer(World(0).corpus(2000), vocab_size=512, seed=0)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, intermediate_size=2 * hidden,
+                      max_position_embeddings=1024, tie_word_embeddings=True)
+    cfg._attn_implementation = "sdpa"
+    m = LlamaForCausalLM(cfg).float().eval()
+    return m
