@@ -232,7 +232,9 @@ def _accelerator(spec: TrainSpec):
 def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, seed: int,
              resume: bool = False, desc: str = "train", accelerator=None,
              stop_after: int | None = None, progress: bool = True,
-             on_step: Callable[[int, dict], None] | None = None) -> LoopResult:
+             on_step: Callable[[int, dict], None] | None = None,
+             make_opt: Callable[[nn.Module, TrainSpec], torch.optim.Optimizer] = make_optimizer
+             ) -> LoopResult:
     """Train ``model`` in place on ``task``. ``stop_after`` (tests) ends after that many
     steps as if killed, leaving only what was checkpointed."""
     from tqdm.auto import tqdm
@@ -254,7 +256,7 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
     total = spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch))
     warmup = int(spec.warmup_ratio * total)
 
-    optimizer = make_optimizer(model, spec)
+    optimizer = make_opt(model, spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.scheduler, warmup,
                                                                        total))
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)

@@ -1,0 +1,147 @@
+"""Reference log-probs computed once, stored on disk, reused.
+
+DPO-style losses need log π_ref(y|x) for every chosen and rejected response. They do not
+change during training, so we compute them once with the reference model before training,
+free that model, and train with no reference copy in memory. The file is keyed by a hash
+of everything that determines the numbers — the reference weights, the tokenizer, the
+tokenized pairs (which already reflect max lengths and truncation) — so a rerun, a resumed
+run or another sweep trial on the same data reuses it, and any change misses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class RefLogps:
+    chosen: torch.Tensor      # [P] summed log-probs of each pair's chosen response
+    rejected: torch.Tensor    # [P]
+    key: str
+    hit: bool
+
+
+def _file_sha(path: Path) -> str:
+    """sha256 of a file, remembered in a sidecar keyed by size and mtime (big weights)."""
+    st = path.stat()
+    side = path.with_name(f".{path.name}.sha256")
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    if side.is_file():
+        try:
+            rec = json.loads(side.read_text())
+            if rec.get("stamp") == stamp:
+                return rec["sha256"]
+        except (OSError, ValueError):
+            pass
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    try:
+        side.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+    except OSError:
+        pass  # read-only checkpoint directories are fine, we just rehash next time
+    return digest
+
+
+def model_fingerprint(path_or_id: str) -> str:
+    """Content hash of a checkpoint's weights and config (a hub id hashes its name+revision)."""
+    p = Path(path_or_id)
+    h = hashlib.sha256()
+    if p.is_dir():
+        files = sorted(list(p.glob("*.safetensors")) + list(p.glob("*.bin")) +
+                       [p / "config.json"])
+        for f in files:
+            if f.is_file():
+                h.update(f.name.encode())
+                h.update(_file_sha(f).encode())
+    else:
+        h.update(f"hub:{path_or_id}".encode())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer")
+             else repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update((tokenizer.chat_template or "").encode() if isinstance(tokenizer.chat_template, str)
+             else json.dumps(tokenizer.chat_template).encode())
+    return h.hexdigest()
+
+
+def pairs_fingerprint(pairs: list) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        d = p.as_dict() if hasattr(p, "as_dict") else p
+        for k in ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"):
+            h.update(k.encode())
+            h.update(json.dumps(d[k]).encode())
+    return h.hexdigest()
+
+
+def cache_key(ref_path: str, tokenizer, pairs: list, extra: dict | None = None) -> str:
+    h = hashlib.sha256()
+    h.update(model_fingerprint(ref_path).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    h.update(pairs_fingerprint(pairs).encode())
+    h.update(json.dumps(extra or {}, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def compute_reference(model, pairs: list, *, batch_size: int = 16, chunk_size: int = 1024,
+                      prefix_sharing: bool = True, device=None,
+                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of chosen and rejected responses under ``model`` (no grad)."""
+    from starpo.logprobs import sequence_logprobs
+    from starpo.prefbatch import collate_padding_free, collate_prefix_shared
+
+    model.eval()
+    collate = collate_prefix_shared if prefix_sharing else collate_padding_free
+    ch, rj = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs",
+                  disable=not progress, leave=False):
+        chunk = [p.as_dict() if hasattr(p, "as_dict") else p for p in pairs[s:s + batch_size]]
+        b = collate(chunk)
+        if device is not None:
+            b = b.to(device)
+        lp, _, _ = sequence_logprobs(model, b, chunk_size=chunk_size)
+        lp = lp.float().cpu()
+        ch[s:s + len(chunk)] = lp[0::2]
+        rj[s:s + len(chunk)] = lp[1::2]
+    return ch, rj
+
+
+def reference_logps(ref_path: str, tokenizer, pairs: list, *, cache_dir: Path, load_model,
+                    batch_size: int = 16, chunk_size: int = 1024, prefix_sharing: bool = True,
+                    device=None, progress: bool = True, log=print) -> RefLogps:
+    """Cached reference log-probs; ``load_model()`` is called only on a cache miss."""
+    from safetensors.torch import load_file, save_file
+
+    key = cache_key(ref_path, tokenizer, pairs)
+    path = Path(cache_dir) / f"ref-{key}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        log(f"  reference log-probs: cache hit ({path.name}, {len(pairs)} pairs)")
+        return RefLogps(t["chosen"], t["rejected"], key, True)
+    log(f"  reference log-probs: computing for {len(pairs)} pairs with {ref_path}")
+    model = load_model()
+    if device is not None:
+        model.to(device)
+    ch, rj = compute_reference(model, pairs, batch_size=batch_size, chunk_size=chunk_size,
+                               prefix_sharing=prefix_sharing, device=device, progress=progress)
+    del model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({"chosen": ch.contiguous(), "rejected": rj.contiguous()}, str(tmp),
+              metadata={"ref": str(ref_path), "pairs": str(len(pairs))})
+    os.replace(tmp, path)
+    return RefLogps(ch, rj, key, False)

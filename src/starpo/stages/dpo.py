@@ -1,0 +1,242 @@
+"""Offline preference optimisation: DPO, LN-DPO, SimPO, IPO on one shared loop.
+
+Pairs are tokenized once (:func:`starpo.data.tokenize.tokenize_pair`), reference
+log-probs come from the on-disk cache (:mod:`starpo.refcache`), and every micro-batch is
+either padding-free (chosen and rejected packed as separate documents) or prefix-shared
+(prompt computed once, both responses attend to it) — see :mod:`starpo.prefbatch`.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from starpo import losses as L
+from starpo.batch import TokenBatch
+from starpo.config import PreferenceSpec
+from starpo.data.tokenize import PairStats, TokenizedPair, tokenize_pair
+from starpo.errors import DataError
+
+
+def collate_pairs(pairs: list[TokenizedPair], spec: PreferenceSpec, pad_id: int) -> TokenBatch:
+    from starpo import prefbatch as PB
+    dicts = [p.as_dict() for p in pairs]
+    if spec.prefix_sharing:
+        return PB.collate_prefix_shared(dicts)
+    if spec.padding_free:
+        return PB.collate_padding_free(dicts)
+    return PB.collate_padded(dicts, pad_id)
+
+
+def preference_losses(spec: PreferenceSpec, pc, pr, nc, nr, rc=None, rr=None):
+    """Dispatch to the pure loss functions of :mod:`starpo.losses`."""
+    if spec.loss == "dpo":
+        return L.dpo(pc, pr, rc, rr, beta=spec.beta, label_smoothing=spec.label_smoothing)
+    if spec.loss == "ln_dpo":
+        return L.ln_dpo(pc, pr, rc, rr, nc, nr, beta=spec.beta,
+                        label_smoothing=spec.label_smoothing)
+    if spec.loss == "simpo":
+        return L.simpo(pc, pr, nc, nr, beta=spec.beta, gamma=spec.gamma,
+                       label_smoothing=spec.label_smoothing)
+    if spec.loss == "ipo":
+        return L.ipo(pc, pr, rc, rr, beta=spec.beta)
+    raise ValueError(spec.loss)
+
+
+def needs_reference(spec: PreferenceSpec) -> bool:
+    return spec.loss != "simpo"
+
+
+def _per_seq_mean_prob(tok_lp: torch.Tensor, batch: TokenBatch, counts: torch.Tensor):
+    probs = torch.zeros(batch.num_seqs, dtype=tok_lp.dtype, device=tok_lp.device)
+    probs.index_add_(0, batch.tgt_seq, tok_lp.detach().exp())
+    return probs / counts.clamp(min=1)
+
+
+def pair_metrics(spec, pc, pr, nc, nr, rc, rr, losses, cr, rjr, mean_p) -> dict:
+    """Sums (with counts) of the logged metrics for a micro-batch of pairs."""
+    n = float(pc.numel())
+    s = lambda t: float(t.detach().float().sum())  # noqa: E731
+    return {
+        "loss": (s(losses), n),
+        "reward_chosen": (s(cr), n),
+        "reward_rejected": (s(rjr), n),
+        "reward_margin": (s(cr - rjr), n),
+        "reward_accuracy": (s((cr > rjr).float()), n),
+        "logp_chosen": (s(pc), n),
+        "logp_rejected": (s(pr), n),
+        "token_prob_margin": (s(mean_p[0::2] - mean_p[1::2]), n),
+        "len_chosen": (s(nc), n),
+        "len_rejected": (s(nr), n),
+    }
+
+
+class PreferenceTask:
+    """Pairs → micro-batches; loss = Σ over pairs (the loop divides by the step's pairs)."""
+
+    def __init__(self, pairs: list[TokenizedPair], spec: PreferenceSpec, *, batch_size: int,
+                 pad_id: int, seed: int, ref_chosen=None, ref_rejected=None):
+        self.pairs, self.spec, self.batch_size = pairs, spec, batch_size
+        self.pad_id, self.seed = pad_id, seed
+        self.ref_c, self.ref_r = ref_chosen, ref_rejected
+
+    def batch_for(self, idx: list[int]) -> TokenBatch:
+        b = collate_pairs([self.pairs[i] for i in idx], self.spec, self.pad_id)
+        b.meta["pairs"] = torch.tensor(idx, dtype=torch.long)
+        if self.ref_c is not None:
+            b.meta["ref_chosen"] = self.ref_c[idx]
+            b.meta["ref_rejected"] = self.ref_r[idx]
+        return b
+
+    def microbatches(self, epoch: int) -> list[TokenBatch]:
+        order = list(range(len(self.pairs)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return [self.batch_for(order[k:k + self.batch_size])
+                for k in range(0, len(order), self.batch_size)]
+
+    def units(self, batch: TokenBatch) -> float:
+        return float(batch.num_seqs // 2)
+
+    def forward(self, module, batch: TokenBatch):
+        lp, counts, tok_lp = module(batch)
+        pc, pr = lp[0::2], lp[1::2]
+        nc, nr = counts[0::2].to(lp.dtype), counts[1::2].to(lp.dtype)
+        rc = rr = None
+        if needs_reference(self.spec):
+            rc = batch.meta["ref_chosen"].to(lp.device, lp.dtype)
+            rr = batch.meta["ref_rejected"].to(lp.device, lp.dtype)
+        losses, cr, rjr = preference_losses(self.spec, pc, pr, nc, nr, rc, rr)
+        mean_p = _per_seq_mean_prob(tok_lp, batch, counts)
+        return losses, pair_metrics(self.spec, pc, pr, nc, nr, rc, rr, losses, cr, rjr, mean_p)
+
+    def loss(self, module, batch: TokenBatch):
+        losses, metrics = self.forward(module, batch)
+        return losses.sum(), metrics
+
+
+@torch.no_grad()
+def evaluate_pairs(model, task: PreferenceTask, *, chunk_size: int = 1024, device=None) -> dict:
+    """Mean metrics of ``task``'s pairs under ``model`` (held-out reward accuracy etc.)."""
+    from starpo.train import TargetLogprobs
+    module = TargetLogprobs(model, chunk_size)
+    was = model.training
+    model.eval()
+    tot: dict[str, list[float]] = {}
+    for b in task.microbatches(0):
+        if device is not None:
+            b = b.to(device)
+        _, m = task.forward(module, b)
+        for k, (s, c) in m.items():
+            t = tot.setdefault(k, [0.0, 0.0])
+            t[0] += s
+            t[1] += c
+    model.train(was)
+    return {k: s / c for k, (s, c) in tot.items() if c}
+
+
+def tokenize_pairs(tokenizer, rows: list[dict], spec: PreferenceSpec, *, on_bad_rows: str,
+                   progress: bool, log) -> tuple[list[TokenizedPair], PairStats]:
+    stats, out, bad = PairStats(), [], 0
+    for r in tqdm(rows, desc="tokenizing pairs", disable=not progress, leave=False):
+        try:
+            p = tokenize_pair(tokenizer, r, max_length=spec.max_length,
+                              max_prompt_length=spec.max_prompt_length, stats=stats)
+        except DataError as err:
+            if on_bad_rows == "error":
+                raise
+            bad += 1
+            if bad <= 5:
+                log(f"  skipped: {err}")
+            continue
+        if p is not None:
+            out.append(p)
+    if bad:
+        log(f"  skipped {bad} bad pairs")
+    if stats.dropped_empty or stats.dropped_identical or stats.truncated:
+        log(f"  truncation: {stats.truncated} pairs truncated, dropped {stats.dropped_empty} "
+            f"empty and {stats.dropped_identical} identical after truncation")
+    return out, stats
+
+
+def prepare_reference(ctx, stage, tok, pairs, ref_path: str, *, batch_size: int):
+    """Reference log-probs for ``pairs`` from the cache (computed on a miss)."""
+    from starpo import modeling
+    from starpo.refcache import reference_logps
+    if not needs_reference(stage):
+        return None, None, None
+    if not stage.reference_cache:
+        log_msg = "reference_cache: false — computing reference log-probs in memory"
+        ctx.log(f"  {log_msg}")
+    cache_dir = Path(ctx.out) / "refcache" if stage.reference_cache else Path(ctx.out) / \
+        stage.name / "refcache-tmp"
+    ref = reference_logps(ref_path, tok, pairs, cache_dir=cache_dir,
+                          load_model=lambda: modeling.load_model(ref_path, ctx.recipe.model,
+                                                                 for_training=False),
+                          batch_size=batch_size, chunk_size=stage.train.logprob_chunk_size,
+                          prefix_sharing=stage.prefix_sharing, progress=ctx.progress,
+                          log=ctx.log)
+    return ref.chosen, ref.rejected, ref
+
+
+def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: str,
+                     out_dir: Path, *, seed: int, desc: str) -> dict:
+    """Shared by the offline stage and each online round."""
+    from starpo.train import run_loop
+    all_pairs = train_pairs + eval_pairs
+    rc, rr, ref = prepare_reference(ctx, stage, tok, all_pairs, ref_path,
+                                    batch_size=max(stage.train.batch_size, 8))
+    n = len(train_pairs)
+    mk = lambda ps, a, b, bs: PreferenceTask(  # noqa: E731
+        ps, stage, batch_size=bs, pad_id=tok.pad_token_id, seed=seed,
+        ref_chosen=a, ref_rejected=b)
+    task = mk(train_pairs, rc[:n] if rc is not None else None,
+              rr[:n] if rr is not None else None, stage.train.batch_size)
+    held = mk(eval_pairs, rc[n:] if rc is not None else None,
+              rr[n:] if rr is not None else None, 32) if eval_pairs else None
+    from starpo import prefbatch as PB
+    saved = PB.tokens_saved([p.as_dict() for p in train_pairs]) if stage.prefix_sharing else {}
+    summary: dict = {"pairs": n, "eval_pairs": len(eval_pairs),
+                     "reference_cache_hit": bool(ref and ref.hit), "prefix_sharing": saved}
+    if held is not None:
+        summary["eval_before"] = evaluate_pairs(model, held,
+                                                chunk_size=stage.train.logprob_chunk_size)
+    res = run_loop(model, task, stage.train, out_dir, seed=seed, resume=not ctx.restart,
+                   desc=desc, progress=ctx.progress)
+    summary.update(steps=res.steps, final=res.last_metrics)
+    if held is not None:
+        summary["eval_after"] = evaluate_pairs(model, held,
+                                               chunk_size=stage.train.logprob_chunk_size)
+        ctx.log(f"  held-out reward accuracy {summary['eval_before']['reward_accuracy']:.3f} → "
+                f"{summary['eval_after']['reward_accuracy']:.3f} ({len(eval_pairs)} pairs)")
+    return summary
+
+
+def run_dpo(ctx, stage) -> dict:
+    from starpo import modeling
+    from starpo.data.sources import load_mixture, split_eval
+
+    seed = ctx.seed_for(stage)
+    start = ctx.resolve_model(stage.model, before=stage.name)
+    ref_path = ctx.resolve_model(stage.reference, before=stage.name) if stage.reference \
+        else start
+    tok = modeling.load_tokenizer(start, ctx.recipe.model)
+    rows = load_mixture(stage.data, "preference", world_seed=ctx.recipe.world.seed, seed=seed,
+                        log=ctx.log)
+    train_rows, eval_rows = split_eval(rows, stage.data.eval_fraction, seed)
+    kw = dict(on_bad_rows=stage.data.on_bad_rows, progress=ctx.progress, log=ctx.log)
+    train_pairs, _ = tokenize_pairs(tok, train_rows, stage, **kw)
+    eval_pairs, _ = tokenize_pairs(tok, eval_rows, stage, **kw)
+    if not train_pairs:
+        raise DataError("no usable preference pair in the stage's data", source=stage.name)
+    ctx.log(f"  {len(train_pairs)} training pairs, {len(eval_pairs)} held out; loss "
+            f"{stage.loss} β={stage.beta}" + (f" γ={stage.gamma}" if stage.loss == "simpo"
+                                              else ""))
+    model = modeling.load_model(start, ctx.recipe.model)
+    summary = train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path,
+                               ctx.stage_dir(stage.name), seed=seed, desc=stage.name)
+    modeling.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model")
+    summary["reference"] = ref_path
+    return summary

@@ -1,0 +1,107 @@
+"""The shared loop: accumulation keeps the loss scale, resume reproduces, NaN stops safely."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from starpo.config import TrainSpec
+from starpo.data.packing import layout_sft
+from starpo.errors import TrainingError
+from starpo.stages.sft import SFTTask
+from starpo.train import latest_checkpoint, run_loop
+from test_packing import _docs
+
+
+def _task(batch_size, n=32, seed=0):
+    lay = layout_sft(_docs(n, lo=8, hi=30, seed=seed), mode="pad", loss_masking=True,
+                     max_length=64)
+    return SFTTask(lay, batch_size=batch_size, pad_id=0, seed=0)
+
+
+def _weights(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _close(a, b, atol):
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def test_gradient_accumulation_keeps_the_loss_scale(tmp_path):
+    """4 rows in one micro-batch == 2 micro-batches of 2 rows (documents of unequal length:
+    a per-micro-batch mean would weight them differently)."""
+    # plain SGD: the weight change is lr × gradient, so weights compare gradients directly
+    # (Adam's g/√v would turn float noise in near-zero gradients into ±lr steps)
+    sgd = lambda m, s: torch.optim.SGD(m.parameters(), lr=s.lr)  # noqa: E731
+    spec = dict(lr=1.0, max_steps=3, warmup_ratio=0, scheduler="constant", log_every=1,
+                max_grad_norm=None)
+    m0, m1, m2 = tiny_llama(100), tiny_llama(100), tiny_llama(100)
+    run_loop(m1, _task(4), TrainSpec(batch_size=4, grad_accum=1, **spec), tmp_path / "a",
+             seed=0, progress=False, make_opt=sgd)
+    run_loop(m2, _task(2), TrainSpec(batch_size=2, grad_accum=2, **spec), tmp_path / "b",
+             seed=0, progress=False, make_opt=sgd)
+    _close(_weights(m1), _weights(m2), atol=1e-5)
+    moved = max((_weights(m1)[k] - _weights(m0)[k]).abs().max() for k in _weights(m0))
+    assert moved > 1e-2  # the comparison is not vacuous
+    la = [json.loads(l)["loss"] for l in (tmp_path / "a" / "metrics.jsonl").open()]
+    lb = [json.loads(l)["loss"] for l in (tmp_path / "b" / "metrics.jsonl").open()]
+    assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_kill_and_resume_reaches_the_same_weights(tmp_path):
+    spec = TrainSpec(lr=5e-3, max_steps=7, batch_size=4, save_every=2, log_every=1,
+                     keep_checkpoints=2)
+    full = tiny_llama(100)
+    run_loop(full, _task(4), spec, tmp_path / "full", seed=1, progress=False)
+    # "killed" after 5 steps: the last checkpoint is step 4, step 5 is lost
+    part = tiny_llama(100)
+    run_loop(part, _task(4), spec, tmp_path / "part", seed=1, progress=False, stop_after=5)
+    assert latest_checkpoint(tmp_path / "part" / "checkpoints").name == "step_0000004"
+    resumed = tiny_llama(100)   # a fresh process: initial weights, then the checkpoint
+    run_loop(resumed, _task(4), spec, tmp_path / "part", seed=1, progress=False, resume=True)
+    _close(_weights(full), _weights(resumed), atol=1e-6)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "part" / "metrics.jsonl").open()]
+    assert steps == list(range(1, 8))   # no duplicated or missing log lines
+
+
+class _NaNAt(SFTTask):
+    def __init__(self, step, *a, **k):
+        super().__init__(*a, **k)
+        self.calls, self.at = 0, step
+
+    def loss(self, module, batch):
+        loss, m = super().loss(module, batch)
+        self.calls += 1
+        if self.calls == self.at:
+            loss = loss * float("nan")
+        return loss, m
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
+    spec = TrainSpec(lr=5e-3, max_steps=6, batch_size=4, log_every=1)
+    ref = tiny_llama(100)
+    run_loop(ref, _task(4), TrainSpec(lr=5e-3, max_steps=6, batch_size=4, log_every=1),
+             tmp_path / "ref", seed=0, progress=False, stop_after=2)
+    m = tiny_llama(100)
+    lay = _task(4).layout
+    with pytest.raises(TrainingError, match=r"NaN/inf at step 3.*after step 2"):
+        run_loop(m, _NaNAt(3, lay, batch_size=4, pad_id=0, seed=0), spec, tmp_path / "nan",
+                 seed=0, progress=False)
+    ck = latest_checkpoint(tmp_path / "nan" / "checkpoints")
+    from safetensors.torch import load_file
+    saved = load_file(str(ck / "model.safetensors"))
+    _close(_weights(ref), saved, atol=0)
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_metrics_have_the_expected_fields(tmp_path):
+    run_loop(tiny_llama(100), _task(4), TrainSpec(max_steps=2, batch_size=4, log_every=1),
+             tmp_path, seed=0, progress=False)
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    for k in ("step", "lr", "loss", "grad_norm", "tokens_per_s", "trained_tokens"):
+        assert k in rec
+    assert (tmp_path / "tensorboard").is_dir()
