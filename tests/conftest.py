@@ -14,12 +14,7 @@ torch.set_num_threads(2)
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|im_end|>"
-    "{% endgeneration %}{% else %}{{ message['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from starpo.modeling import CHATML_TEMPLATE as CHATML  # noqa: E402
 
 
 def realdata(*parts: str) -> Path:

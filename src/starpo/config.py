@@ -56,11 +56,11 @@ class TinyModelSpec(Strict):
     """The default tiny Llama, built from a config with a tokenizer trained on the world."""
 
     vocab_size: int = Field(1024, ge=300)
-    hidden_size: int = 128
+    hidden_size: int = 192
     num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
-    intermediate_size: int = 384
+    num_attention_heads: int = 6
+    num_key_value_heads: int = 6
+    intermediate_size: int = 512
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = True
 

@@ -1,0 +1,384 @@
+"""Batched sampling from a chat model: transformers ``generate`` with the KV cache.
+
+What a caller gets: for every prompt (a list of chat messages) ``n`` :class:`Sample`s,
+each holding the response's token ids and its decoded text. The rest of this docstring
+says how, and why it is done that way.
+
+Prompts
+    :func:`render_prompt` renders the messages with the tokenizer's chat template
+    (``add_generation_prompt=True``) and tokenizes the text with
+    ``add_special_tokens=False``: the template already wrote any BOS, so there is never a
+    double BOS.
+
+Batching
+    Every (prompt, sample) pair is one row. Rows are sorted by prompt length (stable, so a
+    prompt's samples stay together), cut into batches of ``spec.batch_size`` rows, left
+    padded (the new tokens of all rows then start at the same column, which is what
+    decoder-only ``generate`` needs), and put back in prompt order at the end.
+    ``generate`` derives position ids from the attention mask, so a left-padded row gets
+    the same positions as the same prompt alone.
+
+Stopping
+    A row stops at the chat template's end-of-turn token (found by rendering a tiny
+    conversation, so it is ``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama-3,
+    ``<end_of_turn>`` for Gemma), at ``tokenizer.eos_token_id`` and at every id of the
+    model's ``generation_config.eos_token_id``; see :func:`stop_token_ids`.
+
+Sampling and seeds
+    Temperature 0 is greedy decoding (argmax; no randomness at all). Otherwise the next
+    token is drawn by :func:`sample_tokens` (temperature, then nucleus/top-p) inside a
+    logits processor, and ``generate`` itself runs in greedy mode over the processor's
+    one-hot output. The draw for a row uses one uniform number per step computed by a
+    counter-based hash of ``(seed, prompt_index, sample_index, step)``; no torch random
+    generator is used. Consequences:
+
+    * the same seed gives the same samples, *whatever the batch size or the order and
+      grouping of rows* (only float round-off of batched vs unbatched logits could ever
+      move a draw that lies within ~1e-7 of a token boundary);
+    * sample ``j`` of prompt ``i`` depends on ``i``, so reordering the prompt list changes
+      which stream a prompt gets (keep the list order fixed for reproducibility);
+    * the global torch RNG is left untouched, so sampling in the middle of training does
+      not perturb the training run's random state.
+
+    The model's own ``generation_config`` sampling defaults (temperature, top_k,
+    repetition penalty, ...) are deliberately *not* applied: alignment code needs samples
+    from the policy's distribution as the spec states it (KL estimates assume that).
+
+Result
+    ``Sample.token_ids`` are the response tokens up to *and including* the stop token when
+    one was generated (``finished=True``), so they can be fed back for log-probs exactly as
+    the SFT/DPO tokenization trains the end-of-turn token; without a stop token the row ran
+    into ``max_new_tokens`` (``finished=False``). ``Sample.text`` is the decoded response
+    without special tokens, stripped. :func:`generate` returns a :class:`Generations`, a
+    plain ``list[list[Sample]]`` that also carries :class:`GenerationStats` (tokens,
+    seconds, tokens/s) in ``.stats``; the same figures are logged at INFO level.
+
+Backends
+    :class:`Backend` is the interface; :class:`HFBackend` is the transformers
+    implementation. A vLLM backend for GPU users would implement the same ``generate``
+    method (render prompts with :func:`render_prompt`, ``SamplingParams(n=..., seed=...,
+    temperature=..., top_p=..., stop_token_ids=stop_token_ids(...))``, and fill the same
+    :class:`Sample` fields); none ships here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+from transformers import LogitsProcessor
+
+from starpo.config import GenerationSpec
+from starpo.errors import StarpoError
+
+logger = logging.getLogger(__name__)
+
+Messages = list[dict]
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass
+class Sample:
+    prompt_index: int        # index of the prompt in the list given to generate()
+    text: str                # decoded response, special tokens skipped, stripped
+    token_ids: list[int]     # response tokens, through the stop token if one was generated
+    num_tokens: int          # len(token_ids)
+    finished: bool           # True if the response ended with an end-of-turn / stop token
+
+
+@dataclass
+class GenerationStats:
+    sequences: int = 0
+    prompt_tokens: int = 0
+    tokens: int = 0          # generated (response) tokens, stop tokens included
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"sequences": self.sequences, "prompt_tokens": self.prompt_tokens,
+                "tokens": self.tokens, "seconds": self.seconds,
+                "tokens_per_s": self.tokens_per_s}
+
+
+class Generations(list):
+    """``list[list[Sample]]`` (one inner list of ``n`` samples per prompt) plus ``stats``."""
+
+    def __init__(self, items=(), stats: GenerationStats | None = None):
+        super().__init__(items)
+        self.stats = stats if stats is not None else GenerationStats()
+
+
+# --------------------------------------------------------------------------- prompts
+
+def _as_messages(prompt) -> Messages:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return list(prompt)
+
+
+def render_prompt(tokenizer, messages) -> list[int]:
+    """Token ids of ``messages`` rendered for generation (chat template + assistant header).
+
+    A bare string is taken as one user message. The text is tokenized with
+    ``add_special_tokens=False`` because the template writes BOS itself where the model
+    wants one.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise StarpoError("the tokenizer has no chat template, so prompts cannot be rendered "
+                          "for generation; set model.chat_template in the recipe")
+    text = tokenizer.apply_chat_template(_as_messages(messages), tokenize=False,
+                                         add_generation_prompt=True)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise StarpoError("the chat template rendered an empty prompt")
+    return ids
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message.
+
+    Found by rendering a two-message conversation and tokenizing what follows the
+    assistant's content; only a special (added) token counts. ``None`` if there is none.
+    """
+    marker = "starpo0marker"
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(conv, tokenize=False)
+    except Exception:  # a template that refuses this conversation: fall back below
+        text = ""
+    pos = text.rfind(marker)
+    if pos >= 0:
+        after = text[pos + len(marker):].lstrip()  # some templates write " </s>"
+        ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        if ids and ids[0] in _special_ids(tokenizer):
+            return int(ids[0])
+    vocab = tokenizer.get_vocab()
+    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        if tok in vocab:
+            return int(vocab[tok])
+    return None
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for idx, tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(idx))
+    return ids
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """End-of-turn token, ``tokenizer.eos_token_id`` and ``generation_config.eos_token_id``."""
+    ids: list[int] = []
+    eot = end_of_turn_token_id(tokenizer)
+    if eot is not None:
+        ids.append(eot)
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None)
+    if extra is not None:
+        ids.extend(int(i) for i in (extra if isinstance(extra, (list, tuple)) else [extra]))
+    out = list(dict.fromkeys(ids))  # dedupe, keep order
+    if not out:
+        raise StarpoError("cannot tell where a response ends: the tokenizer has no eos token "
+                          "and its chat template no end-of-turn token")
+    return out
+
+
+# --------------------------------------------------------------------------- sampling
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def row_key(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The random stream of one (prompt, sample) row: a 64-bit hash of its identity."""
+    k = _splitmix64(seed & _MASK64)
+    k = _splitmix64(k ^ (prompt_index & _MASK64))
+    return _splitmix64(k ^ ((sample_index * 0xD1B54A32D192ED03) & _MASK64))
+
+
+def row_uniform(key: int, step: int) -> float:
+    """Uniform number in [0, 1) for decoding step ``step`` of the row with ``key``."""
+    return (_splitmix64(key ^ ((step * 0x9E3779B97F4A7C15) & _MASK64)) >> 11) * 2.0 ** -53
+
+
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float,
+                  top_p: float = 1.0) -> torch.Tensor:
+    """Draw one token per row by inverting the CDF with the given uniform numbers.
+
+    logits: [B, V]; uniforms: [B] in [0, 1). Probabilities are ``softmax(logits / T)`` in
+    float64; with ``top_p < 1`` only the smallest set of most likely tokens whose mass
+    reaches ``top_p`` is kept (the most likely token always is), then renormalised.
+    Returns [B] token ids. Deterministic: the same logits and uniforms give the same ids.
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    order = None
+    if top_p < 1.0:
+        probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        mass_before = probs.cumsum(-1) - probs
+        probs = probs * (mass_before < top_p)
+    cdf = probs.cumsum(-1)
+    target = uniforms.to(cdf).unsqueeze(-1) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # round-off could push idx past the last token with probability > 0: clamp to it
+    positions = torch.arange(probs.shape[-1], device=probs.device)
+    last_positive = torch.where(probs > 0, positions, -1).max(-1).values
+    idx = torch.minimum(idx, last_positive)
+    if order is not None:
+        idx = order.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    return idx
+
+
+class _SeededSampler(LogitsProcessor):
+    """Logits processor that samples per row from its own counter-based stream.
+
+    It returns scores that are ``-inf`` everywhere except the drawn token, so that
+    ``generate`` in greedy mode emits exactly the drawn token.
+    """
+
+    def __init__(self, keys: list[int], start_len: int, temperature: float, top_p: float):
+        self.keys, self.start_len = keys, start_len
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.start_len
+        u = torch.tensor([row_uniform(k, step) for k in self.keys], dtype=torch.float64,
+                         device=scores.device)
+        chosen = sample_tokens(scores, u, temperature=self.temperature, top_p=self.top_p)
+        out = torch.full_like(scores, -math.inf)
+        out.scatter_(1, chosen.unsqueeze(-1), 0.0)
+        return out
+
+
+# --------------------------------------------------------------------------- backends
+
+@runtime_checkable
+class Backend(Protocol):
+    """Something that samples chat responses; see the module docstring for the contract."""
+
+    def generate(self, prompts: Sequence, spec: GenerationSpec, *, n: int = 1, seed: int = 0,
+                 progress: bool = True, desc: str = "sampling") -> Generations: ...
+
+
+class HFBackend:
+    """Sampling with a transformers causal LM (any ``GenerationMixin`` model, peft too)."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def generate(self, prompts: Sequence, spec: GenerationSpec, *, n: int = 1, seed: int = 0,
+                 progress: bool = True, desc: str = "sampling") -> Generations:
+        from tqdm.auto import tqdm
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        if n < 1:
+            raise StarpoError(f"generate: n must be at least 1, got {n}")
+        model, tok = self.model, self.tokenizer
+        encoded = [render_prompt(tok, p) for p in prompts]
+        stops = stop_token_ids(tok, model)
+        stop_set = set(stops)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else stops[-1]
+        device = _model_device(model)
+
+        # one row per (prompt, sample); sort by prompt length for tight batches
+        rows = [(i, j) for i in range(len(encoded)) for j in range(n)]
+        rows.sort(key=lambda r: len(encoded[r[0]]))
+        results: list[list[Sample | None]] = [[None] * n for _ in encoded]
+        stats = GenerationStats()
+        greedy = spec.temperature == 0
+
+        was_training = model.training
+        model.eval()
+        bar = tqdm(total=len(rows), desc=desc, unit="seq", disable=not progress, leave=False)
+        try:
+            for b in range(0, len(rows), spec.batch_size):
+                batch = rows[b: b + spec.batch_size]
+                ids = [encoded[i] for i, _ in batch]
+                width = max(len(x) for x in ids)
+                input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+                attention = torch.zeros((len(ids), width), dtype=torch.long)
+                for r, x in enumerate(ids):  # left padding
+                    input_ids[r, width - len(x):] = torch.tensor(x, dtype=torch.long)
+                    attention[r, width - len(x):] = 1
+                processors = LogitsProcessorList()
+                if not greedy:
+                    keys = [row_key(seed, i, j) for i, j in batch]
+                    processors.append(_SeededSampler(keys, width, spec.temperature, spec.top_p))
+                gen_cfg = GenerationConfig(
+                    max_new_tokens=spec.max_new_tokens, do_sample=False, num_beams=1,
+                    use_cache=True, eos_token_id=stops, pad_token_id=pad,
+                    # neutral values, so the checkpoint's generation_config cannot add its own
+                    temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0,
+                    no_repeat_ngram_size=0)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    out = model.generate(input_ids=input_ids.to(device),
+                                         attention_mask=attention.to(device),
+                                         generation_config=gen_cfg,
+                                         logits_processor=processors)
+                stats.seconds += time.perf_counter() - t0
+                new = out[:, width:].tolist()
+                for (i, j), toks in zip(batch, new):
+                    resp, finished = _cut_at_stop(toks, stop_set)
+                    text = tok.decode(resp, skip_special_tokens=True).strip()
+                    results[i][j] = Sample(prompt_index=i, text=text, token_ids=resp,
+                                           num_tokens=len(resp), finished=finished)
+                    stats.tokens += len(resp)
+                    stats.prompt_tokens += len(encoded[i])
+                stats.sequences += len(batch)
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
+        finally:
+            bar.close()
+            model.train(was_training)
+        logger.info("%s: %d sequences, %d new tokens in %.2fs (%.1f tokens/s)", desc,
+                    stats.sequences, stats.tokens, stats.seconds, stats.tokens_per_s)
+        return Generations(results, stats)
+
+
+def _cut_at_stop(tokens: list[int], stop_set: set[int]) -> tuple[list[int], bool]:
+    for k, t in enumerate(tokens):
+        if t in stop_set:
+            return tokens[: k + 1], True
+    # no stop token: the row ran to max_new_tokens, every column is a real token
+    return tokens, False
+
+
+def _model_device(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    return next(model.parameters()).device
+
+
+def generate(model, tokenizer, prompts: Sequence, spec: GenerationSpec, *, n: int = 1,
+             seed: int = 0, progress: bool = True, desc: str = "sampling",
+             backend: Backend | None = None) -> Generations:
+    """Sample ``n`` responses for every prompt; ``result[i][j]`` is sample ``j`` of prompt ``i``.
+
+    ``prompts`` are message lists (a bare string is one user message). ``spec`` gives
+    temperature (0 = greedy), top_p, max_new_tokens and batch_size (rows per forward).
+    The returned :class:`Generations` also has ``.stats`` (tokens, seconds, tokens/s).
+    """
+    backend = backend if backend is not None else HFBackend(model, tokenizer)
+    return backend.generate(prompts, spec, n=n, seed=seed, progress=progress, desc=desc)
