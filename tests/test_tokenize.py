@@ -120,3 +120,10 @@ def test_pair_shares_prompt_and_truncates_by_the_rules(gpt2_chatml):
     assert tokenize_pair(tok, row, max_length=len(p.prompt_ids) + 2,
                          max_prompt_length=len(p.prompt_ids), stats=stats) is None
     assert stats.dropped_identical == 1
+
+
+def test_sharegpt_weight_zero_turns_are_context_only(gpt2_chatml):
+    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "old answer"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "new answer"}]
+    t = tokenize_conversation(gpt2_chatml, msgs, untrained=[1])
+    assert _trained_text(gpt2_chatml, t) == "new answer<|im_end|>"

@@ -32,12 +32,16 @@ def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = Fal
 
 
 def assistant_char_spans(tokenizer, messages: list[dict], *, source: str = "?",
-                         row: int = -1) -> tuple[str, list[tuple[int, int]]]:
-    """Render ``messages`` and return (text, [(start, end) of each assistant turn])."""
+                         row: int = -1, untrained: frozenset[int] = frozenset()
+                         ) -> tuple[str, list[tuple[int, int]]]:
+    """Render ``messages`` and return (text, [(start, end) of each trained assistant turn]).
+
+    ``untrained`` lists message indices kept as context only (ShareGPT ``weight: 0``).
+    """
     text = render(tokenizer, messages)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i in untrained:
             continue
         before = _generation_prefix(tokenizer, messages[:i])
         upto = render(tokenizer, messages[: i + 1])
@@ -93,16 +97,19 @@ class TokenizedSFT:
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], *, source: str = "?",
-                          row: int = -1) -> TokenizedSFT:
+                          row: int = -1, untrained=()) -> TokenizedSFT:
     """Tokenize one conversation; labels are the ids of assistant tokens, -100 elsewhere.
 
     Every assistant turn is trained, through its end-of-turn token. A conversation with no
     trainable token is an error naming the row (it would silently train on nothing).
     """
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise DataError("every assistant message is empty: nothing to train on",
+    untrained = frozenset(untrained or ())
+    if not any(m["role"] == "assistant" and m["content"].strip() and i not in untrained
+               for i, m in enumerate(messages)):
+        raise DataError("every trained assistant message is empty: nothing to train on",
                         source=source, row=row, field="messages")
-    text, spans = assistant_char_spans(tokenizer, messages, source=source, row=row)
+    text, spans = assistant_char_spans(tokenizer, messages, source=source, row=row,
+                                       untrained=untrained)
     ids, offsets = encode(tokenizer, text)
     labels = _labels_from_offsets(ids, offsets, spans)
     if labels and labels[0] != IGNORE:

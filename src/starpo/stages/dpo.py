@@ -46,6 +46,9 @@ def preference_losses(spec: PreferenceSpec, pc, pr, nc, nr, rc=None, rr=None):
     raise ValueError(spec.loss)
 
 
+TIE = 1e-4
+
+
 def needs_reference(spec: PreferenceSpec) -> bool:
     return spec.loss != "simpo"
 
@@ -65,7 +68,10 @@ def pair_metrics(spec, pc, pr, nc, nr, rc, rr, losses, cr, rjr, mean_p) -> dict:
         "reward_chosen": (s(cr), n),
         "reward_rejected": (s(rjr), n),
         "reward_margin": (s(cr - rjr), n),
-        "reward_accuracy": (s((cr > rjr).float()), n),
+        # a margin within float noise is a tie and counts one half: at step 0 the policy
+        # equals the reference and every margin is ~1e-7, not a coin flip of signs
+        "reward_accuracy": (s((cr - rjr > TIE).float() + 0.5 * ((cr - rjr).abs() <= TIE).float()),
+                            n),
         "logp_chosen": (s(pc), n),
         "logp_rejected": (s(pr), n),
         "token_prob_margin": (s(mean_p[0::2] - mean_p[1::2]), n),

@@ -39,8 +39,9 @@ def tokenize_sft_rows(tokenizer, rows: list[dict], *, on_bad_rows: str = "error"
     docs, bad = [], 0
     for r in tqdm(rows, desc="tokenizing", disable=not progress, leave=False):
         try:
-            docs.append(tokenize_conversation(tokenizer, r["messages"], source=r.get("source", "?"),
-                                              row=r.get("row", -1)))
+            docs.append(tokenize_conversation(tokenizer, r["messages"],
+                                              source=r.get("source", "?"), row=r.get("row", -1),
+                                              untrained=r.get("untrained", ())))
         except DataError as err:
             if on_bad_rows == "error":
                 raise
