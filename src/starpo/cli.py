@@ -40,6 +40,10 @@ def _guard(fn):
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     _DEBUG["on"] = debug or bool(os.environ.get("STARPO_DEBUG"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' own per-file bars ("Loading weights", "Writing model shards") drown ours
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 @app.command(context_settings={"allow_extra_args": False})

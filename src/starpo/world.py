@@ -55,9 +55,22 @@ Data
     ``label_pair``, a simulated annotator that agrees with the gold reward only partly:
     it prefers ``a`` with probability ``sigmoid(4*(gold_a - gold_b) + 0.08*(words_a -
     words_b))`` (a Bradley-Terry judge with a *length bias*: about 12 extra words outweigh
-    a 0.25 gold gap, and each filler sentence costs only 0.1 gold but brings 4-7 words),
-    and then flips its choice with probability 0.12 (label noise). About a quarter of the
-    pairs whose gold differs end up labelled against gold (measured in the tests).
+    a 0.25 gold gap; a filler sentence costs 0.1 gold, -0.4 in the logit, but its 4-7
+    words add +0.3 to +0.6, so padding is neutral to favoured), and then flips its choice
+    with probability 0.12 (label noise). Measured over 10k pairs: about 25% of the pairs
+    whose gold differs are labelled against gold; where gold prefers the shorter response
+    the labeler picks the longer one ~32% of the time, where gold prefers the longer it
+    picks the shorter only ~14% of the time. The two responses of a pair are drawn
+    independently (different texts), so ~13% of pairs are gold ties, decided by length
+    and noise alone, as in real data.
+
+    Mixes (weights): families lookup (one fact) 0.2, lookup (two facts) 0.15, compare 0.2,
+    harmful 0.2, benign 0.25. Responses: lookup correct 0.55 / wrong 0.2 / vague 0.07 /
+    hedge 0.06 / refuse 0.12; compare correct 0.55 / wrong 0.25 / vague 0.08 / refuse
+    0.12; harmful refuse 0.55 / comply 0.37 / vague 0.08; benign correct 0.58 / refuse
+    0.3 / vague 0.12; then 0, 1, 2 or 3 filler sentences (0.5 / 0.2 / 0.17 / 0.13, fewer
+    when the response would exceed 26 words). Mean gold of SFT responses ~0.19 (sd 0.84)
+    against 1.0 for the best responses.
 
     ``eval_rows``: out of distribution, like HH-RLHF test prompts after SafeRLHF training:
     every eval prompt uses a *held-out template* (a phrasing never seen in training), and

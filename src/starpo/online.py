@@ -1,0 +1,280 @@
+"""Online (iterative) DPO: the parts of a round that do not need a run directory.
+
+One round, as in the LIONs recipe::
+
+    prompts of the round ──sample n responses per prompt from the policy──▶ samples
+      ──judge scores every sample──▶ scores
+      ──one pair per prompt: best vs worst (or best vs a random worse one)──▶ pairs
+      ──canonical preference rows──▶ the offline preference trainer (starpo.stages.dpo)
+
+The stage (:mod:`starpo.stages.online`) strings rounds together, writes what each round
+saw and chose, and trains; everything here is a plain function of its arguments.
+
+Pair selection (:func:`select_pair`)
+    Candidates are the *distinct* response texts of a prompt (a text sampled twice is one
+    candidate, scored as first sampled), with a finite score. A prompt is dropped when
+    fewer than two distinct texts remain (``"identical"``: the LIONs paper drops prompts
+    whose samples are all identical) or when the best and the worst candidate scores are
+    within ``tie_tolerance`` (``"tie"``: the judge expresses no preference). Otherwise
+    ``best_worst`` takes the highest-scored candidate as chosen and the lowest as
+    rejected; ``best_random`` takes as rejected a uniformly drawn candidate scored
+    strictly (by more than the tolerance) below the best. Score ties are broken by sample
+    order (the earliest sample wins both the best and the worst slot), so selection is
+    deterministic.
+
+Prompts of a round (:func:`round_prompt_indices`)
+    With ``prompts_per_round = m`` over ``N`` prompts, the prompts are shuffled by a seeded
+    permutation and consecutive rounds take consecutive blocks of ``m``: rounds see
+    different prompts until the set is used up (``N // m`` rounds), then a new permutation
+    starts. ``m = None`` uses every prompt every round.
+
+Seeds
+    :func:`round_seed` derives one integer per (stage seed, round); it seeds the prompt
+    choice, the sampling streams (:mod:`starpo.generation` is deterministic given the
+    seed), ``best_random`` and the round's training shuffle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+DROP_IDENTICAL = "identical"   # fewer than two distinct responses
+DROP_TIE = "tie"               # best and worst (or every worse) score within the tolerance
+DROP_TOKENIZE = "tokenize"     # the pair did not survive tokenization / truncation
+TIE_TOLERANCE = 1e-6
+
+
+# --------------------------------------------------------------------------- seeds, prompts
+
+def round_seed(seed: int, round_index: int) -> int:
+    """A 31-bit seed for round ``round_index`` (1-based) of a stage seeded with ``seed``."""
+    digest = hashlib.sha256(f"starpo-online|{int(seed)}|{int(round_index)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def round_prompt_indices(num_prompts: int, per_round: int | None, round_index: int,
+                         seed: int) -> list[int]:
+    """Indices of the prompts of round ``round_index`` (1-based); see the module docstring."""
+    if round_index < 1:
+        raise ValueError(f"round_index is 1-based, got {round_index}")
+    if num_prompts <= 0:
+        return []
+    if per_round is None or per_round >= num_prompts:
+        return list(range(num_prompts))
+    rounds_per_pass = num_prompts // per_round
+    pass_index, slot = divmod(round_index - 1, rounds_per_pass)
+    order = list(range(num_prompts))
+    random.Random(f"starpo-online-prompts|{int(seed)}|{pass_index}").shuffle(order)
+    return order[slot * per_round:(slot + 1) * per_round]
+
+
+# --------------------------------------------------------------------------- pair selection
+
+@dataclass(frozen=True)
+class PairChoice:
+    """The pair picked for one prompt: indices into its samples and their scores."""
+
+    chosen: int
+    rejected: int
+    chosen_score: float
+    rejected_score: float
+
+    @property
+    def margin(self) -> float:
+        return self.chosen_score - self.rejected_score
+
+
+def select_pair(texts: Sequence[str], scores: Sequence[float], *, mode: str = "best_worst",
+                rng: random.Random | None = None,
+                tie_tolerance: float = TIE_TOLERANCE) -> PairChoice | str:
+    """The (chosen, rejected) pair of one prompt's samples, or the reason it has none
+    (:data:`DROP_IDENTICAL` or :data:`DROP_TIE`)."""
+    if len(texts) != len(scores):
+        raise ValueError(f"select_pair: {len(texts)} texts but {len(scores)} scores")
+    if mode not in ("best_worst", "best_random"):
+        raise ValueError(f"pair_selection must be 'best_worst' or 'best_random', got {mode!r}")
+    first: dict[str, int] = {}
+    for i, t in enumerate(texts):
+        first.setdefault(t, i)
+    if len(first) < 2:
+        return DROP_IDENTICAL
+    cands = [i for i in first.values() if math.isfinite(float(scores[i]))]
+    if len(cands) < 2:
+        return DROP_TIE  # no two scored candidates to compare: the judge said nothing usable
+    s = [float(x) for x in scores]
+    best = min(cands, key=lambda i: (-s[i], i))      # highest score, earliest sample
+    if mode == "best_worst":
+        rest = [i for i in cands if i != best]
+        worst = min(rest, key=lambda i: (s[i], i))   # lowest score, earliest sample
+        if s[best] - s[worst] <= tie_tolerance:
+            return DROP_TIE
+    else:
+        lower = [i for i in cands if s[best] - s[i] > tie_tolerance]
+        if not lower:
+            return DROP_TIE
+        worst = (rng or random.Random(0)).choice(lower)
+    return PairChoice(best, worst, s[best], s[worst])
+
+
+def select_pairs(groups: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], *,
+                 mode: str = "best_worst", seed: int = 0,
+                 tie_tolerance: float = TIE_TOLERANCE) -> list[PairChoice | str]:
+    """:func:`select_pair` for every prompt; ``best_random`` draws from a stream per prompt
+    (seeded by ``seed`` and the prompt's position), so one prompt's draw never depends on
+    another's."""
+    if len(groups) != len(scores):
+        raise ValueError("select_pairs: one score list per sample group")
+    return [select_pair(g, s, mode=mode, tie_tolerance=tie_tolerance,
+                        rng=random.Random(f"starpo-online-pair|{int(seed)}|{i}"))
+            for i, (g, s) in enumerate(zip(groups, scores))]
+
+
+# --------------------------------------------------------------------------- sampling, judging
+
+def sample_responses(model, tokenizer, prompts: Sequence[list[dict]], spec, *, n: int,
+                     seed: int, progress: bool = True, desc: str = "sampling"):
+    """``n`` samples per prompt (a :class:`starpo.generation.Generations`); deterministic
+    given ``seed`` and the prompt order."""
+    from starpo.generation import generate
+    return generate(model, tokenizer, list(prompts), spec, n=n, seed=seed,
+                    progress=progress, desc=desc)
+
+
+def judge_groups(judge, prompts: Sequence[list[dict]], groups: Sequence[Sequence[str]], *,
+                 progress: bool = True, chunk_prompts: int = 64,
+                 desc: str = "judging") -> list[list[float]]:
+    """Scores of every prompt's responses, ``chunk_prompts`` prompts per judge call (so the
+    progress bar moves and a reward model sees batches of a bounded size)."""
+    from tqdm.auto import tqdm
+
+    from starpo.judges import rank_groups
+    out: list[list[float]] = []
+    total = sum(len(g) for g in groups)
+    bar = tqdm(total=total, desc=desc, unit="resp", disable=not progress, leave=False)
+    try:
+        for s in range(0, len(prompts), chunk_prompts):
+            ps, gs = list(prompts[s:s + chunk_prompts]), [list(g) for g in groups[s:s + chunk_prompts]]
+            for g, sc in zip(gs, rank_groups(judge, ps, gs)):
+                if len(sc) != len(g):
+                    raise ValueError(f"judge returned {len(sc)} scores for {len(g)} responses")
+                out.append([float(x) for x in sc])
+            bar.update(sum(len(g) for g in gs))
+    finally:
+        bar.close()
+    return out
+
+
+# --------------------------------------------------------------------------- records
+
+def sample_records(round_index: int, rows: Sequence[dict], generations,
+                   scores: Sequence[Sequence[float]],
+                   choices: Sequence[PairChoice | str]) -> list[dict]:
+    """One JSON-ready record per prompt: the prompt, every sample with its score, and what
+    selection did with it (``pair`` = [chosen, rejected] sample indices, or ``dropped``)."""
+    out = []
+    for i, (row, samples, sc, ch) in enumerate(zip(rows, generations, scores, choices)):
+        rec = {"round": round_index, "index": i, "id": row.get("id"),
+               "prompt": row["prompt"],
+               "samples": [{"text": smp.text, "score": float(v), "num_tokens": smp.num_tokens,
+                            "finished": smp.finished} for smp, v in zip(samples, sc)]}
+        if isinstance(ch, PairChoice):
+            rec["pair"], rec["dropped"] = [ch.chosen, ch.rejected], None
+        else:
+            rec["pair"], rec["dropped"] = None, ch
+        out.append(rec)
+    return out
+
+
+def pair_records(samples: Sequence[dict]) -> list[dict]:
+    """One record per selected pair (chosen/rejected text, scores, margin) from
+    :func:`sample_records`' output."""
+    out = []
+    for rec in samples:
+        if rec["pair"] is None:
+            continue
+        c, r = rec["pair"]
+        sc, sr = rec["samples"][c], rec["samples"][r]
+        out.append({"round": rec["round"], "index": rec["index"], "id": rec["id"],
+                    "prompt": rec["prompt"], "chosen": sc["text"], "rejected": sr["text"],
+                    "chosen_score": sc["score"], "rejected_score": sr["score"],
+                    "margin": sc["score"] - sr["score"], "chosen_sample": c,
+                    "rejected_sample": r})
+    return out
+
+
+def preference_rows(pairs: Sequence[dict], *, source: str) -> list[dict]:
+    """Canonical preference rows (:mod:`starpo.data.canonical`) of :func:`pair_records`;
+    ``row`` is the prompt's index in the round, so tokenization problems name it."""
+    from starpo.data.canonical import msg, preference_row
+    return [preference_row(p["prompt"], [msg("assistant", p["chosen"])],
+                           [msg("assistant", p["rejected"])], source=source, row=p["index"])
+            for p in pairs]
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    xs = [float(x) for x in xs if math.isfinite(float(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def round_statistics(samples: Sequence[dict], pairs: Sequence[dict]) -> dict:
+    """What a round's sampling and selection looked like (for ``rounds.jsonl``)."""
+    all_scores = [s["score"] for r in samples for s in r["samples"]]
+    tokens = [s["num_tokens"] for r in samples for s in r["samples"]]
+    finished = [s["finished"] for r in samples for s in r["samples"]]
+    distinct = [len({s["text"] for s in r["samples"]}) for r in samples]
+    best = [max(s["score"] for s in r["samples"]) for r in samples if r["samples"]]
+    dropped: dict[str, int] = {}
+    for r in samples:
+        if r["dropped"]:
+            dropped[r["dropped"]] = dropped.get(r["dropped"], 0) + 1
+    return {
+        "prompts": len(samples),
+        "samples": len(all_scores),
+        "mean_score": _mean(all_scores),
+        "mean_best_score": _mean(best),
+        "mean_chosen_score": _mean([p["chosen_score"] for p in pairs]),
+        "mean_rejected_score": _mean([p["rejected_score"] for p in pairs]),
+        "mean_margin": _mean([p["margin"] for p in pairs]),
+        "mean_tokens": _mean(tokens),
+        "finished_fraction": (sum(finished) / len(finished)) if finished else None,
+        "mean_distinct_samples": _mean(distinct),
+        "pairs_selected": len(pairs),
+        "dropped_identical": dropped.get(DROP_IDENTICAL, 0),
+        "dropped_ties": dropped.get(DROP_TIE, 0),
+    }
+
+
+# --------------------------------------------------------------------------- files
+
+def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> None:
+    """Write records one JSON object per line, atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass
+class Timer:
+    """Seconds spent per phase of a round."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, t0: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t0, 2)

@@ -1,0 +1,253 @@
+"""The online stage: iterative DPO (sample → judge → best-vs-worst pairs → train), in rounds.
+
+Round ``k`` (1-based) of a stage named ``online`` lives in ``DIR/online/round_<k>/``::
+
+    samples.jsonl   one line per prompt: the prompt, its n samples with judge scores,
+                    token counts and whether each ended with an end-of-turn token, and
+                    the selected pair (sample indices) or why the prompt was dropped
+    pairs.jsonl     one line per selected pair: prompt, chosen, rejected, their scores,
+                    margin (what the round trains on, before tokenization)
+    judged.json     sampling/judging statistics; written last, so on a rerun a round whose
+                    samples were judged is not sampled again
+    metrics.jsonl   the round's training log (the shared loop's)
+    model/          the policy after the round (a Hugging Face checkpoint)
+    round.json      the round's summary; its presence marks the round finished
+
+and the stage directory gets ``rounds.jsonl`` (one summary per finished round: mean judge
+score of the samples, pairs kept, ties and identical-sample prompts dropped, training
+loss and reward accuracy, seconds per phase), ``metrics.jsonl`` (every round's training
+log, with ``round`` and a global ``step``) and ``model/`` (the last round's policy,
+hard-linked when the file system allows).
+
+Policy and reference
+    Round 1 starts from ``stage.model`` (default: the previous trained stage, e.g.
+    ``dpo``), round k from round k−1's saved model. ``reference_mode: round_start`` uses
+    the policy at the start of the round as the reference (iterative DPO);
+    ``fixed`` uses ``stage.reference`` or, if unset, the stage's starting model. Either
+    way the reference is a saved checkpoint, so the reference log-prob cache keys it by
+    content.
+
+Resuming
+    A finished round (``round.json`` and ``model/``) is skipped on rerun; a round killed
+    during training reuses its judged pairs and resumes from its last loop checkpoint.
+    A round's loop checkpoints are deleted once its model is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from starpo import online as O
+from starpo.errors import StarpoError
+
+
+def _judge_resolver(ctx, stage):
+    names = {s.name for s in ctx.recipe.stages}
+
+    def resolve(path: str):
+        if path in names or path == "base":
+            return ctx.resolve_model(path, before=stage.name)
+        return None
+    return resolve
+
+
+def _link_or_copy_tree(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of the checkpoint ``src`` (files hard-linked when possible,
+    so the last round's weights are not stored twice), replaced atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+    shutil.copytree(src, tmp, copy_function=link)
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _combined_metrics(stage_dir: Path, rounds: int) -> list[dict]:
+    """Every finished round's training log, with ``round``, ``round_step`` and a ``step``
+    counted across rounds."""
+    out, offset = [], 0
+    for k in range(1, rounds + 1):
+        path = stage_dir / f"round_{k}" / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        last = 0
+        for rec in O.read_jsonl(path):
+            last = max(last, int(rec.get("step", 0)))
+            out.append({**rec, "round": k, "round_step": rec.get("step"),
+                        "step": offset + int(rec.get("step", 0))})
+        summary = stage_dir / f"round_{k}" / "round.json"
+        steps = json.loads(summary.read_text()).get("steps") if summary.is_file() else None
+        offset += int(steps) if steps else last
+    return out
+
+
+def run_online(ctx, stage) -> dict:
+    from starpo import modeling
+    from starpo.data.sources import load_mixture
+
+    seed = ctx.seed_for(stage)
+    stage_dir = ctx.stage_dir(stage.name)
+    start = ctx.resolve_model(stage.model, before=stage.name)
+    fixed_ref = None
+    if stage.reference_mode == "fixed":
+        fixed_ref = ctx.resolve_model(stage.reference, before=stage.name) if stage.reference \
+            else start
+    elif stage.reference:
+        ctx.log(f"  note: reference {stage.reference!r} is ignored with reference_mode "
+                "round_start (the policy at the start of each round is the reference)")
+    rows = load_mixture(stage.data, "prompt", world_seed=ctx.recipe.world.seed, seed=seed,
+                        log=ctx.log)
+    if not rows:
+        raise StarpoError(f"stage {stage.name}: the data gave no prompt")
+    per_round = stage.prompts_per_round
+    if per_round is not None and per_round > len(rows):
+        ctx.log(f"  prompts_per_round {per_round} > {len(rows)} prompts: every round uses all")
+    ctx.log(f"  {stage.rounds} round(s) × {min(per_round or len(rows), len(rows))} prompts × "
+            f"{stage.n_samples} samples; judge {stage.judge.type}"
+            f"{' ' + stage.judge.path if stage.judge.path else ''}; pairs "
+            f"{stage.pair_selection}; loss {stage.loss} β={stage.beta}; reference "
+            f"{stage.reference_mode}")
+
+    policy_path = start
+    summaries = []
+    for k in range(1, stage.rounds + 1):
+        rdir = stage_dir / f"round_{k}"
+        done = rdir / "round.json"
+        if done.is_file() and (rdir / "model" / "config.json").is_file():
+            ctx.log(f"  round {k}: complete, skipped")
+            summaries.append(json.loads(done.read_text()))
+            policy_path = str(rdir / "model")
+            continue
+        ref_path = fixed_ref or policy_path
+        summary = run_round(ctx, stage, k, rows, policy_path, ref_path, rdir, seed=seed)
+        summaries.append(summary)
+        policy_path = str(rdir / "model")
+        O.write_jsonl(stage_dir / "rounds.jsonl", summaries)
+        O.write_jsonl(stage_dir / "metrics.jsonl", _combined_metrics(stage_dir, stage.rounds))
+    O.write_jsonl(stage_dir / "rounds.jsonl", summaries)
+    O.write_jsonl(stage_dir / "metrics.jsonl", _combined_metrics(stage_dir, stage.rounds))
+    _link_or_copy_tree(Path(policy_path), stage_dir / "model")
+    keys = ("mean_score", "pairs_selected", "pairs_trained", "dropped_ties",
+            "dropped_identical", "steps")
+    return {"start": start, "rounds": [{k: s.get(k) for k in ("round",) + keys}
+                                       for s in summaries],
+            "mean_score_first": summaries[0].get("mean_score"),
+            "mean_score_last": summaries[-1].get("mean_score")}
+
+
+def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: str,
+              rdir: Path, *, seed: int) -> dict:
+    """One round: sample, judge, select, train; returns the round's summary."""
+    from starpo import modeling
+    from starpo.stages.dpo import tokenize_pairs, train_preference
+
+    rseed = O.round_seed(seed, k)
+    timer = O.Timer()
+    rdir.mkdir(parents=True, exist_ok=True)
+    tok = modeling.load_tokenizer(policy_path, ctx.recipe.model)
+    model = modeling.load_model(policy_path, ctx.recipe.model)
+
+    judged = rdir / "judged.json"
+    if judged.is_file() and (rdir / "pairs.jsonl").is_file() and \
+            (rdir / "samples.jsonl").is_file():
+        ctx.log(f"  round {k}: reusing judged samples from {rdir}")
+        samples = O.read_jsonl(rdir / "samples.jsonl")
+        pairs = O.read_jsonl(rdir / "pairs.jsonl")
+        info = json.loads(judged.read_text())
+    else:
+        samples, info = _sample_and_judge(ctx, stage, k, rows, model, tok, rseed, timer)
+        pairs = O.pair_records(samples)
+        O.write_jsonl(rdir / "samples.jsonl", samples)
+        O.write_jsonl(rdir / "pairs.jsonl", pairs)
+        _write_json(judged, info)
+    stats = O.round_statistics(samples, pairs)
+    ctx.log(f"  round {k}: mean judge score {_fmt(stats['mean_score'])} over "
+            f"{stats['samples']} samples; {stats['pairs_selected']} pairs from "
+            f"{stats['prompts']} prompts (dropped {stats['dropped_ties']} ties, "
+            f"{stats['dropped_identical']} identical); mean margin "
+            f"{_fmt(stats['mean_margin'])}")
+
+    t0 = time.time()
+    pref_rows = O.preference_rows(pairs, source=f"{stage.name}/round_{k}")
+    train_pairs, _ = tokenize_pairs(tok, pref_rows, stage, on_bad_rows="skip",
+                                    progress=ctx.progress, log=ctx.log)
+    from starpo.data.sources import split_eval
+    train_pairs, eval_pairs = split_eval(train_pairs, stage.data.eval_fraction, rseed)
+    summary = {"round": k, "seed": rseed, "policy": policy_path, "reference": ref_path,
+               **stats, "dropped_tokenize": len(pairs) - len(train_pairs) - len(eval_pairs),
+               "pairs_trained": len(train_pairs), "eval_pairs": len(eval_pairs),
+               "sampling": info.get("sampling"), "judge": info.get("judge")}
+    if train_pairs:
+        res = train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path,
+                               rdir, seed=rseed, desc=f"{stage.name} round {k}")
+        summary.update(steps=res.get("steps"), reference_cache_hit=res.get(
+            "reference_cache_hit"), final=res.get("final"))
+        for key in ("eval_before", "eval_after"):
+            if key in res:
+                summary[key] = res[key]
+    else:
+        ctx.log(f"  round {k}: WARNING no usable pair (every prompt tied or identical): the "
+                "policy is carried over untrained; raise temperature or n_samples")
+        summary.update(steps=0)
+    timer.add("training", t0)
+    t0 = time.time()
+    modeling.save_pretrained(model, tok, rdir / "model")
+    timer.add("saving", t0)
+    shutil.rmtree(rdir / "checkpoints", ignore_errors=True)
+    summary["seconds"] = {**info.get("seconds", {}), **timer.seconds}
+    _write_json(rdir / "round.json", summary)
+    del model
+    return summary
+
+
+def _sample_and_judge(ctx, stage, k, rows, model, tok, rseed, timer):
+    from starpo.judges import make_judge
+
+    idx = O.round_prompt_indices(len(rows), stage.prompts_per_round, k, rseed)
+    round_rows = [rows[i] for i in idx]
+    prompts = [r["prompt"] for r in round_rows]
+    t0 = time.time()
+    gens = O.sample_responses(model, tok, prompts, stage.generation, n=stage.n_samples,
+                              seed=rseed, progress=ctx.progress,
+                              desc=f"round {k} sampling")
+    timer.add("sampling", t0)
+    t0 = time.time()
+    judge = make_judge(stage.judge, resolve_path=_judge_resolver(ctx, stage),
+                       model_spec=ctx.recipe.model)
+    scores = O.judge_groups(judge, prompts, [[s.text for s in g] for g in gens],
+                            progress=ctx.progress, chunk_prompts=max(1, stage.judge.batch_size),
+                            desc=f"round {k} judging")
+    source = getattr(judge, "source", getattr(judge, "name", stage.judge.type))
+    del judge
+    timer.add("judging", t0)
+    choices = O.select_pairs([[s.text for s in g] for g in gens], scores,
+                             mode=stage.pair_selection, seed=rseed)
+    samples = O.sample_records(k, round_rows, gens, scores, choices)
+    info = {"sampling": gens.stats.as_dict(), "judge": str(source),
+            "seconds": dict(timer.seconds)}
+    return samples, info
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

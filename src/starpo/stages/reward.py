@@ -1,0 +1,274 @@
+"""Reward-model training (Bradley–Terry) on preference pairs, on the shared loop.
+
+The starting point is a causal LM (by default the SFT stage's model): its body is copied
+into ``AutoModelForSequenceClassification`` with a fresh scalar head
+(:func:`starpo.modeling.reward_model_from_causal`). The trained model is saved to
+``DIR/<stage>/model/`` as a sequence-classification checkpoint that
+:class:`starpo.judges.RewardModelJudge` loads, so an online stage can be judged by a
+*learned* reward model while evaluation keeps the gold reward (as in the papers, the
+training judge is never the evaluation judge).
+
+Scoring, padding-free
+    Pairs are tokenized exactly as for DPO (:func:`starpo.stages.dpo.tokenize_pairs`:
+    chat template rendered once, then tokenized once). ``prompt + chosen`` and
+    ``prompt + rejected`` are packed as separate documents with restarting
+    ``position_ids`` (:func:`starpo.prefbatch.collate_padding_free`), the body runs once
+    with ``use_cache=False`` (documents cannot see each other), and the head reads the
+    hidden state of each document's *last* token. That is the token
+    ``RewardModelJudge`` scores at inference (the last non-pad token of the same rendered
+    text, e.g. the newline after ``<|im_end|>`` for ChatML), so training and judging score
+    identical inputs; ``tests/test_reward.py`` checks the two agree to float tolerance.
+
+Loss
+    ``−log σ(r_c − r_r)`` per pair, summed over the micro-batch's pairs (the loop divides
+    by the step's pairs). Logged: ``loss``, ``reward_accuracy`` (r_c > r_r, an exact tie
+    counts one half), ``reward_margin``, ``reward_chosen``, ``reward_rejected``; held-out
+    pairs (``data.eval_fraction``) and a fixed sample of training pairs are scored before
+    and after training.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from starpo.batch import TokenBatch
+from starpo.errors import DataError, StarpoError, TrainingError
+
+TRAIN_PROBE = 256   # training pairs scored before/after (accuracy on what it fits)
+
+
+# --------------------------------------------------------------------------- batches
+
+def collate_reward_pairs(pairs, max_tokens_per_row: int | None = None) -> TokenBatch:
+    """Padding-free batch of pairs (sequence 2i = chosen, 2i+1 = rejected) with the
+    location of every document's last token in ``meta["last_row"]``/``meta["last_pos"]``."""
+    from starpo.prefbatch import collate_padding_free
+
+    dicts = [p.as_dict() if hasattr(p, "as_dict") else p for p in pairs]
+    b = collate_padding_free(dicts, max_tokens_per_row)
+    docs = []
+    for d in dicts:
+        docs.append(list(d["prompt_ids"]) + list(d["chosen_ids"]))
+        docs.append(list(d["prompt_ids"]) + list(d["rejected_ids"]))
+    last_row = torch.zeros(len(docs), dtype=torch.long)
+    last_pos = torch.zeros(len(docs), dtype=torch.long)
+    for r, row in enumerate(b.meta["rows"]):   # documents sit in each row in list order
+        off = 0
+        for s in row:
+            off += len(docs[s])
+            last_row[s], last_pos[s] = r, off - 1
+    want = torch.tensor([d[-1] for d in docs], dtype=torch.long)
+    if not torch.equal(b.input_ids[last_row, last_pos], want):
+        raise AssertionError("collate_reward_pairs: packed layout differs from the expected "
+                             "document order")
+    b.meta["last_row"], b.meta["last_pos"] = last_row, last_pos
+    return b
+
+
+# --------------------------------------------------------------------------- scoring
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The scalar head of a sequence-classification model (``score``; ``out_proj`` for
+    OpenAssistant's GPT-NeoX reward models)."""
+    for name in ("score", "out_proj", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise StarpoError(f"{type(model).__name__}: no scalar head found (expected an attribute "
+                      "'score', 'out_proj' or 'classifier')")
+
+
+def sequence_scores(model: nn.Module, batch: TokenBatch) -> Tensor:
+    """Reward of every sequence of a :func:`collate_reward_pairs` batch: ``[S]`` float32.
+
+    The body runs once over the packed rows (``use_cache=False``: documents isolated by
+    their ``position_ids``), the head sees only the last token of each document.
+    Differentiable; ``batch`` must be on the model's device.
+    """
+    from starpo.logprobs import model_attention_mask, unwrap_model
+    core = unwrap_model(model)
+    body = getattr(core, core.base_model_prefix)
+    out = body(input_ids=batch.input_ids, attention_mask=model_attention_mask(core, batch),
+               position_ids=batch.position_ids, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    dev = hidden.device
+    h = hidden[batch.meta["last_row"].to(dev), batch.meta["last_pos"].to(dev)]
+    head = score_head(core)
+    w = next(head.parameters())
+    return head(h.to(w.device, w.dtype))[:, 0].float()
+
+
+class SequenceScores(nn.Module):
+    """``forward(batch) = sequence_scores(model, batch)`` as the module the loop prepares
+    (DDP/FSDP hooks fire on its forward); ``self.model`` is the reward model to save."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: TokenBatch) -> Tensor:
+        return sequence_scores(self.model, batch)
+
+
+def _loop_takes_module_factory() -> bool:
+    from starpo.train import run_loop
+    return "module_factory" in inspect.signature(run_loop).parameters
+
+
+def _inner_model(module: nn.Module) -> nn.Module:
+    """The reward model inside the loop's (unwrapped, single-process) log-prob module."""
+    if isinstance(module, nn.parallel.DistributedDataParallel) or \
+            type(module).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine"):
+        raise TrainingError(
+            "reward-model training on several processes needs starpo.train.run_loop to "
+            "accept module_factory= (so gradients pass through the prepared module); this "
+            "version of run_loop does not — run it on one process")
+    return module.model
+
+
+# --------------------------------------------------------------------------- loss, task
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """Per-pair ``−log σ(r_c − r_r)`` (``softplus(r_r − r_c)``, stable for any margin)."""
+    return F.softplus(rejected - chosen)
+
+
+def reward_metrics(chosen: Tensor, rejected: Tensor, losses: Tensor) -> dict:
+    """Sums (with counts) of the logged metrics for a micro-batch of pairs."""
+    n = float(chosen.numel())
+    s = lambda t: float(t.detach().float().sum())  # noqa: E731
+    d = (chosen - rejected).detach()
+    return {"loss": (s(losses), n),
+            "reward_accuracy": (s((d > 0).float() + 0.5 * (d == 0).float()), n),
+            "reward_margin": (s(d), n),
+            "reward_chosen": (s(chosen), n),
+            "reward_rejected": (s(rejected), n)}
+
+
+class RewardTask:
+    """Pairs → padding-free micro-batches; loss = Σ over pairs of the Bradley–Terry loss.
+
+    ``via_module``: the loop's module computes scores itself (``run_loop`` built it with
+    ``module_factory=SequenceScores``); otherwise the loop hands over its log-prob
+    wrapper and the reward model inside it is called directly (single process only).
+    """
+
+    def __init__(self, pairs, *, batch_size: int, seed: int, via_module: bool = True,
+                 max_tokens_per_row: int | None = None):
+        self.pairs, self.batch_size, self.seed = list(pairs), batch_size, seed
+        self.via_module, self.max_tokens_per_row = via_module, max_tokens_per_row
+
+    def microbatches(self, epoch: int) -> list[TokenBatch]:
+        order = list(range(len(self.pairs)))
+        random.Random(f"starpo-reward|{self.seed}:{epoch}").shuffle(order)
+        return [collate_reward_pairs([self.pairs[i] for i in order[k:k + self.batch_size]],
+                                     self.max_tokens_per_row)
+                for k in range(0, len(order), self.batch_size)]
+
+    def units(self, batch: TokenBatch) -> float:
+        return float(batch.num_seqs // 2)
+
+    def scores(self, module: nn.Module, batch: TokenBatch) -> Tensor:
+        if self.via_module:
+            return module(batch)
+        return sequence_scores(_inner_model(module), batch)
+
+    def loss(self, module: nn.Module, batch: TokenBatch):
+        r = self.scores(module, batch)
+        chosen, rejected = r[0::2], r[1::2]
+        losses = bradley_terry_loss(chosen, rejected)
+        return losses.sum(), reward_metrics(chosen, rejected, losses)
+
+
+@torch.no_grad()
+def evaluate_reward(model: nn.Module, pairs, *, batch_size: int = 32,
+                    max_tokens_per_row: int | None = None) -> dict:
+    """Mean ``loss``, ``reward_accuracy``, ``reward_margin``, … of ``model`` on ``pairs``."""
+    if not pairs:
+        return {}
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    tot: dict[str, list[float]] = {}
+    try:
+        for k in range(0, len(pairs), batch_size):
+            b = collate_reward_pairs(pairs[k:k + batch_size], max_tokens_per_row).to(dev)
+            r = sequence_scores(model, b)
+            for name, (s, c) in reward_metrics(r[0::2], r[1::2],
+                                               bradley_terry_loss(r[0::2], r[1::2])).items():
+                t = tot.setdefault(name, [0.0, 0.0])
+                t[0] += s
+                t[1] += c
+    finally:
+        model.train(was)
+    return {k: s / c for k, (s, c) in tot.items() if c}
+
+
+# --------------------------------------------------------------------------- stage
+
+def build_reward_model(start: str, tok, model_spec, *, seed: int):
+    """A reward model from the causal-LM checkpoint ``start``: same body, fresh head
+    (seeded), LoRA applied when the recipe asks for it."""
+    from starpo import modeling
+    causal = modeling.load_model(start, model_spec, for_training=False, tokenizer=tok,
+                                 lora=False)
+    rm = modeling.reward_model_from_causal(causal, pad_token_id=tok.pad_token_id, seed=seed)
+    del causal
+    rm.requires_grad_(True)
+    rm.train()
+    if model_spec.lora:
+        rm = modeling.apply_lora(rm, model_spec.lora, task_type="SEQ_CLS")
+    return rm
+
+
+def run_reward(ctx, stage) -> dict:
+    from starpo import modeling
+    from starpo.data.sources import load_mixture, split_eval
+    from starpo.stages.dpo import tokenize_pairs
+    from starpo.train import run_loop
+
+    seed = ctx.seed_for(stage)
+    start = ctx.resolve_model(stage.model, before=stage.name)
+    tok = modeling.load_tokenizer(start, ctx.recipe.model)
+    rows = load_mixture(stage.data, "preference", world_seed=ctx.recipe.world.seed, seed=seed,
+                        log=ctx.log)
+    train_rows, eval_rows = split_eval(rows, stage.data.eval_fraction, seed)
+    kw = dict(on_bad_rows=stage.data.on_bad_rows, progress=ctx.progress, log=ctx.log)
+    train_pairs, _ = tokenize_pairs(tok, train_rows, stage, **kw)
+    eval_pairs, _ = tokenize_pairs(tok, eval_rows, stage, **kw)
+    if not train_pairs:
+        raise DataError("no usable preference pair in the stage's data", source=stage.name)
+    ctx.log(f"  reward model from {start}: {len(train_pairs)} training pairs, "
+            f"{len(eval_pairs)} held out; Bradley–Terry loss")
+
+    rm = build_reward_model(start, tok, ctx.recipe.model, seed=seed)
+    probe = random.Random(f"starpo-reward-probe|{seed}").sample(
+        train_pairs, min(TRAIN_PROBE, len(train_pairs)))
+    summary: dict = {"start": start, "pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+                     "train_before": evaluate_reward(rm, probe)}
+    if eval_pairs:
+        summary["eval_before"] = evaluate_reward(rm, eval_pairs)
+
+    via_module = _loop_takes_module_factory()
+    task = RewardTask(train_pairs, batch_size=stage.train.batch_size, seed=seed,
+                      via_module=via_module)
+    extra = {"module_factory": lambda m, spec: SequenceScores(m)} if via_module else {}
+    res = run_loop(rm, task, stage.train, ctx.stage_dir(stage.name), seed=seed,
+                   resume=not ctx.restart, desc=stage.name, progress=ctx.progress, **extra)
+    summary.update(steps=res.steps, final=res.last_metrics,
+                   train_after=evaluate_reward(rm, probe))
+    line = (f"  reward accuracy on {len(probe)} training pairs "
+            f"{summary['train_before']['reward_accuracy']:.3f} → "
+            f"{summary['train_after']['reward_accuracy']:.3f}")
+    if eval_pairs:
+        summary["eval_after"] = evaluate_reward(rm, eval_pairs)
+        line += (f"; held out {summary['eval_before']['reward_accuracy']:.3f} → "
+                 f"{summary['eval_after']['reward_accuracy']:.3f} ({len(eval_pairs)} pairs)")
+    ctx.log(line)
+    modeling.save_pretrained(rm, tok, ctx.stage_dir(stage.name) / "model")
+    return summary
