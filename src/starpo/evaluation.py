@@ -302,7 +302,6 @@ class ModelSamples:
     logp: np.ndarray | None = None          # under the model itself
     logp_sft: np.ndarray | None = None      # under the SFT reference
     vocab_key: Any = None                   # identifies the tokenizer (KL needs the same one)
-    stop_ids: tuple[int, ...] = ()
 
     @property
     def n_tokens(self) -> list[int]:
@@ -376,13 +375,13 @@ def _check_judge(judge) -> None:
 def _prompt_messages(rows: Sequence[dict]) -> list[list[dict]]:
     out = []
     for i, r in enumerate(rows):
-        p = r.get("prompt") if isinstance(r, dict) else None
+        r = r if isinstance(r, dict) else {}
+        p = r.get("prompt")
         if isinstance(p, str):
             p = [{"role": "user", "content": p}]
         if not isinstance(p, list) or not p:
-            raise StarpoError(f"evaluation prompt {i} ({r.get('source', '?') if isinstance(r, dict) else '?'}"
-                              f", row {r.get('row', i) if isinstance(r, dict) else i}) has no "
-                              "'prompt' messages")
+            raise StarpoError(f"evaluation prompt {i} ({r.get('source', '?')}, row "
+                              f"{r.get('row', i)}) has no 'prompt' messages")
         out.append(p)
     return out
 
@@ -409,7 +408,7 @@ def sample_model(name: str, ref: ModelRef, prompts: list[list[dict]], spec: Gene
     Returns ``(ModelSamples, model_or_None, tokenizer)``; the model is returned (not
     freed) with ``keep_model``.
     """
-    from starpo.generation import generate, render_prompt, stop_token_ids
+    from starpo.generation import generate, render_prompt
     model, tok, source = _load(ref, model_spec, device)
     dev = next(model.parameters()).device
     gens = generate(model, tok, prompts, spec, n=1, seed=seed, progress=progress,
@@ -418,8 +417,7 @@ def sample_model(name: str, ref: ModelRef, prompts: list[list[dict]], spec: Gene
     prompt_ids = [render_prompt(tok, p) for p in prompts]
     ms = ModelSamples(name=name, source=source, responses=[s.text for s in samples],
                       tokens=[list(s.token_ids) for s in samples], prompt_ids=prompt_ids,
-                      finished=[bool(s.finished) for s in samples], vocab_key=_vocab_key(tok),
-                      stop_ids=tuple(stop_token_ids(tok, model)))
+                      finished=[bool(s.finished) for s in samples], vocab_key=_vocab_key(tok))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ms.logp = response_logprobs(model, prompt_ids, ms.tokens, pad_id=pad,
                                 batch_size=spec.batch_size, chunk_size=chunk_size, device=dev,

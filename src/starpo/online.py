@@ -29,9 +29,10 @@ Prompts of a round (:func:`round_prompt_indices`)
     starts. ``m = None`` uses every prompt every round.
 
 Seeds
-    :func:`round_seed` derives one integer per (stage seed, round); it seeds the prompt
-    choice, the sampling streams (:mod:`starpo.generation` is deterministic given the
-    seed), ``best_random`` and the round's training shuffle.
+    The prompt permutation is seeded by the stage seed (so rounds take disjoint blocks of
+    one permutation). :func:`round_seed` derives one integer per (stage seed, round); it
+    seeds the sampling streams (:mod:`starpo.generation` is deterministic given the seed
+    and the prompt order), ``best_random`` and the round's training shuffle.
 """
 
 from __future__ import annotations

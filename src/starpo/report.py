@@ -34,7 +34,9 @@ METRIC_COLUMNS = [
     ("kl_vs_sft", "KL vs SFT", None, None),
     ("kl_vs_sft_per_token", "KL / token", None, None),
     ("mean_length", "mean length", None, None),
+    ("finished_rate", "finished", None, None),   # share ending with end-of-turn (not cut)
 ]
+PERCENT_COLUMNS = {"finished_rate"}
 
 # curve keys drawn together in one chart, and the order charts appear in
 CURVE_GROUPS = [
@@ -131,18 +133,29 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def fmt(v: Any, digits: int = 3) -> str:
-    """A number for a table cell: 3 significant-ish digits, ``—`` for missing."""
+def fmt(v: Any, digits: int | None = None) -> str:
+    """A number for a table cell: about 3 significant digits (``digits`` fixes the
+    decimals), ``—`` for missing."""
     if not _finite(v):
         return "—"
+    if digits is not None:
+        return f"{v:.{digits}f}"
     a = abs(v)
     if a == 0:
         return "0"
     if a >= 1e5 or a < 1e-3:
         return f"{v:.2e}"
-    if a >= 100:
-        return f"{v:.0f}" if a >= 1000 else f"{v:.1f}"
-    return f"{v:.{digits}f}"
+    if a >= 1000:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.0f}%" if _finite(v) else "—"
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -207,7 +220,8 @@ class _Frame:
         span = (self.y1 - self.y0) or 1.0
         return self.h - self.b - (y - self.y0) / span * (self.h - self.t - self.b)
 
-    def axes(self, title: str, xlabel: str = "", ylabel: str = "") -> list[str]:
+    def axes(self, title: str, xlabel: str = "", ylabel: str = "",
+             title_y: float | None = None) -> list[str]:
         out = [f'<rect class="plotbg" x="{self.l}" y="{self.t}" '
                f'width="{self.w - self.l - self.r}" height="{self.h - self.t - self.b}"/>']
         ystep = self.yt[1] - self.yt[0] if len(self.yt) > 1 else 1.0
@@ -228,7 +242,8 @@ class _Frame:
                    f'y1="{self.h - self.b}" y2="{self.h - self.b}"/>')
         out.append(f'<line class="axis" x1="{self.l}" x2="{self.l}" y1="{self.t}" '
                    f'y2="{self.h - self.b}"/>')
-        out.append(f'<text class="title" x="{self.l}" y="{self.t - 10}">{esc(title)}</text>')
+        ty = self.t - 10 if title_y is None else title_y
+        out.append(f'<text class="title" x="{self.l}" y="{ty}">{esc(title)}</text>')
         if xlabel:
             out.append(f'<text class="label" x="{(self.l + self.w - self.r) / 2:.1f}" '
                        f'y="{self.h - 6}" text-anchor="middle">{esc(xlabel)}</text>')
@@ -254,9 +269,9 @@ def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], *
     """Lines of (label, xs, ys); non-finite values break a line. A legend when > 1 series."""
     xs = [x for _, sx, _ in series for x in sx if _finite(x)]
     ys = [y for _, _, sy in series for y in sy if _finite(y)]
-    top = 30 + (16 if len(series) > 1 else 0)
-    fr = _Frame(width, height, xs, ys, top=top)
-    body = fr.axes(title, xlabel)
+    legend = len(series) > 1
+    fr = _Frame(width, height, xs, ys, top=48 if legend else 30)
+    body = fr.axes(title, xlabel, title_y=16 if legend else None)
     for k, (label, sx, sy) in enumerate(series):
         color = colors[k % len(colors)]
         pts = [(x, y) for x, y in zip(sx, sy)]
@@ -275,13 +290,13 @@ def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], *
             if len(run) == 1 or n_pts <= 40:
                 for x, y in run:
                     body.append(f'<circle cx="{_num(fr.px(x))}" cy="{_num(fr.py(y))}" r="2.2" '
-                                f'fill="{color}"><title>{esc(label)} step {fmt(x)}: '
-                                f'{fmt(y, 4)}</title></circle>')
-        if len(series) > 1:
-            lx = fr.l + 4 + k * 130
-            body.append(f'<rect x="{lx}" y="{fr.t - 30}" width="10" height="10" '
+                                f'fill="{color}"><title>{esc(label)} step {x:g}: '
+                                f'{fmt(y)}</title></circle>')
+        if legend:  # under the title, above the plot
+            lx = fr.l + k * 130
+            body.append(f'<rect x="{lx}" y="{fr.t - 19}" width="10" height="10" '
                         f'fill="{color}"/><text class="legend" x="{lx + 14}" '
-                        f'y="{fr.t - 21}">{esc(label)}</text>')
+                        f'y="{fr.t - 10}">{esc(label)}</text>')
     return _svg(width, height, body, "chart line-chart", title)
 
 
@@ -346,7 +361,7 @@ def histogram_chart(values: Sequence[float], edges: Sequence[float], *, title: s
         y = fr.py(c)
         body.append(f'<rect class="bar" x="{_num(x0 + 0.5)}" y="{_num(y)}" '
                     f'width="{_num(max(x1 - x0 - 1, 0.8))}" height="{_num(fr.py(0) - y)}" '
-                    f'fill="{color}"><title>{fmt(edges[i])}–{fmt(edges[i + 1])} tokens: '
+                    f'fill="{color}"><title>{edges[i]:g}–{edges[i + 1]:g} tokens: '
                     f'{c}</title></rect>')
     if mean is not None and _finite(mean):
         mx = fr.px(mean)
@@ -404,9 +419,10 @@ def _metrics_table(summary: dict[str, dict], colors: dict[str, str], reference: 
             v = m.get(key)
             cls = ' class="best"' if key in best and _finite(v) and v == best[key] else ""
             ci = _ci(m, key)
-            txt = f'<span class="v">{fmt(v)}</span>'
+            f = _pct if key in PERCENT_COLUMNS else fmt
+            txt = f'<span class="v">{f(v)}</span>'
             if ci:
-                txt += f'<span class="ci">[{fmt(ci[0])}, {fmt(ci[1])}]</span>'
+                txt += f'<span class="ci">[{f(ci[0])}, {f(ci[1])}]</span>'
             if tie_key and _finite(m.get(tie_key)):
                 txt += f'<span class="tie">ties {m[tie_key] * 100:.0f}%</span>'
             cells.append(f"<td{cls}>{txt}</td>")
@@ -650,7 +666,8 @@ def _eval_section(run_dir: Path, d: Path) -> str:
         '<p class="legend-note">win rates count ties as ½; KL = Σ<sub>t</sub> [log π − log '
         'π<sub>sft</sub>] over the model\'s own sampled tokens (end of turn included); KL / '
         'token divides by those tokens; length = response tokens without the end-of-turn '
-        'token. Best value of a column in bold.</p>'
+        'token; finished = share of responses that ended their turn (the rest hit '
+        'max_new_tokens). Best value of a column in bold.</p>'
         '<div class="two"><div class="cell">'
         + _scatter_section(summary, colors) + '</div><div class="cell">'
         '<h3>Response length</h3>' + _length_section(records, summary, colors) +
@@ -665,7 +682,8 @@ body { font: 14px/1.45 -apple-system, "Segoe UI", "DejaVu Sans", Helvetica, Aria
        color: var(--fg); background: var(--bg); margin: 0; }
 main { max-width: 1320px; margin: 0 auto; padding: 20px 28px 60px; }
 h1 { font-size: 24px; margin: 6px 0 2px; }
-h2 { font-size: 19px; margin: 30px 0 8px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+h2 { font-size: 19px; margin: 30px 0 8px; padding-bottom: 4px;
+     border-bottom: 1px solid var(--line); }
 h3 { font-size: 15px; margin: 18px 0 6px; }
 .kind { color: var(--muted); font-weight: normal; font-size: 0.85em; }
 .note, .facts, .legend-note, .sub { color: var(--muted); }
@@ -676,7 +694,8 @@ th, td { border: 1px solid var(--line); padding: 5px 10px; text-align: right; ve
 thead th { background: var(--soft); text-align: center; font-weight: 600; }
 th.model, table.stages th { text-align: left; white-space: nowrap; }
 table.metrics td .v { display: block; font-variant-numeric: tabular-nums; font-size: 15px; }
-table.metrics td .ci, table.metrics td .tie { display: block; color: var(--muted); font-size: 11px; }
+table.metrics td .ci, table.metrics td .tie { display: block; color: var(--muted);
+                                              font-size: 11px; }
 table.metrics td.best .v { font-weight: 700; }
 .swatch { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 7px; }
 .tag { font-size: 10px; background: #ddf4ff; color: #0550ae; border-radius: 8px; padding: 1px 6px;
@@ -700,10 +719,12 @@ svg .pt { stroke: #fff; stroke-width: 1.5; }
 svg .ptlabel { font-size: 12px; font-weight: 600; fill: #1f2328; }
 svg .meanline { stroke: #1f2328; stroke-dasharray: 4 3; stroke-width: 1; }
 .sample { border: 1px solid var(--line); border-radius: 6px; margin: 12px 0; overflow: hidden; }
-.prompt { background: var(--soft); padding: 8px 12px; white-space: pre-wrap; border-bottom: 1px solid var(--line); }
+.prompt { background: var(--soft); padding: 8px 12px; white-space: pre-wrap;
+          border-bottom: 1px solid var(--line); }
 .pid { color: var(--muted); font-size: 11px; margin-right: 10px; }
 .cards { display: grid; gap: 0; }
-.card { padding: 8px 12px; border-top: 3px solid #888; border-right: 1px solid var(--line); min-width: 0; }
+.card { padding: 8px 12px; border-top: 3px solid #888; border-right: 1px solid var(--line);
+        min-width: 0; }
 .card:last-child { border-right: none; }
 .card.ref { border-top-color: #d0d7de; background: #fcfcfd; }
 .who { font-weight: 600; margin-bottom: 4px; }

@@ -1,26 +1,17 @@
 """Stage runners: each takes (RunContext, stage config) and returns a summary dict."""
 
+import importlib
+import importlib.util
+
 
 def register_all(registry: dict) -> None:
+    from starpo.stages.dpo import run_dpo
     from starpo.stages.sft import run_sft
     registry["sft"] = run_sft
-    try:  # later stages register when their modules exist
-        from starpo.stages.dpo import run_dpo
-        registry["dpo"] = run_dpo
-    except ImportError:
-        pass
-    try:
-        from starpo.stages.reward import run_reward
-        registry["reward"] = run_reward
-    except ImportError:
-        pass
-    try:
-        from starpo.stages.online import run_online
-        registry["online"] = run_online
-    except ImportError:
-        pass
-    try:
-        from starpo.stages.evaluate import run_eval
-        registry["eval"] = run_eval
-    except ImportError:
-        pass
+    registry["dpo"] = run_dpo
+    # stages whose modules are optional in a partial checkout register when present
+    for kind, mod, fn in (("reward", "starpo.stages.reward", "run_reward"),
+                          ("online", "starpo.stages.online", "run_online"),
+                          ("eval", "starpo.stages.evaluate", "run_eval")):
+        if importlib.util.find_spec(mod) is not None:
+            registry[kind] = getattr(importlib.import_module(mod), fn)

@@ -220,6 +220,10 @@ def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: 
     return summary
 
 
+def _pair_json(p: TokenizedPair) -> dict:
+    return {**p.as_dict(), "source": p.source, "row": p.row}
+
+
 def run_dpo(ctx, stage) -> dict:
     from starpo import modeling
     from starpo.data.sources import load_mixture, split_eval
@@ -229,12 +233,22 @@ def run_dpo(ctx, stage) -> dict:
     ref_path = ctx.resolve_model(stage.reference, before=stage.name) if stage.reference \
         else start
     tok = modeling.load_tokenizer(start, ctx.recipe.model)
-    rows = load_mixture(stage.data, "preference", world_seed=ctx.recipe.world.seed, seed=seed,
-                        log=ctx.log)
-    train_rows, eval_rows = split_eval(rows, stage.data.eval_fraction, seed)
-    kw = dict(on_bad_rows=stage.data.on_bad_rows, progress=ctx.progress, log=ctx.log)
-    train_pairs, _ = tokenize_pairs(tok, train_rows, stage, **kw)
-    eval_pairs, _ = tokenize_pairs(tok, eval_rows, stage, **kw)
+    from starpo.data.prepare import fingerprint, prepared
+    from starpo.refcache import tokenizer_fingerprint
+
+    def build():
+        rows = load_mixture(stage.data, "preference", world_seed=ctx.recipe.world.seed,
+                            seed=seed, log=ctx.log)
+        train_rows, eval_rows = split_eval(rows, stage.data.eval_fraction, seed)
+        kw = dict(on_bad_rows=stage.data.on_bad_rows, progress=ctx.progress, log=ctx.log)
+        return {"train": [_pair_json(p) for p in tokenize_pairs(tok, train_rows, stage, **kw)[0]],
+                "eval": [_pair_json(p) for p in tokenize_pairs(tok, eval_rows, stage, **kw)[0]]}
+
+    key = fingerprint(stage.data.model_dump(mode="json"), tokenizer_fingerprint(tok), seed,
+                      ctx.recipe.world.seed, stage.max_length, stage.max_prompt_length)
+    data = prepared(ctx.stage_dir(stage.name) / "data", "pairs", key, build, log=ctx.log)
+    train_pairs = [TokenizedPair(**d) for d in data["train"]]
+    eval_pairs = [TokenizedPair(**d) for d in data["eval"]]
     if not train_pairs:
         raise DataError("no usable preference pair in the stage's data", source=stage.name)
     ctx.log(f"  {len(train_pairs)} training pairs, {len(eval_pairs)} held out; loss "

@@ -103,7 +103,6 @@ def _combined_metrics(stage_dir: Path, rounds: int) -> list[dict]:
 
 
 def run_online(ctx, stage) -> dict:
-    from starpo import modeling
     from starpo.data.sources import load_mixture
 
     seed = ctx.seed_for(stage)
@@ -176,7 +175,7 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
         pairs = O.read_jsonl(rdir / "pairs.jsonl")
         info = json.loads(judged.read_text())
     else:
-        samples, info = _sample_and_judge(ctx, stage, k, rows, model, tok, rseed, timer)
+        samples, info = _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer)
         pairs = O.pair_records(samples)
         O.write_jsonl(rdir / "samples.jsonl", samples)
         O.write_jsonl(rdir / "pairs.jsonl", pairs)
@@ -221,10 +220,13 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
     return summary
 
 
-def _sample_and_judge(ctx, stage, k, rows, model, tok, rseed, timer):
+def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer):
     from starpo.judges import make_judge
 
-    idx = O.round_prompt_indices(len(rows), stage.prompts_per_round, k, rseed)
+    # the prompt permutation is the stage's (rounds take consecutive blocks of it); the
+    # samples and the pair draws are the round's
+    rseed = O.round_seed(seed, k)
+    idx = O.round_prompt_indices(len(rows), stage.prompts_per_round, k, seed)
     round_rows = [rows[i] for i in idx]
     prompts = [r["prompt"] for r in round_rows]
     t0 = time.time()

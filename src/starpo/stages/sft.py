@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from starpo.batch import TokenBatch
 from starpo.config import SFTStage
 from starpo.data.packing import SFTLayout, layout_sft, padding_fraction, sft_microbatches
-from starpo.data.tokenize import tokenize_conversation
+from starpo.data.tokenize import TokenizedSFT, tokenize_conversation
 from starpo.errors import DataError
 
 
@@ -62,10 +62,20 @@ def run_sft(ctx, stage: SFTStage) -> dict:
     start = ctx.resolve_model(stage.model, before=stage.name)
     tok = modeling.load_tokenizer(start, ctx.recipe.model)
     model = modeling.load_model(start, ctx.recipe.model)
-    rows = load_mixture(stage.data, "sft", world_seed=ctx.recipe.world.seed, seed=seed,
-                        log=ctx.log)
-    docs = tokenize_sft_rows(tok, rows, on_bad_rows=stage.data.on_bad_rows,
-                             progress=ctx.progress, log=ctx.log)
+    from starpo.data.prepare import fingerprint, prepared
+    from starpo.refcache import tokenizer_fingerprint
+
+    def build():
+        rows = load_mixture(stage.data, "sft", world_seed=ctx.recipe.world.seed, seed=seed,
+                            log=ctx.log)
+        docs = tokenize_sft_rows(tok, rows, on_bad_rows=stage.data.on_bad_rows,
+                                 progress=ctx.progress, log=ctx.log)
+        return [[d.input_ids, d.labels, d.source, d.row] for d in docs]
+
+    key = fingerprint(stage.data.model_dump(mode="json"), tokenizer_fingerprint(tok), seed,
+                      ctx.recipe.world.seed)
+    docs = [TokenizedSFT(*d) for d in prepared(ctx.stage_dir(stage.name) / "data", "sft",
+                                                key, build, log=ctx.log)]
     if not docs:
         raise DataError("no usable conversation in the stage's data", source=stage.name)
     p = stage.packing

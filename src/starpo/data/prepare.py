@@ -1,0 +1,48 @@
+"""Data preparation done once: the main process builds, the others wait and read.
+
+Loading sources and tokenizing is deterministic for (data spec, tokenizer, lengths, seed),
+so its result is stored under the stage directory keyed by a hash of those. With several
+processes (accelerate launch) the main process prepares first while the others wait at
+``main_process_first``, then they all read the same file; a resumed run reads it too.
+Stored as JSON (token id lists): safe to load, never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+def fingerprint(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def prepared(cache_dir: Path, name: str, key: str, build: Callable[[], Any],
+             log: Callable[[str], None] = print) -> Any:
+    """Return ``build()``'s JSON-able result, computed once per key (main process first)."""
+    from accelerate import PartialState
+
+    path = Path(cache_dir) / f"{name}-{key}.json"
+    state = PartialState()
+    with state.main_process_first():
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                log(f"  prepared data: reusing {path.name}")
+                return data
+            except ValueError:
+                pass  # a file cut by a crash: rebuild it
+        data = build()
+        if state.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, path)
+        return data
