@@ -83,6 +83,23 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     _guard(go)
 
 
+@app.command("eval")
+def eval_cmd(run_dir: Path = typer.Argument(..., help="A run directory."),
+             models: Optional[str] = typer.Option(None, "--models",
+                                                  help="Comma-separated stage names or paths."),
+             n: Optional[int] = typer.Option(None, "--n", help="Number of eval prompts."),
+             stage: Optional[str] = typer.Option(None, "--stage",
+                                                 help="Which eval stage of the recipe to use."),
+             no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
+             quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """Evaluate the models of RUN_DIR: gold score, win rates, KL to SFT, length."""
+    def go():
+        from starpo.evaluation import evaluate_run
+        evaluate_run(run_dir, models=[m.strip() for m in models.split(",")] if models else None,
+                     n=n, stage=stage, progress=not quiet, report=not no_report)
+    _guard(go)
+
+
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
     """Write RUN_DIR/report.html from the run's metrics and evaluation."""

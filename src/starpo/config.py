@@ -119,6 +119,8 @@ class SFTStage(StageBase):
 
 
 class PreferenceSpec(Strict):
+    """Shared by the offline (dpo) and online stages."""
+
     loss: Literal["dpo", "ln_dpo", "simpo", "ipo"] = "dpo"
     beta: float = Field(0.1, gt=0)
     gamma: float = Field(0.5, ge=0)        # SimPO target margin
@@ -129,6 +131,12 @@ class PreferenceSpec(Strict):
     prefix_sharing: bool = True
     reference: str | None = None            # stage name or path; default: the starting model
     reference_cache: bool = True
+
+    @model_validator(mode="after")
+    def _ipo_smoothing(self):
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ValueError("label_smoothing: not defined for the ipo loss")
+        return self
 
 
 class DPOStage(StageBase, PreferenceSpec):
@@ -166,13 +174,25 @@ class RewardStage(StageBase):
     max_prompt_length: int = Field(256, gt=0)
 
 
+def _default_eval_data() -> DataSpec:
+    return DataSpec(sources=[SourceSpec(path="world:eval", n=200)], shuffle=False)
+
+
 class EvalStage(Strict):
     type: Literal["eval"]
     name: str | None = None
-    data: DataSpec
+    data: DataSpec = Field(default_factory=_default_eval_data)
     models: list[str] | None = None   # default: every trained stage of the run
+    sft: str | None = None            # reference for win_vs_sft / kl_vs_sft (default: the sft stage)
     judge: JudgeSpec = JudgeSpec(type="gold")
     generation: GenerationSpec = GenerationSpec(temperature=0.7, top_p=0.9, max_new_tokens=256)
+
+    @model_validator(mode="after")
+    def _pointwise(self) -> "EvalStage":
+        if self.judge.type == "pairwise":
+            raise ValueError("judge.type: the eval stage needs a pointwise judge (gold or "
+                             "reward_model); pairwise judges cannot give a score")
+        return self
     bootstrap: int = Field(1000, ge=0)
     seed: int | None = None
 

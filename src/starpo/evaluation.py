@@ -519,7 +519,9 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
         kl = kl_terms(ms.logp, ms.logp_sft) if ms.logp_sft is not None else None
         if ref_ms is not None:
             sft_scores = ref_ms.scores
-            same_sft = [a == b for a, b in zip(ms.tokens, ref_ms.tokens)]
+            # the same tokens, or the same text: a tie, whatever the judge's round-off
+            same_sft = [a == b or ra.strip() == rb.strip() for a, b, ra, rb in
+                        zip(ms.tokens, ref_ms.tokens, ms.responses, ref_ms.responses)]
         else:
             sft_scores, same_sft = None, None
         m = summarize_model(ms.scores, ms.lengths, ms.n_tokens, finished=ms.finished,
@@ -645,7 +647,7 @@ def _display_name(ref: str) -> str:
 
 
 def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None = None,
-                   out_dir: Path | None = None) -> EvalResult:
+                   out_dir: Path | None = None, device=None) -> EvalResult:
     """The eval stage's work on a :class:`~starpo.pipeline.RunContext` (also the CLI's)."""
     from starpo.data.sources import load_mixture
     from starpo.judges import make_judge
@@ -695,7 +697,7 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
             f"{stage.judge.type}")
     return evaluate_models(resolved, rows, judge, stage.generation, sft=sft, seed=seed,
                            bootstrap=stage.bootstrap, model_spec=recipe.model,
-                           out_dir=out_dir, chunk_size=1024, progress=ctx.progress,
+                           out_dir=out_dir, device=device, progress=ctx.progress,
                            log=ctx.log, meta={"stage": stage.name})
 
 

@@ -1,0 +1,348 @@
+"""Evaluation: hand-checked metric maths, SFT against itself (KL 0, win ½), KL log-probs
+equal a plain forward on the sampled tokens, gold and reward-model judges, the eval stage
+and ``evaluate_run`` on a run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from starpo import evaluation as E
+from starpo.config import GenerationSpec, JudgeSpec, TinyModelSpec
+from starpo.errors import StarpoError
+from starpo.judges import GoldJudge, PairwiseJudge, make_judge
+
+SPEC = GenerationSpec(temperature=0.7, top_p=0.9, max_new_tokens=12, batch_size=4)
+TINY = TinyModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, intermediate_size=128)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: decoding is faster without intra-op threads
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Two tiny chat models (different seeds) sharing the world tokenizer, saved to disk."""
+    from starpo import modeling, world
+    d = tmp_path_factory.mktemp("eval-models")
+    tok = modeling.train_tokenizer(world.World(0).corpus(500), 400)
+    paths = {}
+    for name, seed in (("sft", 0), ("dpo", 1)):
+        model = modeling.build_tiny_model(TINY, tok, seed=seed)
+        modeling.save_pretrained(model, tok, d / name / "model")
+        paths[name] = str(d / name / "model")
+    return {"dir": d, "tok": tok, **paths}
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    from starpo import world
+    return world.rows("eval", 6, 0)
+
+
+@pytest.fixture(scope="module")
+def evaluated(ckpts, prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-out")
+    res = E.evaluate_models({"sft": ckpts["sft"], "dpo": ckpts["dpo"],
+                             "sft_copy": ckpts["sft"]}, prompts, GoldJudge(), SPEC,
+                            sft="sft", seed=3, bootstrap=200, out_dir=out, progress=False,
+                            log=lambda m: None)
+    return res, out
+
+
+# =========================================================================== pure maths
+
+
+def test_win_rate_counts_ties_as_half():
+    a = [1.0, 0.0, 0.5, 2.0, -1.0]
+    b = [0.0, 0.0, 1.0, 2.0, -3.0]
+    assert E.win_outcomes(a, b).tolist() == [1.0, 0.5, 0.0, 0.5, 1.0]
+    win, tie = E.win_rate(a, b)
+    assert win == pytest.approx((1 + 0.5 + 0 + 0.5 + 1) / 5)
+    assert tie == pytest.approx(2 / 5)
+    # the same response text is a tie whatever round-off did to its two scores
+    w = E.win_outcomes([0.30000001, 0.2], [0.3, 0.1], same=[True, False])
+    assert w.tolist() == [0.5, 1.0]
+    assert E.win_outcomes([0.31], [0.3], tol=0.05).tolist() == [0.5]
+    # a against itself: exactly one half
+    x = np.random.default_rng(0).normal(size=50)
+    assert E.win_rate(x, x) == (0.5, 1.0)
+
+
+def test_kl_terms_and_per_token():
+    kl = E.kl_terms([-10.0, -4.0, -6.0], [-12.0, -4.0, -5.0])
+    assert kl.tolist() == [2.0, 0.0, -1.0]
+    m = E.summarize_model([0.0, 0.0, 0.0], lengths=[3, 1, 0], n_tokens=[4, 2, 1], kl=kl,
+                          n_boot=0)
+    assert m["kl_vs_sft"] == pytest.approx(1.0 / 3)
+    assert m["kl_vs_sft_per_token"] == pytest.approx((2 / 4 + 0 / 2 - 1 / 1) / 3)
+    assert m["mean_length"] == pytest.approx(4 / 3)
+    assert m["kl_vs_sft_ci"] is None  # no bootstrap asked
+
+
+def test_bootstrap_ci_by_hand():
+    v = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    idx = E.bootstrap_indices(len(v), 500, seed=7)
+    lo, hi = E.bootstrap_ci(v, indices=idx)
+    means = np.sort([v[row].mean() for row in idx])
+    # numpy's default (linear) percentile of the resampled means
+    assert lo == pytest.approx(np.quantile(means, 0.025))
+    assert hi == pytest.approx(np.quantile(means, 0.975))
+    assert lo <= v.mean() <= hi
+    # seeded: same seed, same interval; constant values: a zero-width interval
+    assert E.bootstrap_ci(v, n_boot=500, seed=7) == (lo, hi)
+    assert E.bootstrap_ci([0.25] * 10, n_boot=100, seed=0) == (0.25, 0.25)
+    assert E.bootstrap_ci([], n_boot=100) is None
+    assert E.bootstrap_ci(v, n_boot=0) is None
+    # more data, narrower interval (same spread)
+    wide = E.bootstrap_ci(np.tile([0.0, 1.0], 10), n_boot=400, seed=1)
+    narrow = E.bootstrap_ci(np.tile([0.0, 1.0], 1000), n_boot=400, seed=1)
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 4
+
+
+def test_summarize_model_by_hand():
+    scores = [1.0, 0.2, -0.6, 1.0]
+    chosen = [0.2, None, -0.6, 1.0]      # prompt 1 has no reference response
+    sft = [1.0, 1.0, -1.0, 0.2]
+    m = E.summarize_model(scores, lengths=[5, 7, 9, 3], n_tokens=[6, 8, 10, 4],
+                          finished=[True, True, True, False], chosen_scores=chosen,
+                          same_as_chosen=[False, False, False, True], sft_scores=sft,
+                          same_as_sft=[True, False, False, False], n_boot=300, seed=0)
+    assert m["n"] == 4 and m["n_chosen"] == 3
+    assert m["mean_score"] == pytest.approx(0.4)
+    # vs chosen: 1>0.2 win; -0.6=-0.6 tie; same text tie  -> (1 + .5 + .5) / 3
+    assert m["win_vs_chosen"] == pytest.approx(2 / 3)
+    assert m["tie_vs_chosen"] == pytest.approx(2 / 3)
+    # vs sft: same text tie; 0.2<1 loss; -0.6>-1 win; 1>0.2 win -> (.5 + 0 + 1 + 1) / 4
+    assert m["win_vs_sft"] == pytest.approx(0.625)
+    assert m["tie_vs_sft"] == pytest.approx(0.25)
+    assert m["mean_length"] == pytest.approx(6.0)
+    assert m["finished_rate"] == pytest.approx(0.75)
+    assert m["kl_vs_sft"] is None and m["kl_vs_sft_per_token"] is None
+    assert m["length_quantiles"]["min"] == 3 and m["length_quantiles"]["max"] == 9
+    assert m["length_quantiles"]["median"] == pytest.approx(6.0)
+    for k in ("mean_score", "win_vs_chosen", "win_vs_sft", "mean_length"):
+        lo, hi = m[f"{k}_ci"]
+        assert lo <= m[k] <= hi
+
+
+def test_lengths_exclude_the_end_of_turn_token():
+    ms = E.ModelSamples(name="m", source="x", responses=["a", "b", ""],
+                        tokens=[[5, 6, 2], [5, 6, 7], [2]], prompt_ids=[[1]] * 3,
+                        finished=[True, False, True])
+    assert ms.lengths == [2, 3, 0]
+    assert ms.n_tokens == [3, 3, 1]
+
+
+# =========================================================================== log-probs
+
+
+def _plain_logprob(model, prompt_ids, response_ids) -> float:
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    lp = F.log_softmax(logits, -1)
+    P = len(prompt_ids)
+    return float(sum(lp[P + t - 1, tok] for t, tok in enumerate(response_ids)))
+
+
+def test_response_logprobs_equal_plain_forward(ckpts):
+    from starpo import modeling
+    model = modeling.load_model(ckpts["dpo"], for_training=False)
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7)]
+    responses = [torch.randint(0, V, (n,), generator=g).tolist() for n in (4, 1, 11, 6, 2)]
+    got = E.response_logprobs(model, prompts, responses, pad_id=0, batch_size=3)
+    want = [_plain_logprob(model, p, r) for p, r in zip(prompts, responses)]
+    assert got.tolist() == pytest.approx(want, abs=1e-4)
+    # an empty response has log-prob 0 (nothing was sampled)
+    assert E.response_logprobs(model, [[1, 2]], [[]], pad_id=0).tolist() == [0.0]
+
+
+def test_kl_logprobs_equal_a_direct_forward_on_the_sampled_tokens(evaluated, ckpts, prompts):
+    """logp_policy / logp_sft in the records are the log-probs of render_prompt(tok, prompt)
+    + the sampled token ids under each model, as a plain forward computes them."""
+    from starpo import modeling
+    from starpo.generation import render_prompt
+    res, _ = evaluated
+    tok = modeling.load_tokenizer(ckpts["dpo"])
+    policy = modeling.load_model(ckpts["dpo"], for_training=False)
+    sft = modeling.load_model(ckpts["sft"], for_training=False)
+    samples = res.samples["dpo"]
+    for i, rec in enumerate(res.records["dpo"]):
+        p_ids = render_prompt(tok, rec["prompt"])
+        assert p_ids == samples.prompt_ids[i]
+        assert rec["tokens"] == samples.tokens[i] and len(rec["tokens"]) == rec["n_tokens"]
+        lp = _plain_logprob(policy, p_ids, rec["tokens"])
+        ls = _plain_logprob(sft, p_ids, rec["tokens"])
+        assert rec["logp_policy"] == pytest.approx(lp, abs=1e-4)
+        assert rec["logp_sft"] == pytest.approx(ls, abs=1e-4)
+        assert rec["kl"] == pytest.approx(lp - ls, abs=2e-4)
+    kl = [r["kl"] for r in res.records["dpo"]]
+    assert res.summary["dpo"]["kl_vs_sft"] == pytest.approx(float(np.mean(kl)))
+    per_tok = [r["kl"] / r["n_tokens"] for r in res.records["dpo"]]
+    assert res.summary["dpo"]["kl_vs_sft_per_token"] == pytest.approx(float(np.mean(per_tok)))
+
+
+# =========================================================================== evaluate_models
+
+
+def test_sft_against_itself_kl_zero_and_win_half(evaluated):
+    res, _ = evaluated
+    s = res.summary["sft"]
+    assert s["kl_vs_sft"] == 0.0 and s["kl_vs_sft_per_token"] == 0.0
+    assert s["win_vs_sft"] == 0.5 and s["tie_vs_sft"] == 1.0
+    assert s["kl_vs_sft_ci"] == [0.0, 0.0] and s["win_vs_sft_ci"] == [0.5, 0.5]
+    assert all(r["kl"] == 0.0 for r in res.records["sft"])
+    # the same checkpoint loaded again, same seed: the same samples, so a tie everywhere,
+    # and a KL that is zero up to the float round-off of a separate forward
+    c = res.summary["sft_copy"]
+    assert res.samples["sft_copy"].tokens == res.samples["sft"].tokens
+    assert c["win_vs_sft"] == 0.5 and c["mean_score"] == s["mean_score"]
+    assert abs(c["kl_vs_sft"]) < 1e-4
+    # a different model does sample differently
+    assert res.samples["dpo"].tokens != res.samples["sft"].tokens
+
+
+def test_gold_scores_and_outputs(evaluated, prompts):
+    from starpo import world
+    from starpo.data.canonical import response_text
+    res, out = evaluated
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["sft", "dpo", "sft_copy"]
+    for name, m in summary.items():
+        for k in E.METRICS:
+            assert k in m and f"{k}_ci" in m
+        assert m["n"] == len(prompts)
+        recs = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert len(recs) == len(prompts)
+        for row, r in zip(prompts, recs):
+            assert r["id"] == row["id"] and r["prompt"] == row["prompt"]
+            text = row["prompt"][-1]["content"]
+            assert r["score"] == world.gold_reward(text, r["response"])
+            ch = response_text(row["chosen"])
+            assert r["chosen"] == ch and r["chosen_score"] == world.gold_reward(text, ch)
+            assert r["win_vs_chosen"] == E.win_outcomes([r["score"]], [r["chosen_score"]],
+                                                        same=[r["response"] == ch])[0]
+            for key in ("length", "n_tokens", "logp_policy", "logp_sft", "kl", "sft_score",
+                        "win_vs_sft", "finished"):
+                assert key in r
+        assert m["mean_score"] == pytest.approx(np.mean([r["score"] for r in recs]))
+        assert m["mean_length"] == pytest.approx(np.mean([r["length"] for r in recs]))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["reference"] == "sft" and meta["prompts"] == len(prompts)
+    assert meta["generation"]["temperature"] == 0.7 and meta["files"]["dpo"] == "dpo.jsonl"
+
+
+def test_reward_model_judge_from_a_checkpoint(ckpts, prompts, tmp_path):
+    """A reward-model judge loaded from a (hub-format) checkpoint directory scores here."""
+    from starpo import modeling
+    causal = modeling.load_model(ckpts["sft"], for_training=False)
+    rm = modeling.reward_model_from_causal(causal, seed=0)
+    modeling.save_pretrained(rm, ckpts["tok"], tmp_path / "rm")
+    judge = make_judge(JudgeSpec(type="reward_model", path=str(tmp_path / "rm"), batch_size=4))
+    res = E.evaluate_models({"dpo": ckpts["dpo"]}, prompts[:4], judge, SPEC, sft=None, seed=0,
+                            bootstrap=50, out_dir=tmp_path / "eval", progress=False,
+                            log=lambda m: None)
+    recs = res.records["dpo"]
+    direct = judge.score([r["prompt"] for r in recs], [r["response"] for r in recs])
+    assert [r["score"] for r in recs] == pytest.approx(direct, abs=1e-5)
+    chosen = judge.score([r["prompt"] for r in recs], [r["chosen"] for r in recs])
+    assert [r["chosen_score"] for r in recs] == pytest.approx(chosen, abs=1e-5)
+    assert len(set(round(s, 6) for s in direct)) > 1  # a real, varying score
+    m = res.summary["dpo"]
+    assert m["win_vs_sft"] is None and m["kl_vs_sft"] is None and m["win_vs_chosen"] is not None
+    assert (tmp_path / "eval" / "summary.json").is_file()
+
+
+def test_pairwise_judge_and_bad_reference_are_refused(ckpts, prompts):
+    with pytest.raises(StarpoError, match="pairwise"):
+        E.evaluate_models({"a": ckpts["sft"]}, prompts, PairwiseJudge(lambda p, a, b: 0.5),
+                          SPEC, progress=False)
+    with pytest.raises(StarpoError, match="reference"):
+        E.evaluate_models({"a": ckpts["sft"]}, prompts, GoldJudge(), SPEC, sft="sft",
+                          progress=False)
+
+
+# =========================================================================== runs
+
+
+def _write_run(ckpts, run_dir, *, eval_stage: bool):
+    import shutil
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("sft", "dpo"):
+        shutil.copytree(ckpts[name], run_dir / name / "model")
+    stages = [
+        {"type": "sft", "data": {"sources": [{"path": "world:sft", "n": 10}]}},
+        {"type": "dpo", "data": {"sources": [{"path": "world:preference", "n": 10}]}},
+        {"type": "reward", "name": "rm", "data": {"sources": [{"path": "world:preference"}]}},
+        {"type": "dpo", "name": "dpo2", "data": {"sources": [{"path": "world:preference"}]}},
+    ]
+    if eval_stage:
+        stages.append({"type": "eval", "data": {"sources": [{"path": "world:eval", "n": 5}],
+                                                "shuffle": False},
+                       "generation": {"max_new_tokens": 10, "temperature": 0.7,
+                                      "top_p": 0.9, "batch_size": 8},
+                       "bootstrap": 100})
+    import yaml
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(
+        {"name": "t", "seed": 0, "model": {"name_or_path": "tiny"}, "stages": stages}))
+    return run_dir
+
+
+def test_eval_stage_in_the_pipeline(ckpts, tmp_path):
+    """The registered eval stage evaluates every trained policy stage (neither the reward
+    stage nor a policy stage not trained yet), writes eval/summary.json, marks itself
+    complete, and the pipeline writes the report."""
+    from starpo import pipeline
+    from starpo.config import load_recipe
+    run = _write_run(ckpts, tmp_path / "run", eval_stage=True)
+    recipe = load_recipe(run / "recipe.yaml")
+    logs: list[str] = []
+    pipeline.run(recipe, run, only=["eval"], progress=False, log=logs.append)
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert list(summary) == ["sft", "dpo"]
+    assert summary["sft"]["kl_vs_sft"] == 0.0 and summary["sft"]["win_vs_sft"] == 0.5
+    assert summary["dpo"]["n"] == 5
+    stage = json.loads((run / "eval" / "stage.json").read_text())
+    assert stage["models"] == ["sft", "dpo"] and stage["reference"] == "sft"
+    assert set(stage["metrics"]["dpo"]) == set(E.METRICS)
+    assert (run / "report.html").is_file()
+    assert any("dpo2: no trained model" in line for line in logs)
+    assert not any("rm:" in line for line in logs)
+
+
+def test_evaluate_run_models_and_n(ckpts, tmp_path):
+    """``starpo eval RUN --models dpo --n 3`` on a run without an eval stage: default
+    world prompts and gold judge; the SFT reference is sampled too."""
+    run = _write_run(ckpts, tmp_path / "run", eval_stage=False)
+    res = E.evaluate_run(run, models=["dpo"], n=3, progress=False, log=lambda m: None,
+                         report=False)
+    assert list(res.summary) == ["sft", "dpo"] and res.reference == "sft"
+    assert res.summary["dpo"]["n"] == 3
+    assert (run / "eval" / "dpo.jsonl").read_text().count("\n") == 3
+    # a checkpoint path is named after its stage directory
+    res2 = E.evaluate_run(run, models=[str(run / "dpo" / "model")], n=2, progress=False,
+                          log=lambda m: None, report=True)
+    assert "dpo" in res2.summary and (run / "report.html").is_file()
+    with pytest.raises(StarpoError, match="recipe.yaml"):
+        E.evaluate_run(tmp_path / "nowhere", progress=False)
+
+
+def test_brief_and_safe_name():
+    s = {"a": {"mean_score": 0.123456, "win_vs_sft": None}}
+    b = E.brief(s)
+    assert b["a"]["mean_score"] == 0.1235 and b["a"]["win_vs_sft"] is None
+    assert E.safe_name("dpo/round 1") == "dpo_round_1" and E.safe_name("..") == "model"
+    assert not math.isnan(E.win_rate([1], [0])[0])
