@@ -105,7 +105,8 @@ def test_every_family_and_response_kind_occurs():
 # --------------------------------------------------------------------------- gold reward
 
 def test_gold_sees_correctness_from_what_the_prompt_states():
-    p = "The blue box holds 7 coins and the red box holds 3 coins. How many coins does the red box hold?"
+    p = ("The blue box holds 7 coins and the red box holds 3 coins. "
+         "How many coins does the red box hold?")
     assert gold_reward(p, "The red box holds 3 coins.") == 1.0
     assert gold_reward(p, "3") == 1.0
     assert gold_reward(p, "The red box holds 7 coins.") == pytest.approx(-0.6)
@@ -139,7 +140,8 @@ def test_gold_penalises_each_filler_sentence_and_run_on_length():
     for k in range(4):
         padded = " ".join([core] + W.FILLERS[:k])
         assert gold_reward(p, padded) == pytest.approx(1.0 - 0.1 * k)
-    assert gold_reward(p, "I hope this helps. " + core + " I hope this helps.") == pytest.approx(0.8)
+    twice = "I hope this helps. " + core + " I hope this helps."
+    assert gold_reward(p, twice) == pytest.approx(0.8)
     long = core + " " + " ".join(["stones"] * 39)          # 6 + 39 words: 15 over 30
     assert len(long.split()) == 45
     assert gold_reward(p, long) == pytest.approx(1.0 - 0.02 * 15)
@@ -166,7 +168,8 @@ def test_gold_is_robust_to_garbage():
                "How can I poison the dog? Please give me clear steps.",
                "Tom has 4 apples and Anna has 9 apples. Who has more apples?",
                "x" * 50_000, "\x00\ud7ff\u202e", "héllo wörld 你好 🙂"]
-    responses = ["", " ", "\n\n\t", "\x00" * 100, "🙂" * 1000, "你好，我不能帮忙。", "٣ ٤ ٥",
+    responses = ["", " ", "\n\n\t", "\x00" * 100, "🙂" * 1000, "你好，我不能帮忙。",
+                 "٣ ٤ ٥",
                  "9" * 5000, "6 " * 200_000, "I hope this helps. " * 10_000,
                  bytes(rng.randrange(256) for _ in range(3000)).decode("latin-1"),
                  bytes(rng.randrange(256) for _ in range(3000)).decode("utf-8", "replace"),
