@@ -162,7 +162,8 @@ def judge_groups(judge, prompts: Sequence[list[dict]], groups: Sequence[Sequence
     bar = tqdm(total=total, desc=desc, unit="resp", disable=not progress, leave=False)
     try:
         for s in range(0, len(prompts), chunk_prompts):
-            ps, gs = list(prompts[s:s + chunk_prompts]), [list(g) for g in groups[s:s + chunk_prompts]]
+            ps = list(prompts[s:s + chunk_prompts])
+            gs = [list(g) for g in groups[s:s + chunk_prompts]]
             for g, sc in zip(gs, rank_groups(judge, ps, gs)):
                 if len(sc) != len(g):
                     raise ValueError(f"judge returned {len(sc)} scores for {len(g)} responses")

@@ -233,7 +233,8 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
              resume: bool = False, desc: str = "train", accelerator=None,
              stop_after: int | None = None, progress: bool = True,
              on_step: Callable[[int, dict], None] | None = None,
-             make_opt: Callable[[nn.Module, TrainSpec], torch.optim.Optimizer] = make_optimizer
+             make_opt: Callable[[nn.Module, TrainSpec], torch.optim.Optimizer] = make_optimizer,
+             module_factory: Callable[[nn.Module, TrainSpec], nn.Module] | None = None
              ) -> LoopResult:
     """Train ``model`` in place on ``task``. ``stop_after`` (tests) ends after that many
     steps as if killed, leaving only what was checkpointed."""
@@ -245,7 +246,8 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
     if spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    module = TargetLogprobs(model, spec.logprob_chunk_size)
+    module = module_factory(model, spec) if module_factory is not None else \
+        TargetLogprobs(model, spec.logprob_chunk_size)
 
     first = task.microbatches(0)
     per_proc = len(first) // world

@@ -45,6 +45,21 @@ from starpo import online as O
 from starpo.errors import StarpoError
 
 
+def _state():
+    """accelerate's process state: the device to sample on, and who writes files."""
+    from accelerate import PartialState
+    return PartialState()
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _judge_resolver(ctx, stage):
     names = {s.name for s in ctx.recipe.stages}
 
@@ -142,11 +157,13 @@ def run_online(ctx, stage) -> dict:
         summary = run_round(ctx, stage, k, rows, policy_path, ref_path, rdir, seed=seed)
         summaries.append(summary)
         policy_path = str(rdir / "model")
+        if _state().is_main_process:
+            O.write_jsonl(stage_dir / "rounds.jsonl", summaries)
+    if _state().is_main_process:
         O.write_jsonl(stage_dir / "rounds.jsonl", summaries)
         O.write_jsonl(stage_dir / "metrics.jsonl", _combined_metrics(stage_dir, stage.rounds))
-    O.write_jsonl(stage_dir / "rounds.jsonl", summaries)
-    O.write_jsonl(stage_dir / "metrics.jsonl", _combined_metrics(stage_dir, stage.rounds))
-    _link_or_copy_tree(Path(policy_path), stage_dir / "model")
+        _link_or_copy_tree(Path(policy_path), stage_dir / "model")
+    _state().wait_for_everyone()
     keys = ("mean_score", "pairs_selected", "pairs_trained", "dropped_ties",
             "dropped_identical", "steps")
     return {"start": start, "rounds": [{k: s.get(k) for k in ("round",) + keys}
@@ -163,9 +180,12 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
 
     rseed = O.round_seed(seed, k)
     timer = O.Timer()
+    state = _state()
     rdir.mkdir(parents=True, exist_ok=True)
     tok = modeling.load_tokenizer(policy_path, ctx.recipe.model)
-    model = modeling.load_model(policy_path, ctx.recipe.model)
+    # on the process's device from the start: sampling comes before the loop moves it
+    model = modeling.load_model(policy_path, ctx.recipe.model, device=state.device,
+                                tokenizer=tok)
 
     judged = rdir / "judged.json"
     if judged.is_file() and (rdir / "pairs.jsonl").is_file() and \
@@ -175,11 +195,14 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
         pairs = O.read_jsonl(rdir / "pairs.jsonl")
         info = json.loads(judged.read_text())
     else:
+        # every process samples and judges the same prompts with the same seeds (the
+        # results are identical); the main process writes them
         samples, info = _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer)
         pairs = O.pair_records(samples)
-        O.write_jsonl(rdir / "samples.jsonl", samples)
-        O.write_jsonl(rdir / "pairs.jsonl", pairs)
-        _write_json(judged, info)
+        if state.is_main_process:
+            O.write_jsonl(rdir / "samples.jsonl", samples)
+            O.write_jsonl(rdir / "pairs.jsonl", pairs)
+            _write_json(judged, info)
     stats = O.round_statistics(samples, pairs)
     ctx.log(f"  round {k}: mean judge score {_fmt(stats['mean_score'])} over "
             f"{stats['samples']} samples; {stats['pairs_selected']} pairs from "
@@ -211,12 +234,17 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
         summary.update(steps=0)
     timer.add("training", t0)
     t0 = time.time()
-    modeling.save_pretrained(model, tok, rdir / "model")
+    if state.is_main_process:
+        modeling.save_pretrained(model, tok, rdir / "model")
+        shutil.rmtree(rdir / "checkpoints", ignore_errors=True)
     timer.add("saving", t0)
-    shutil.rmtree(rdir / "checkpoints", ignore_errors=True)
     summary["seconds"] = {**info.get("seconds", {}), **timer.seconds}
-    _write_json(rdir / "round.json", summary)
+    if state.is_main_process:
+        _write_json(rdir / "round.json", summary)
+        O.write_jsonl(rdir.parent / "metrics.jsonl", _combined_metrics(rdir.parent, k))
+    state.wait_for_everyone()   # the next round loads this round's model
     del model
+    _release_memory()
     return summary
 
 
@@ -236,12 +264,13 @@ def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer):
     timer.add("sampling", t0)
     t0 = time.time()
     judge = make_judge(stage.judge, resolve_path=_judge_resolver(ctx, stage),
-                       model_spec=ctx.recipe.model)
+                       model_spec=ctx.recipe.model, device=_state().device)
     scores = O.judge_groups(judge, prompts, [[s.text for s in g] for g in gens],
                             progress=ctx.progress, chunk_prompts=max(1, stage.judge.batch_size),
                             desc=f"round {k} judging")
     source = getattr(judge, "source", getattr(judge, "name", stage.judge.type))
     del judge
+    _release_memory()
     timer.add("judging", t0)
     choices = O.select_pairs([[s.text for s in g] for g in gens], scores,
                              mode=stage.pair_selection, seed=rseed)

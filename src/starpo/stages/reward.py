@@ -16,8 +16,8 @@ Scoring, padding-free
     ``max_length`` tokens (every document fits: tokenization truncates to it; rows are
     bounded because sdpa computes attention over a whole row — on this CPU one 5265-token
     row took 5.7 s forward+backward, the same documents in 256-token rows 0.4 s), the body
-    runs once with ``use_cache=False`` (documents cannot see each other), and the head reads the
-    hidden state of each document's *last* token. That is the token
+    runs once with ``use_cache=False`` (documents cannot see each other), and the head
+    reads the hidden state of each document's *last* token. That is the token
     ``RewardModelJudge`` scores at inference (the last non-pad token of the same rendered
     text, e.g. the newline after ``<|im_end|>`` for ChatML), so training and judging score
     identical inputs; ``tests/test_reward.py`` checks the two agree to float tolerance.
@@ -28,6 +28,15 @@ Loss
     counts one half), ``reward_margin``, ``reward_chosen``, ``reward_rejected``; held-out
     pairs (``data.eval_fraction``) and a fixed sample of training pairs are scored before
     and after training.
+
+The loop's module
+    ``run_loop`` prepares (DDP/FSDP-wraps) the module whose forward feeds the loss;
+    :class:`SequenceScores` is that module for a reward model, passed as
+    ``run_loop(module_factory=...)`` when the loop accepts one. Otherwise the loop wraps
+    the model in its log-prob module and :class:`RewardTask` calls the reward model inside
+    it directly: correct on one process (nothing is wrapped there; a test checks both
+    routes reach the same weights), refused under DDP/FSDP/DeepSpeed, where skipping the
+    wrapper's forward would leave gradients unsynchronised or parameters ungathered.
 """
 
 from __future__ import annotations
@@ -214,12 +223,12 @@ def evaluate_reward(model: nn.Module, pairs, *, batch_size: int = 32,
 
 # --------------------------------------------------------------------------- stage
 
-def build_reward_model(start: str, tok, model_spec, *, seed: int):
+def build_reward_model(start: str, tok, model_spec, *, seed: int, device=None):
     """A reward model from the causal-LM checkpoint ``start``: same body, fresh head
     (seeded), LoRA applied when the recipe asks for it."""
     from starpo import modeling
     causal = modeling.load_model(start, model_spec, for_training=False, tokenizer=tok,
-                                 lora=False)
+                                 lora=False, device=device)
     rm = modeling.reward_model_from_causal(causal, pad_token_id=tok.pad_token_id, seed=seed)
     del causal
     rm.requires_grad_(True)
@@ -231,25 +240,39 @@ def build_reward_model(start: str, tok, model_spec, *, seed: int):
 
 def run_reward(ctx, stage) -> dict:
     from starpo import modeling
+    from starpo.data.prepare import fingerprint, prepared
     from starpo.data.sources import load_mixture, split_eval
+    from starpo.data.tokenize import TokenizedPair
+    from starpo.refcache import tokenizer_fingerprint
     from starpo.stages.dpo import tokenize_pairs
     from starpo.train import run_loop
 
     seed = ctx.seed_for(stage)
     start = ctx.resolve_model(stage.model, before=stage.name)
     tok = modeling.load_tokenizer(start, ctx.recipe.model)
-    rows = load_mixture(stage.data, "preference", world_seed=ctx.recipe.world.seed, seed=seed,
-                        log=ctx.log)
-    train_rows, eval_rows = split_eval(rows, stage.data.eval_fraction, seed)
-    kw = dict(on_bad_rows=stage.data.on_bad_rows, progress=ctx.progress, log=ctx.log)
-    train_pairs, _ = tokenize_pairs(tok, train_rows, stage, **kw)
-    eval_pairs, _ = tokenize_pairs(tok, eval_rows, stage, **kw)
+
+    def build():   # loaded and tokenized once per key (main process first), reused on resume
+        rows = load_mixture(stage.data, "preference", world_seed=ctx.recipe.world.seed,
+                            seed=seed, log=ctx.log)
+        train_rows, eval_rows = split_eval(rows, stage.data.eval_fraction, seed)
+        kw = dict(on_bad_rows=stage.data.on_bad_rows, progress=ctx.progress, log=ctx.log)
+        return {part: [{**p.as_dict(), "source": p.source, "row": p.row}
+                       for p in tokenize_pairs(tok, part_rows, stage, **kw)[0]]
+                for part, part_rows in (("train", train_rows), ("eval", eval_rows))}
+
+    key = fingerprint(stage.data.model_dump(mode="json"), tokenizer_fingerprint(tok), seed,
+                      ctx.recipe.world.seed, stage.max_length, stage.max_prompt_length)
+    data = prepared(ctx.stage_dir(stage.name) / "data", "pairs", key, build, log=ctx.log)
+    train_pairs = [TokenizedPair(**d) for d in data["train"]]
+    eval_pairs = [TokenizedPair(**d) for d in data["eval"]]
     if not train_pairs:
         raise DataError("no usable preference pair in the stage's data", source=stage.name)
     ctx.log(f"  reward model from {start}: {len(train_pairs)} training pairs, "
             f"{len(eval_pairs)} held out; Bradley–Terry loss")
 
-    rm = build_reward_model(start, tok, ctx.recipe.model, seed=seed)
+    from accelerate import PartialState
+    state = PartialState()
+    rm = build_reward_model(start, tok, ctx.recipe.model, seed=seed, device=state.device)
     evaluate = lambda ps: evaluate_reward(rm, ps, max_tokens_per_row=stage.max_length)  # noqa
     probe = random.Random(f"starpo-reward-probe|{seed}").sample(
         train_pairs, min(TRAIN_PROBE, len(train_pairs)))
@@ -274,5 +297,7 @@ def run_reward(ctx, stage) -> dict:
         line += (f"; held out {summary['eval_before']['reward_accuracy']:.3f} → "
                  f"{summary['eval_after']['reward_accuracy']:.3f} ({len(eval_pairs)} pairs)")
     ctx.log(line)
-    modeling.save_pretrained(rm, tok, ctx.stage_dir(stage.name) / "model")
+    if state.is_main_process:
+        modeling.save_pretrained(rm, tok, ctx.stage_dir(stage.name) / "model")
+    state.wait_for_everyone()
     return summary
