@@ -98,8 +98,9 @@ def cache_key(ref_path: str, tokenizer, pairs: list, extra: dict | None = None) 
 
 @torch.no_grad()
 def compute_reference(model, pairs: list, *, batch_size: int = 16, chunk_size: int = 1024,
-                      prefix_sharing: bool = True, device=None,
-                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      prefix_sharing: bool = True, device=None, progress: bool = True,
+                      max_tokens_per_row: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of chosen and rejected responses under ``model`` (no grad)."""
     from starpo.logprobs import sequence_logprobs
     from starpo.prefbatch import collate_padding_free, collate_prefix_shared
@@ -110,7 +111,7 @@ def compute_reference(model, pairs: list, *, batch_size: int = 16, chunk_size: i
     for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs",
                   disable=not progress, leave=False):
         chunk = [p.as_dict() if hasattr(p, "as_dict") else p for p in pairs[s:s + batch_size]]
-        b = collate(chunk)
+        b = collate(chunk, max_tokens_per_row)
         if device is not None:
             b = b.to(device)
         lp, _, _ = sequence_logprobs(model, b, chunk_size=chunk_size)
@@ -122,7 +123,8 @@ def compute_reference(model, pairs: list, *, batch_size: int = 16, chunk_size: i
 
 def reference_logps(ref_path: str, tokenizer, pairs: list, *, cache_dir: Path, load_model,
                     batch_size: int = 16, chunk_size: int = 1024, prefix_sharing: bool = True,
-                    device=None, progress: bool = True, log=print) -> RefLogps:
+                    device=None, progress: bool = True, log=print,
+                    max_tokens_per_row: int | None = None) -> RefLogps:
     """Cached reference log-probs; ``load_model()`` is called only on a cache miss."""
     from safetensors.torch import load_file, save_file
 
@@ -137,7 +139,8 @@ def reference_logps(ref_path: str, tokenizer, pairs: list, *, cache_dir: Path, l
     if device is not None:
         model.to(device)
     ch, rj = compute_reference(model, pairs, batch_size=batch_size, chunk_size=chunk_size,
-                               prefix_sharing=prefix_sharing, device=device, progress=progress)
+                               prefix_sharing=prefix_sharing, device=device, progress=progress,
+                               max_tokens_per_row=max_tokens_per_row)
     del model
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
