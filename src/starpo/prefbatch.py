@@ -113,30 +113,12 @@ def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _best_fit(lengths: Sequence[int], capacity: int | None) -> list[list[int]]:
-    """Assign items (by index) to rows of ``capacity`` tokens: best-fit decreasing.
-
-    Items go largest first into the row with the least room left that still fits, a new
-    row when none does. ``capacity=None`` puts everything into one row in input order.
-    """
+    """Assign items (by index) to rows of ``capacity`` tokens: best-fit decreasing (the
+    same packer as SFT). ``capacity=None`` puts everything into one row in input order."""
+    from starpo.data.packing import best_fit_decreasing
     if capacity is None:
         return [list(range(len(lengths)))]
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = lengths[i]
-        if n > capacity:
-            raise ValueError(f"an item of {n} tokens does not fit max_tokens_per_row={capacity}")
-        best = -1
-        for r, left in enumerate(room):
-            if left >= n and (best < 0 or left < room[best]):
-                best = r
-        if best < 0:
-            rows.append([i])
-            room.append(capacity - n)
-        else:
-            rows[best].append(i)
-            room[best] -= n
+    rows = best_fit_decreasing(list(lengths), capacity)
     for r in rows:        # inside a row keep input order: deterministic, readable layouts
         r.sort()
     return rows

@@ -41,7 +41,7 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     for i in order:
         n = lengths[i]
         if n > capacity:
-            raise ValueError(f"item {i} has {n} tokens > capacity {capacity}")
+            raise ValueError(f"item {i} of {n} tokens does not fit a row of {capacity}")
         k = bisect.bisect_left(room, (n, -1))
         if k < len(room):
             rem, b = room.pop(k)
