@@ -1,0 +1,135 @@
+"""Benchmark-side variants of starpo's fast paths (ablations and prototypes).
+
+Nothing here changes starpo: each variant is a thin subclass or wrapper around the
+library's own pieces, used to switch one fast path off, or to try a change before
+proposing it for the library.
+
+* ``logprob_fn``         ``chunked`` (starpo's ``sequence_logprobs``), ``plain`` (chunked
+                         log-probs off: the model's own forward, full [B, L, V] logits,
+                         ``starpo.logprobs.plain_sequence_logprobs``) or ``segments`` (the
+                         segment-local attention prototype, ``benchmarks.segattn``).
+* ``BenchPreferenceTask`` a ``PreferenceTask`` with a chosen collate function (layout and
+                         row cap), a chosen log-prob function, and optionally a reference
+                         model evaluated inside every step (reference cache off).
+* ``reference_pass``     the reference log-probs of all pairs with a chosen collate/log-prob
+                         function (``starpo.refcache.compute_reference`` fixes both).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from starpo import prefbatch as PB
+from starpo.batch import TokenBatch
+from starpo.logprobs import plain_sequence_logprobs, sequence_logprobs, unwrap_model
+from starpo.stages.dpo import PreferenceTask
+from starpo.stages.sft import SFTTask
+
+
+def _hf(module: nn.Module) -> nn.Module:
+    # the loop's module is ``starpo.train.TargetLogprobs``, which ``unwrap_model`` does not
+    # know (it unwraps ``logprobs.SequenceLogprobs``): take its ``.model`` first
+    return unwrap_model(getattr(module, "model", module) if not hasattr(module, "config")
+                        else module)
+
+
+def logprob_fn(kind: str):
+    """``(model, batch) -> (sums, counts, per_target)`` for: chunked | plain | segments."""
+    if kind == "chunked":
+        return lambda m, b: sequence_logprobs(_hf(m), b)
+    if kind == "plain":
+        return lambda m, b: plain_sequence_logprobs(_hf(m), b)
+    if kind == "segments":
+        from benchmarks.segattn import segment_sequence_logprobs
+        return lambda m, b: segment_sequence_logprobs(_hf(m), b)
+    raise ValueError(kind)
+
+
+class FnModule:
+    """Stands in for the loop's ``TargetLogprobs`` module with another log-prob function."""
+
+    def __init__(self, module: nn.Module, fn):
+        self.module, self.fn = module, fn
+
+    def __call__(self, batch: TokenBatch):
+        return self.fn(self.module, batch)
+
+
+def collate_fn(layout: str, row_cap: int | None, pad_id: int):
+    """``pairs (dicts) -> TokenBatch`` for a layout: prefix | free | padded."""
+    if layout == "prefix":
+        return functools.partial(PB.collate_prefix_shared, max_tokens_per_row=row_cap,
+                                 pad_id=pad_id)
+    if layout == "free":
+        return functools.partial(PB.collate_padding_free, max_tokens_per_row=row_cap,
+                                 pad_id=pad_id)
+    if layout == "padded":
+        return functools.partial(PB.collate_padded, pad_id=pad_id)
+    raise ValueError(layout)
+
+
+class BenchPreferenceTask(PreferenceTask):
+    def __init__(self, pairs, spec, *, batch_size, pad_id, seed, collate, logprobs="chunked",
+                 ref_model: nn.Module | None = None, ref_chosen=None, ref_rejected=None):
+        super().__init__(pairs, spec, batch_size=batch_size, pad_id=pad_id, seed=seed,
+                         ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+        self.collate, self.fn, self.ref_model = collate, logprob_fn(logprobs), ref_model
+
+    def batch_for(self, idx):
+        b = self.collate([self.pairs[i].as_dict() for i in idx])
+        b.meta["pairs"] = torch.tensor(idx, dtype=torch.long)
+        if self.ref_c is not None:
+            b.meta["ref_chosen"] = self.ref_c[idx]
+            b.meta["ref_rejected"] = self.ref_r[idx]
+        return b
+
+    def loss(self, module, batch):
+        if self.ref_model is not None:             # reference cache off: a 2nd model, every step
+            with torch.no_grad():
+                lp, _, _ = self.fn(self.ref_model, batch)
+            batch.meta["ref_chosen"], batch.meta["ref_rejected"] = lp[0::2], lp[1::2]
+        return super().loss(FnModule(module, self.fn), batch)
+
+
+class BenchSFTTask(SFTTask):
+    """``SFTTask`` with another log-prob function; ``flat=True`` lays each micro-batch's
+    packed rows end to end in ONE row (no row padding at all), which only pays with
+    segment-local attention (otherwise attention is quadratic in the whole row)."""
+
+    def __init__(self, layout, *, batch_size, pad_id, seed, logprobs="chunked", flat=False):
+        super().__init__(layout, batch_size=batch_size, pad_id=pad_id, seed=seed)
+        self.fn = logprob_fn(logprobs)
+        self.flat = flat
+
+    def microbatches(self, epoch: int):
+        if not self.flat:
+            return super().microbatches(epoch)
+        import random
+        from starpo.data.packing import collate_rows
+        order = list(range(len(self.layout.rows)))          # same order as sft_microbatches
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        out = []
+        for k in range(0, len(order), self.batch_size):
+            docs = [seg for i in order[k:k + self.batch_size] for seg in self.layout.rows[i]]
+            out.append(collate_rows([docs], pad_id=self.pad_id, padded=False))
+        return out
+
+    def loss(self, module, batch):
+        return super().loss(FnModule(module, self.fn), batch)
+
+
+@torch.no_grad()
+def reference_pass(model, pairs, *, collate, batch_size: int, logprobs: str = "chunked"):
+    model.eval()
+    fn = logprob_fn(logprobs)
+    ch, rj = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    for s in range(0, len(pairs), batch_size):
+        b = collate([p.as_dict() for p in pairs[s:s + batch_size]])
+        lp = fn(model, b)[0].float()
+        ch[s:s + len(lp) // 2] = lp[0::2]
+        rj[s:s + len(lp) // 2] = lp[1::2]
+    model.train()
+    return ch, rj
