@@ -523,7 +523,9 @@ def main(argv: list[str]) -> int:
             peak_first = rss_mib()
     out = {}
     for k, v in reps[0].items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if k.startswith("rss_"):
+            out[k] = v                  # memory checkpoints: the first (fresh) repetition
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = _median([r[k] for r in reps])
         else:
             out[k] = v
