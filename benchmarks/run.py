@@ -1,20 +1,24 @@
 """starpo vs TRL, side by side, on one tiny Llama and one data set: ``python -m benchmarks.run``.
 
 Every configuration runs in its own child process (``benchmarks.worker``), so its peak
-RSS is its own; each child repeats its run ``--reps`` times with fresh weights and
-reports medians. The parent builds the shared model/tokenizer/data once, runs the
-children one after another (never two at once), and prints the tables, the ratios last.
+RSS is its own. The compared configurations (starpo vs TRL, ablations, row caps)
+run in ``--rounds`` interleaved rounds (A B C …, A B C …), one fresh process
+each time, and the report takes medians over the rounds: the machine is a shared VM
+whose speed drifts by tens of percent over minutes, and interleaving makes a slow spell
+hit every configuration alike. The parent builds the shared model/tokenizer/data once,
+runs the children one after another (never two at once), and prints the tables, the
+ratios last.
 Results go to ``benchmarks/results/<UTC stamp>.json`` and ``latest.json`` (plus the same
 tables as Markdown in ``latest.md``); ``--quick`` and ``--only`` runs write
 ``latest-quick.*`` / ``latest-partial.*`` instead, so ``latest.*`` is always a full run.
 
     python -m benchmarks.run            # full run (~15 min on 2 idle cores)
     python -m benchmarks.run --quick    # smaller data, 1 repetition (~2-3 min)
-    python -m benchmarks.run --only dpo,sft --reps 5
+    python -m benchmarks.run --only dpo,sft --rounds 5
     python -m benchmarks.run --no-trl   # starpo only (TRL not installed)
 
-Suites: peak (matmul), sft, sft_ablation, dpo, dpo_ablation, rowcap, proto (prototypes of
-proposed starpo changes, benchmark-side), scale_data, scale_len.
+Suites: peak (matmul), sft, sft_ablation, dpo, dpo_ablation, rowcap, profile (where the
+time goes, torch.profiler), scale_data, scale_len.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ TARGETS = {"dpo_speed": 2.0, "sft_speed": 1.3, "padding": 0.02}
 
 @dataclass
 class Sizes:
-    sft_convs: int = 80
+    sft_convs: int = 64
     sft_batch: int = 4
     sft_len: int = 1024
     dpo_pairs: int = 32
@@ -49,24 +53,28 @@ class Sizes:
     dpo_len: int = 2048
     lo: int = 10
     hi: int = 400
-    reps: int = 3          # main comparisons and prototypes (medians)
-    side_reps: int = 1     # ablations and row caps
+    rounds: int = 3        # round-robin repetitions of the compared configurations (medians)
+    reps: int = 1          # repetitions inside each child process
     scale_reps: int = 1
     data_scale: int = 4
     len_his: tuple = (100, 1000)
     row_caps: tuple = (1024, 2048)
-    layout_sizes: tuple = (1000, 4000)   # SFT padding measured on layouts only (no training)
-    profiles: tuple = ("dpo:chunked", "dpo:segments", "sft:chunked", "sft:segments")
+    free_caps: tuple = ()                # padding-free (no prefix sharing) with a row cap
+    scale_data_frameworks: tuple = ("starpo",)   # TRL at 4× is linear too and costs 2+ min
+    profiles: tuple = ("dpo:seg", "dpo:noseg", "sft:seg", "sft:noseg")
 
 
 # microscopic sizes for the smoke test (``--tiny``): checks the plumbing, measures nothing
 TINY = Sizes(sft_convs=8, sft_batch=2, sft_len=256, dpo_pairs=8, dpo_batch=4, dpo_len=512,
-             lo=5, hi=40, reps=1, data_scale=2, len_his=(20,), row_caps=(128,),
-             layout_sizes=(16,), profiles=("dpo:segments",))
+             lo=5, hi=40, rounds=1, data_scale=2, len_his=(20,), row_caps=(128,),
+             profiles=("dpo:seg",))
 
-QUICK = Sizes(sft_convs=40, dpo_pairs=16, reps=1, side_reps=1, scale_reps=1, data_scale=4,
-              len_his=(100,), row_caps=(1024,), layout_sizes=())
-QUICK_SUITES = ["peak", "sft", "dpo", "proto"]
+QUICK = Sizes(sft_convs=40, dpo_pairs=16, rounds=1, data_scale=4, len_his=(100,),
+              row_caps=(1024,))
+# configurations of these suites run once per round, rounds interleaved (A B C, A B C, ...)
+# so that a slow spell of the machine hits all of them alike; the others run once
+ROUND_SUITES = ("sft", "sft_ablation", "dpo", "dpo_ablation", "rowcap")
+QUICK_SUITES = ["peak", "sft", "dpo"]
 
 
 @dataclass
@@ -76,6 +84,7 @@ class Config:
     suite: str
     label: str
     cfg: dict = field(default_factory=dict)
+    rounds: int = 1
 
 
 # ----------------------------------------------------------------------------- planning
@@ -87,31 +96,27 @@ def plan(sz: Sizes, suites: set[str], trl: bool, data) -> list[Config]:
     sft = dict(batch_size=sz.sft_batch, max_length=sz.sft_len, data=sft_data, reps=sz.reps)
     dpo = dict(batch_size=sz.dpo_batch, max_length=sz.dpo_len, data=pref, reps=sz.reps)
 
-    side = {"sft_ablation", "dpo_ablation", "rowcap"}
-
     def add(suite, name, kind, label, **cfg):
         if suite in suites and (trl or not kind.endswith("_trl")):
-            if suite in side:
-                cfg["reps"] = sz.side_reps
-            out.append(Config(name, kind, suite, label, cfg))
+            rounds = sz.rounds if suite in ROUND_SUITES else 1
+            out.append(Config(name, kind, suite, label, cfg, rounds))
 
     add("peak", "matmul", "matmul", "fp32 matmul 2048³", n=2048)
-    add("sft", "sft_starpo", "sft_starpo", "starpo (BFD packing, assistant-only loss)", **sft)
+    add("sft", "sft_starpo", "sft_starpo",
+        "starpo (BFD packing, segment attention, assistant-only loss)", **sft)
     add("sft", "sft_trl_bfd", "sft_trl", "TRL SFTTrainer packing='bfd' (padding-free)",
         packing_strategy="bfd", **sft)
     add("sft", "sft_trl_wrapped", "sft_trl", "TRL SFTTrainer packing='wrapped' (crosses documents)",
         packing_strategy="wrapped", **sft)
     add("sft_ablation", "sft_starpo_pad", "sft_starpo", "starpo, packing off (pad)", mode="pad", **sft)
+    add("sft_ablation", "sft_starpo_noseg", "sft_starpo", "starpo, segment attention off "
+        "(whole-row attention, rows padded to the longest)", segments=False, **sft)
     add("sft_ablation", "sft_starpo_plain", "sft_starpo", "starpo, chunked log-probs off",
         logprobs="plain", **sft)
-    add("proto", "sft_proto_seg", "sft_starpo",
-        "prototype: + segment-local attention", logprobs="segments", **sft)
-    add("proto", "sft_proto_seg_flat", "sft_starpo",
-        "prototype: + segment-local attention, one row per micro-batch", logprobs="segments",
-        flat=True, **sft)
 
     add("dpo", "dpo_starpo", "dpo_starpo",
-        "starpo (padding-free + prefix sharing + ref cache + chunked)", library=True, **dpo)
+        "starpo (padding-free + prefix sharing + ref cache + chunked + segment attention)",
+        library=True, **dpo)
     add("dpo", "dpo_trl", "dpo_trl", "TRL DPOTrainer precompute_ref_log_probs=True", **dpo)
 
     add("dpo_ablation", "dpo_abl_free", "dpo_starpo", "prefix sharing off (padding-free docs)",
@@ -122,40 +127,31 @@ def plan(sz: Sizes, suites: set[str], trl: bool, data) -> list[Config]:
         "reference cache off (reference model forward in every step)", ref="inline", **dpo)
     add("dpo_ablation", "dpo_abl_plain", "dpo_starpo", "chunked log-probs off (full logits)",
         logprobs="plain", **dpo)
-    add("proto", "dpo_proto_seg", "dpo_starpo", "prototype: + segment-local attention",
-        logprobs="segments", **dpo)
+    add("dpo_ablation", "dpo_abl_noseg", "dpo_starpo",
+        "segment attention off (whole-row attention)", segments=False, **dpo)
 
     for cap in sz.row_caps:
         add("rowcap", f"dpo_prefix_cap{cap}", "dpo_starpo",
             f"prefix sharing, rows capped at {cap} tokens", row_cap=cap, **dpo)
-    for cap in sz.row_caps[:1]:
+    for cap in sz.free_caps:
         add("rowcap", f"dpo_free_cap{cap}", "dpo_starpo",
             f"padding-free docs, rows capped at {cap} tokens", layout="free", row_cap=cap, **dpo)
 
     for spec in sz.profiles:
-        what, lpk = spec.split(":")
-        add("profile", f"profile_{what}_{lpk}", "profile",
-            f"starpo {what.upper()}, {'library path' if lpk == 'chunked' else 'segment attention'}",
-            **{**(dpo if what == "dpo" else sft), "what": what, "logprobs": lpk, "reps": 1})
-    if sz.layout_sizes:
-        add("sft", "sft_layout", "sft_layout", "SFT padding of starpo's layout at larger sizes",
-            sizes=list(sz.layout_sizes), max_length=sz.sft_len, batch_size=sz.sft_batch,
-            lo=sz.lo, hi=sz.hi, reps=1)
+        what, att = spec.split(":")
+        add("profile", f"profile_{what}_{att}", "profile",
+            f"starpo {what.upper()}, segment attention {'on' if att == 'seg' else 'off'}",
+            **{**(dpo if what == "dpo" else sft), "what": what, "segments": att == "seg",
+               "reps": 1})
 
     big = data("pref", sz.dpo_pairs * sz.data_scale, sz.lo, sz.hi)
-    for fw in ("starpo", "trl", "proto_seg"):
+    for fw in ("starpo", "trl"):
         extra = {"library": True} if fw == "starpo" else {}
         kind = "dpo_trl" if fw == "trl" else "dpo_starpo"
-        if fw == "proto_seg":
-            extra = {"logprobs": "segments"}
-            for hi in sz.len_his:
-                add("scale_len", f"dpo_{fw}_len{hi}", kind, f"lengths {sz.lo}–{hi}",
-                    **{**dpo, "data": data("pref", sz.dpo_pairs, sz.lo, hi),
-                       "reps": sz.scale_reps, **extra})
-            continue
-        add("scale_data", f"dpo_{fw}_x{sz.data_scale}", kind,
-            f"{sz.data_scale}× pairs ({sz.dpo_pairs * sz.data_scale})",
-            **{**dpo, "data": big, "reps": sz.scale_reps, **extra})
+        if fw in sz.scale_data_frameworks:
+            add("scale_data", f"dpo_{fw}_x{sz.data_scale}", kind,
+                f"{sz.data_scale}× pairs ({sz.dpo_pairs * sz.data_scale})",
+                **{**dpo, "data": big, "reps": sz.scale_reps, **extra})
         for hi in sz.len_his:
             add("scale_len", f"dpo_{fw}_len{hi}", kind, f"lengths {sz.lo}–{hi}",
                 **{**dpo, "data": data("pref", sz.dpo_pairs, sz.lo, hi),
@@ -212,9 +208,9 @@ def machine() -> dict:
     return info
 
 
-def run_child(c: Config, work: Path, common: dict, log) -> dict | None:
+def run_child(c: Config, work: Path, common: dict, log, rnd: int = 0) -> dict | None:
     cfg_path = work / "cfg" / f"{c.name}.json"
-    out_path = work / "out" / f"{c.name}.json"
+    out_path = work / "out" / f"{c.name}.r{rnd + 1}.json"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.unlink(missing_ok=True)
@@ -235,6 +231,32 @@ def run_child(c: Config, work: Path, common: dict, log) -> dict | None:
     r.update(suite=c.suite, label=c.label, child_wall_s=wall, load_before=load0[0],
              load_after=os.getloadavg()[0], other_cores_busy=foreign)
     return r
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def merge(rs: list[dict]) -> dict:
+    """One configuration's rounds -> medians of the numbers (peak RSS included), the
+    per-round values of the headline numbers, the worst other-process load seen."""
+    if len(rs) == 1:
+        return {**rs[0], "rounds": 1}
+    out = {}
+    for k, v in rs[0].items():
+        if k.endswith("_reps"):
+            out[k] = [x for r in rs for x in r[k]]
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = _median([r[k] for r in rs])
+        else:
+            out[k] = v
+    for k in ("other_cores_busy", "load_before", "load_after"):
+        out[k] = max(r[k] for r in rs)
+    out["peak_rss_mib_rounds"] = [r["peak_rss_mib"] for r in rs]
+    out["rounds"] = len(rs)
+    return out
 
 
 def _busy_cpu_s() -> float:
@@ -293,8 +315,8 @@ def report(res: dict[str, dict], meta: dict) -> tuple[str, dict]:
 
     # SFT
     sft_rows = []
-    for n in ("sft_starpo", "sft_trl_bfd", "sft_trl_wrapped", "sft_starpo_pad", "sft_starpo_plain",
-              "sft_proto_seg", "sft_proto_seg_flat"):
+    for n in ("sft_starpo", "sft_trl_bfd", "sft_trl_wrapped", "sft_starpo_noseg",
+              "sft_starpo_pad", "sft_starpo_plain"):
         r = g(n)
         if r:
             sft_rows.append([r["label"], _f(r["trainable_tokens_per_s"], 0),
@@ -303,14 +325,14 @@ def report(res: dict[str, dict], meta: dict) -> tuple[str, dict]:
                              f"{100 * r['padding_fraction']:.1f}%", int(r["steps"]),
                              _f(r["steady_s"]), _f(100 * share(r) if share(r) else None)])
     if sft_rows:
-        parts.append("SFT (trainable = assistant tokens; median of reps)\n" + _table(
+        parts.append("SFT (trainable = assistant tokens; medians over rounds)\n" + _table(
             ["configuration", "trainable tok/s", "all tok/s", "peak RSS MiB",
              "RSS after load", "padding", "steps", "timed s", "% of matmul peak"], sft_rows))
 
     # DPO main + ablations + row caps
     dpo_rows = []
     for n in ["dpo_starpo", "dpo_trl", "dpo_abl_free", "dpo_abl_padded", "dpo_abl_inline",
-              "dpo_abl_plain", "dpo_proto_seg"] + sorted(k for k in res if k.startswith(("dpo_prefix_cap",
+              "dpo_abl_plain", "dpo_abl_noseg"] + sorted(k for k in res if k.startswith(("dpo_prefix_cap",
                                                                          "dpo_free_cap"))):
         r = g(n)
         if r:
@@ -333,14 +355,14 @@ def report(res: dict[str, dict], meta: dict) -> tuple[str, dict]:
     # scaling
     sc_rows = []
     n1 = g("dpo_starpo", {}).get("pairs")
-    for fw in ("starpo", "trl", "proto_seg"):
+    for fw in ("starpo", "trl"):
         keys = [f"dpo_{fw}"] + sorted(k for k in res if k.startswith(f"dpo_{fw}_x")) + \
             sorted((k for k in res if k.startswith(f"dpo_{fw}_len")),
                    key=lambda k: int(k.rsplit("len", 1)[1]))
         for k in keys:
             r = g(k)
             if r:
-                sc_rows.append([fw.replace("proto_seg", "starpo + segment attention (prototype)"),
+                sc_rows.append([fw,
                                 r["label"] if k != f"dpo_{fw}" else f"base ({n1} pairs, "
                                 f"lengths {meta['sizes']['lo']}–{meta['sizes']['hi']})",
                                 int(r["pairs"]), _f(r["e2e_s"]), _f(1000 / r["pairs_per_s"], 0),
@@ -384,12 +406,6 @@ def report(res: dict[str, dict], meta: dict) -> tuple[str, dict]:
     if s:
         rat.append(["SFT padding fraction, starpo", "", f"{100 * s['padding_fraction']:.2f}%",
                     "< 2%", verdict(s["padding_fraction"], TARGETS["padding"], higher=False)])
-    lay = g("sft_layout")
-    if lay:
-        for n, v in lay["padding_at_sizes"].items():
-            ratios[f"sft_padding_at_{n}"] = v
-            rat.append([f"SFT padding fraction, starpo, {n} conversations (layout only)", "",
-                        f"{100 * v:.2f}%", "< 2%", verdict(v, TARGETS["padding"], higher=False)])
     for t in trl_sft:
         rat.append([f"SFT padding fraction, TRL {t['packing_strategy']}", "",
                     f"{100 * t['padding_fraction']:.2f}%", "(info)", ""])
@@ -426,9 +442,9 @@ def report(res: dict[str, dict], meta: dict) -> tuple[str, dict]:
         # what the reference cache buys, from the measured parts: the cached run pays
         # the reference pass once per data set; the in-step reference pays it every epoch
         tr, rf, per = 1 / d["train_pairs_per_s"], d["ref_s"] / d["pairs"], 1 / inl["pairs_per_s"]
-        for what, share in (("1 epoch (measured)", 1.0), ("2 epochs (derived)", 0.5),
+        for what, ref_share in (("1 epoch (measured)", 1.0), ("2 epochs (derived)", 0.5),
                             ("cache hit: rerun / resume / sweep trial (derived)", 0.0)):
-            v = per / (tr + rf * share)
+            v = per / (tr + rf * ref_share)
             ratios[f"ref_cache_{what.split()[0]}"] = v
             rat.append([f"DPO reference cache speed-up, {what}", "vs reference model in "
                         "every step", f"{v:.2f}×", "(info)", ""])
@@ -438,25 +454,6 @@ def report(res: dict[str, dict], meta: dict) -> tuple[str, dict]:
     if t:
         rat.append(["DPO padding fraction, TRL", "", f"{100 * t['padding_fraction']:.2f}%",
                     "(info)", ""])
-    best_trl_sft = max(trl_sft, key=lambda x: x["trainable_tokens_per_s"]) if trl_sft else None
-    for k in sorted(x for x in res if "_proto_" in x):
-        proto = res[k]
-        sft = k.startswith("sft")
-        other = best_trl_sft if sft else res.get(k.replace("proto_seg", "trl"), t)
-        key = "trainable_tokens_per_s" if sft else "pairs_per_s"
-        target = TARGETS["sft_speed" if sft else "dpo_speed"]
-        if other:
-            v = proto[key] / other[key]
-            ratios[k] = v
-            what = proto["label"].removeprefix("prototype: + ")
-            if what.startswith("lengths"):
-                what = f"segment-local attention, {what}"
-            rat.append([f"{'SFT tokens/s' if sft else 'DPO pairs/s'}, PROTOTYPE {what}",
-                        "same TRL baseline", f"{v:.2f}×", f"≥ {target}×", verdict(v, target)])
-        if sft:
-            rat.append([f"SFT padding fraction, PROTOTYPE {proto['label'].removeprefix('prototype: + ')}",
-                        "", f"{100 * proto['padding_fraction']:.2f}%", "< 2%",
-                        verdict(proto["padding_fraction"], TARGETS["padding"], higher=False)])
     for name, r in (("SFT", s), ("DPO", d)):
         if r and peak:
             ratios[f"{name.lower()}_flops_share"] = share(r)
@@ -475,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small data, 1 repetition (~2-3 min)")
-    ap.add_argument("--reps", type=int, help="repetitions per configuration (median)")
+    ap.add_argument("--rounds", "--reps", type=int, dest="rounds",
+                    help="round-robin repetitions of the compared configurations (median)")
     ap.add_argument("--only", help="comma-separated suites: peak,sft,sft_ablation,dpo,"
                                    "dpo_ablation,rowcap,scale_data,scale_len")
     ap.add_argument("--no-trl", action="store_true", help="skip TRL (also automatic if absent)")
@@ -485,14 +483,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="scratch directory (model, data, per-config logs)")
     ap.add_argument("--out", default=str(RESULTS), help="directory for the JSON results")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke test sizes
+    ap.add_argument("--report", metavar="RUNS_JSON",
+                    help="do not run anything: rebuild the report from a saved "
+                         "<work>/runs.json (written after every child)")
     args = ap.parse_args(argv)
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        finish(saved["meta"], saved["runs"], Path(args.out), "latest-report", stamp=False)
+        return 0
 
     sz = QUICK if args.quick else Sizes()
     if args.tiny:
         sz = TINY
-    if args.reps:
-        sz.reps = sz.side_reps = sz.scale_reps = args.reps
-    all_suites = ["peak", "sft", "sft_ablation", "dpo", "dpo_ablation", "rowcap", "proto",
+    if args.rounds:
+        sz.rounds = args.rounds
+    all_suites = ["peak", "sft", "sft_ablation", "dpo", "dpo_ablation", "rowcap",
                   "profile", "scale_data", "scale_len"]
     suites = set(args.only.split(",")) if args.only else set(
         QUICK_SUITES if args.quick else all_suites)
@@ -528,51 +533,67 @@ def main(argv: list[str] | None = None) -> int:
     if load_start[0] > 0.5 * threads:
         log(f"warning: load average {load_start[0]:.1f} on {os.cpu_count()} cores: other "
             f"processes are running, timings will be noisy")
-    log(f"{len(configs)} configurations, {sz.reps} repetition(s) each, {threads} threads")
-    res: dict[str, dict] = {}
+    first = [c for c in configs if c.suite == "peak"]
+    rounds = [(k, c) for k in range(max([c.rounds for c in configs] + [1]))
+              for c in configs if c.suite != "peak" and c.rounds > 1 and k < c.rounds]
+    rest = [c for c in configs if c.suite != "peak" and c.rounds <= 1]
+    order = [(0, c) for c in first] + rounds + [(0, c) for c in rest]
+    log(f"{len(configs)} configurations, {len(order)} child processes ({sz.rounds} rounds of "
+        f"the compared ones), {threads} threads")
+    runs: dict[str, list[dict]] = {}
     t0 = time.time()
-    for i, c in enumerate(configs, 1):
-        r = run_child(c, work, common, log)
+    for i, (k, c) in enumerate(order, 1):
+        r = run_child(c, work, common, log, k)
         if r is None:
             continue
-        res[c.name] = r
-        key = next((k for k in ("pairs_per_s", "trainable_tokens_per_s", "gflops_best",
-                                "profiled_s", "padding_at_sizes") if k in r), None)
+        runs.setdefault(c.name, []).append(r)
+        (work / "runs.json").write_text(json.dumps({"meta": meta, "runs": runs}))
+        key = next((x for x in ("pairs_per_s", "trainable_tokens_per_s", "gflops_best",
+                                "profiled_s") if x in r), None)
         val = r[key]
         val = f"{val:.2f}" if isinstance(val, float) else json.dumps(val)
-        log(f"[{i}/{len(configs)}] {c.name:<22} {key}={val}  peak RSS "
-            f"{r['peak_rss_mib']:.0f} MiB  ({r['child_wall_s']:.0f} s, other processes "
-            f"{r['other_cores_busy']:.2f} cores)")
+        log(f"[{i}/{len(order)}] {c.name:<22}{f' r{k + 1}' if c.rounds > 1 else '   '} {key}={val}"
+            f"  peak RSS {r['peak_rss_mib']:.0f} MiB  ({r['child_wall_s']:.0f} s, other "
+            f"processes {r['other_cores_busy']:.2f} cores)")
     meta.update(finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 wall_s=time.time() - t0, load_avg_end=os.getloadavg())
+    (work / "runs.json").write_text(json.dumps({"meta": meta, "runs": runs}))
+    kind = "tiny" if args.tiny else ("latest-quick" if args.quick else
+                                     ("latest" if not args.only else "latest-partial"))
+    res = finish(meta, runs, Path(args.out), kind, stamp=not args.tiny)
+    return 0 if res else 1
+
+
+def finish(meta: dict, runs: dict[str, list[dict]], out: Path, kind: str, *,
+           stamp: bool = True) -> dict:
+    """Merge the rounds, print the tables (ratios last), write JSON and Markdown."""
+    res = {name: merge(rs) for name, rs in runs.items()}
     text, ratios = report(res, meta)
     meta["load_avg_max_seen"] = max([r["load_before"] for r in res.values()] +
                                     [r["load_after"] for r in res.values()] + [0.0])
     other = [r["other_cores_busy"] for r in res.values()]
     meta["other_cores_busy_mean"] = sum(other) / max(1, len(other))
     meta["other_cores_busy_max"] = max(other + [0.0])
-    header = (f"machine: {meta['machine'].get('Model name', '?')}, {os.cpu_count()} cores, "
-              f"{threads} torch threads; load average {load_start[0]:.2f} before the run "
-              f"(our own children push it to ~{threads} while they run); CPU used by other "
-              f"processes during the run: mean {meta['other_cores_busy_mean']:.2f}, max "
-              f"{meta['other_cores_busy_max']:.2f} cores (per configuration); "
-              f"total {meta['wall_s']:.0f} s")
+    load_start, threads = meta["load_avg_start"], meta["threads"]
+    header = (f"machine: {meta['machine'].get('Model name', '?')}, "
+              f"{meta['machine'].get('cpus')} cores, {threads} torch threads; load average "
+              f"{load_start[0]:.2f} before the run (our own children push it to ~{threads} "
+              f"while they run); CPU used by other processes during the run: mean "
+              f"{meta['other_cores_busy_mean']:.2f}, max {meta['other_cores_busy_max']:.2f} "
+              f"cores (per configuration); total {meta.get('wall_s', 0):.0f} s")
     print()
     print(header)
     print(text)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     payload = {"meta": meta, "ratios": ratios, "results": res}
-    kind = "tiny" if args.tiny else ("latest-quick" if args.quick else
-                                     ("latest" if not args.only else "latest-partial"))
-    if not args.tiny:
-        (out / f"{stamp}{'-quick' if args.quick else ''}.json").write_text(
+    if stamp:
+        when = meta.get("started", "").replace("-", "").replace(":", "").replace("+0000", "Z")
+        (out / f"{when or 'run'}{'-quick' if meta.get('quick') else ''}.json").write_text(
             json.dumps(payload, indent=1))
     (out / f"{kind}.json").write_text(json.dumps(payload, indent=1))
     (out / f"{kind}.md").write_text(
         f"{header}\n\ncommand: `{meta['command']}`\n\n```\n{text}\n```\n")
-    return 0 if res else 1
+    return res
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@ Nothing here changes starpo: each variant is a thin subclass or wrapper around t
 library's own pieces, used to switch one fast path off, or to try a change before
 proposing it for the library.
 
-* ``logprob_fn``         ``chunked`` (starpo's ``sequence_logprobs``), ``plain`` (chunked
-                         log-probs off: the model's own forward, full [B, L, V] logits,
-                         ``starpo.logprobs.plain_sequence_logprobs``) or ``segments`` (the
-                         segment-local attention prototype, ``benchmarks.segattn``).
+* ``logprob_fn``         ``chunked`` (starpo's ``sequence_logprobs``) or ``plain`` (chunked
+                         log-probs off: full ``[B, L, V]`` logits and their log-softmax, with
+                         the same attention as the library path, so only the head differs).
 * ``BenchPreferenceTask`` a ``PreferenceTask`` with a chosen collate function (layout and
                          row cap), a chosen log-prob function, and optionally a reference
                          model evaluated inside every step (reference cache off).
@@ -17,6 +16,7 @@ proposing it for the library.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -24,7 +24,8 @@ from torch import nn
 
 from starpo import prefbatch as PB
 from starpo.batch import TokenBatch
-from starpo.logprobs import plain_sequence_logprobs, sequence_logprobs, unwrap_model
+from starpo.attention import segment_attention, segments_apply
+from starpo.logprobs import model_attention_mask, sequence_logprobs, unwrap_model
 from starpo.stages.dpo import PreferenceTask
 from starpo.stages.sft import SFTTask
 
@@ -36,15 +37,27 @@ def _hf(module: nn.Module) -> nn.Module:
                         else module)
 
 
+def full_logits_logprobs(model: nn.Module, batch: TokenBatch):
+    """``sequence_logprobs`` with the chunked head switched off: the model's own forward
+    (full logits, float32 log-softmax, gather), attention as in the library path."""
+    core = _hf(model)
+    seg = segments_apply(core, batch.attention_mask)
+    with segment_attention(core) if seg else contextlib.nullcontext():
+        out = core(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                   attention_mask=batch.attention_mask if seg else
+                   model_attention_mask(core, batch))
+    logp = torch.log_softmax(out.logits.float(), dim=-1)
+    per = logp[batch.tgt_row, batch.tgt_pos, batch.tgt_ids]
+    sums = torch.zeros(batch.num_seqs, dtype=per.dtype).index_add(0, batch.tgt_seq, per)
+    return sums, torch.bincount(batch.tgt_seq, minlength=batch.num_seqs), per
+
+
 def logprob_fn(kind: str):
-    """``(model, batch) -> (sums, counts, per_target)`` for: chunked | plain | segments."""
+    """``(model, batch) -> (sums, counts, per_target)`` for: chunked | plain."""
     if kind == "chunked":
         return lambda m, b: sequence_logprobs(_hf(m), b)
     if kind == "plain":
-        return lambda m, b: plain_sequence_logprobs(_hf(m), b)
-    if kind == "segments":
-        from benchmarks.segattn import segment_sequence_logprobs
-        return lambda m, b: segment_sequence_logprobs(_hf(m), b)
+        return full_logits_logprobs
     raise ValueError(kind)
 
 
@@ -95,27 +108,11 @@ class BenchPreferenceTask(PreferenceTask):
 
 
 class BenchSFTTask(SFTTask):
-    """``SFTTask`` with another log-prob function; ``flat=True`` lays each micro-batch's
-    packed rows end to end in ONE row (no row padding at all), which only pays with
-    segment-local attention (otherwise attention is quadratic in the whole row)."""
+    """``SFTTask`` with another log-prob function."""
 
     def __init__(self, layout, *, batch_size, pad_id, seed, logprobs="chunked", flat=False):
-        super().__init__(layout, batch_size=batch_size, pad_id=pad_id, seed=seed)
+        super().__init__(layout, batch_size=batch_size, pad_id=pad_id, seed=seed, flat=flat)
         self.fn = logprob_fn(logprobs)
-        self.flat = flat
-
-    def microbatches(self, epoch: int):
-        if not self.flat:
-            return super().microbatches(epoch)
-        import random
-        from starpo.data.packing import collate_rows
-        order = list(range(len(self.layout.rows)))          # same order as sft_microbatches
-        random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        out = []
-        for k in range(0, len(order), self.batch_size):
-            docs = [seg for i in order[k:k + self.batch_size] for seg in self.layout.rows[i]]
-            out.append(collate_rows([docs], pad_id=self.pad_id, padded=False))
-        return out
 
     def loss(self, module, batch):
         return super().loss(FnModule(module, self.fn), batch)

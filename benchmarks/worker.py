@@ -60,6 +60,8 @@ def load(cfg):
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32,
                                                  attn_implementation="sdpa")
     model.config.use_cache = False
+    # starpo's segment-local attention (starpo.attention); off for the ablation
+    model.starpo_segment_attention = cfg.get("segments", True)
     return tok, model
 
 
@@ -128,6 +130,7 @@ def _run_starpo_loop(model, task, spec, n_steps: int) -> dict:
 
 
 def run_sft_starpo(cfg, rep: int) -> dict:
+    from starpo.attention import local_attention
     from starpo.data.packing import layout_sft, padding_fraction
     from starpo.stages.sft import SFTTask, tokenize_sft_rows
     from benchmarks import variants as V
@@ -141,12 +144,14 @@ def run_sft_starpo(cfg, rep: int) -> dict:
     layout = layout_sft(docs, mode=cfg.get("mode", "pack"), loss_masking=True,
                         max_length=cfg["max_length"], seed=0)
     prep_s = time.perf_counter() - t0
-    if cfg.get("logprobs", "chunked") == "chunked" and not cfg.get("flat"):
-        task = SFTTask(layout, batch_size=cfg["batch_size"], pad_id=tok.pad_token_id, seed=0)
+    # what the SFT stage does: one row per micro-batch when attention is per document
+    flat = layout.mode != "pad" and local_attention(model) is not None
+    if cfg.get("logprobs", "chunked") == "chunked":
+        task = SFTTask(layout, batch_size=cfg["batch_size"], pad_id=tok.pad_token_id, seed=0,
+                       flat=flat)
     else:
         task = V.BenchSFTTask(layout, batch_size=cfg["batch_size"], pad_id=tok.pad_token_id,
-                              seed=0, logprobs=cfg.get("logprobs", "chunked"),
-                              flat=cfg.get("flat", False))
+                              seed=0, logprobs=cfg["logprobs"], flat=flat)
     t = time.perf_counter()
     mbs = task.microbatches(0)
     collate_s = time.perf_counter() - t
@@ -409,26 +414,6 @@ def run_dpo_trl(cfg, rep: int) -> dict:
     }
 
 
-def run_sft_layout(cfg, rep: int) -> dict:
-    """Padding fraction of starpo's SFT micro-batches at larger data sizes (no training):
-    padding comes from rows shorter than the longest row of their micro-batch, and BFD
-    rows fill up as the number of conversations grows."""
-    from transformers import AutoTokenizer
-    from starpo.data.packing import layout_sft, padding_fraction, sft_microbatches
-    from starpo.stages.sft import tokenize_sft_rows
-    from benchmarks import assets
-    tok = AutoTokenizer.from_pretrained(cfg["model"])
-    out = {}
-    for n in cfg["sizes"]:
-        docs = tokenize_sft_rows(tok, assets.sft_rows(n, lo=cfg["lo"], hi=cfg["hi"]),
-                                 progress=False)
-        layout = layout_sft(docs, mode="pack", loss_masking=True, max_length=cfg["max_length"])
-        mbs = sft_microbatches(layout, batch_size=cfg["batch_size"], pad_id=tok.pad_token_id,
-                               seed=0, epoch=0)
-        out[str(n)] = padding_fraction(mbs)
-    return {"padding_at_sizes": out}
-
-
 # ----------------------------------------------------------------------------- profile
 
 def _category(name: str) -> str:
@@ -450,7 +435,6 @@ def run_profile(cfg, rep: int) -> dict:
 
     Self CPU time is grouped by operator family; ``top_ops`` keeps the biggest operators.
     """
-    import torch
     from torch.profiler import ProfilerActivity, profile
     from benchmarks import variants as V
 
@@ -469,8 +453,9 @@ def run_profile(cfg, rep: int) -> dict:
         from starpo.stages.sft import tokenize_sft_rows
         docs = tokenize_sft_rows(tok, rows, progress=False)
         layout = layout_sft(docs, mode="pack", loss_masking=True, max_length=cfg["max_length"])
+        from starpo.attention import local_attention
         batches = sft_microbatches(layout, batch_size=cfg["batch_size"], pad_id=tok.pad_token_id,
-                                   seed=0, epoch=0)[:3]
+                                   seed=0, epoch=0, flat=local_attention(model) is not None)[:3]
 
     def step(b):
         model.zero_grad(set_to_none=True)
@@ -491,6 +476,7 @@ def run_profile(cfg, rep: int) -> dict:
     total = sum(cats.values())
     ops.sort(reverse=True)
     return {"what": cfg["what"], "logprobs": cfg.get("logprobs", "chunked"),
+            "segments": cfg.get("segments", True),
             "profiled_s": wall, "batches": len(batches) - 1,
             "shapes": [list(b.input_ids.shape) for b in batches[1:]],
             "categories": {k: v / total for k, v in sorted(cats.items(), key=lambda x: -x[1])},
@@ -498,8 +484,7 @@ def run_profile(cfg, rep: int) -> dict:
 
 
 KINDS = {"matmul": run_matmul, "sft_starpo": run_sft_starpo, "sft_trl": run_sft_trl,
-         "dpo_starpo": run_dpo_starpo, "dpo_trl": run_dpo_trl, "profile": run_profile,
-         "sft_layout": run_sft_layout}
+         "dpo_starpo": run_dpo_starpo, "dpo_trl": run_dpo_trl, "profile": run_profile}
 
 
 def _median(xs):

@@ -99,7 +99,6 @@ def test_bradley_terry_loss_and_metrics_by_hand():
 
 
 def test_task_loss_has_gradients_through_the_module(base, pairs):
-    from starpo.train import TargetLogprobs
     model = modeling.reward_model_from_causal(base["model"], seed=0).train()
     task = RewardTask(pairs, batch_size=4, seed=0)
     mbs = task.microbatches(0)
@@ -109,34 +108,33 @@ def test_task_loss_has_gradients_through_the_module(base, pairs):
     body = model.model.layers[0].self_attn.q_proj.weight.grad
     assert body is not None and body.abs().sum() > 0
     assert model.score.weight.grad.abs().sum() > 0
-    # the fallback for a loop that only wraps in TargetLogprobs computes the same loss
-    fallback = RewardTask(pairs, batch_size=4, seed=0, via_module=False)
-    loss2, _ = fallback.loss(TargetLogprobs(model), mbs[0])
-    assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
     assert metrics["loss"][0] == pytest.approx(loss.item(), rel=1e-6)
 
 
-def test_loop_trains_identically_through_the_scoring_module_and_the_fallback(
-        base, pairs, tmp_path, monkeypatch):
-    """``SequenceScores`` as the loop's prepared module (what ``run_loop(module_factory=)``
-    would build; simulated by swapping the wrapper class the loop instantiates) and the
-    fallback through the log-prob wrapper reach the same weights."""
+def test_loop_trains_the_reward_model_through_its_scoring_module(base, pairs, tmp_path):
+    """``run_loop(module_factory=SequenceScores)`` trains the reward model: the same
+    steps by hand (Adam on the summed Bradley–Terry loss / pairs) reach the same weights."""
     import starpo.train as T
     from starpo.config import TrainSpec
-    spec = TrainSpec(lr=1e-3, max_steps=3, batch_size=4, log_every=1)
+    spec = TrainSpec(lr=1e-3, max_steps=3, batch_size=4, log_every=1, scheduler="constant",
+                     warmup_ratio=0.0, max_grad_norm=None)
     start = modeling.reward_model_from_causal(base["model"], seed=0)
-    fallback = copy_model(start)
-    T.run_loop(fallback, RewardTask(pairs, batch_size=4, seed=0, via_module=False), spec,
-               tmp_path / "a", seed=0, progress=False)
-    monkeypatch.setattr(T, "TargetLogprobs", lambda model, chunk: SequenceScores(model))
-    direct = copy_model(start)
-    res = T.run_loop(direct, RewardTask(pairs, batch_size=4, seed=0), spec, tmp_path / "b",
-                     seed=0, progress=False)
+    looped = copy_model(start)
+    task = RewardTask(pairs, batch_size=4, seed=0)
+    res = T.run_loop(looped, task, spec, tmp_path / "a", seed=0, progress=False,
+                     module_factory=lambda m, s: SequenceScores(m))
     assert res.steps == 3 and "reward_accuracy" in res.last_metrics
-    a, b, s0 = fallback.state_dict(), direct.state_dict(), start.state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    by_hand = copy_model(start).train()
+    opt = torch.optim.AdamW(by_hand.parameters(), lr=1e-3, betas=spec.adam_betas,
+                            weight_decay=0.0)
+    for b in task.microbatches(0)[:3]:
+        opt.zero_grad()
+        loss, _ = task.loss(SequenceScores(by_hand), b)
+        (loss / task.units(b)).backward()
+        opt.step()
+    a, h, s0 = looped.state_dict(), by_hand.state_dict(), start.state_dict()
+    assert all(torch.allclose(a[k], h[k], atol=1e-5) for k in a)
     assert not torch.equal(a["score.weight"], s0["score.weight"])   # it did train
-
 
 def copy_model(model):
     import copy

@@ -70,6 +70,9 @@ class ModelSpec(Strict):
     tiny: TinyModelSpec = TinyModelSpec()
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = "sdpa"
+    # sdpa/eager: attention of packed rows per document (starpo.attention); false = the
+    # kernel over whole rows with a block mask (slower, for comparison)
+    segment_attention: bool = True
     trust_remote_code: bool = False
     chat_template: str | None = None   # override; ChatML is used when the tokenizer has none
     lora: dict[str, Any] | None = None  # peft LoraConfig kwargs; None = full fine-tuning

@@ -52,6 +52,10 @@ attention and refuses other kernels (flash-attention and flex take no dense 4D m
 For models with sliding-window layers, whose window transformers cannot apply to a
 custom 4D mask, the window is applied here on ``position_ids`` distances (a per-layer-type
 dict of masks when the model mixes full and sliding layers, as Gemma-2 does).
+
+With sdpa/eager attention, packed and prefix-shared rows (no mask or a 4D bool mask) run
+their attention per document segment (:mod:`starpo.attention`) instead of over the whole
+row; :func:`plain_sequence_logprobs` keeps transformers' own whole-row path as reference.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from starpo.attention import segment_attention, segments_apply
 from starpo.batch import TokenBatch
 
 # ---------------------------------------------------------------------------------------
@@ -299,6 +304,21 @@ def _sum_per_sequence(target_lp: Tensor, batch: TokenBatch) -> tuple[Tensor, Ten
     return sums, counts
 
 
+def body_hidden_states(core: nn.Module, body: nn.Module, batch: TokenBatch) -> Tensor:
+    """Last hidden states ``[B, L, H]`` of the transformer ``body`` of ``core`` (an
+    unwrapped HF model) on ``batch``, with ``use_cache=False`` (a cache object would make
+    transformers ignore the packed layout) and attention per packed document where
+    :func:`starpo.attention.segments_apply` says so (``Σ segment²`` instead of ``L²``)."""
+    if segments_apply(core, batch.attention_mask):
+        with segment_attention(core):
+            out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False)
+    else:
+        out = body(input_ids=batch.input_ids, attention_mask=model_attention_mask(core, batch),
+                   position_ids=batch.position_ids, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
 def sequence_logprobs(model: nn.Module, batch: TokenBatch, chunk_size: int = 1024
                       ) -> tuple[Tensor, Tensor, Tensor]:
     """Summed target log-probs per sequence, through the chunked LM head.
@@ -314,10 +334,7 @@ def sequence_logprobs(model: nn.Module, batch: TokenBatch, chunk_size: int = 102
     model's device.
     """
     core = unwrap_model(model)
-    body = core.get_decoder()
-    out = body(input_ids=batch.input_ids, attention_mask=model_attention_mask(core, batch),
-               position_ids=batch.position_ids, use_cache=False)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    hidden = body_hidden_states(core, core.get_decoder(), batch)
     head = core.get_output_embeddings()
     h = hidden[batch.tgt_row.to(hidden.device), batch.tgt_pos.to(hidden.device)]
     scale, softcap = logit_transform(core.config)

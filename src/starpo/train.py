@@ -243,8 +243,11 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
     acc = accelerator or _accelerator(spec)
     world, rank = acc.num_processes, acc.process_index
     seed_everything(seed)
-    if spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):     # transformers ≥ 5.x name
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     module = module_factory(model, spec) if module_factory is not None else \
         TargetLogprobs(model, spec.logprob_chunk_size)

@@ -119,13 +119,20 @@ def layout_sft(docs: list[TokenizedSFT], *, mode: str, loss_masking: bool, max_l
     raise ValueError(f"unknown packing mode {mode!r}")
 
 
-def collate_rows(rows: list[list[Segment]], *, pad_id: int, padded: bool) -> TokenBatch:
+def collate_rows(rows: list[list[Segment]], *, pad_id: int, padded: bool,
+                 flat: bool = False) -> TokenBatch:
     """Build a TokenBatch from rows of segments.
 
     ``padded`` (pad mode): one segment per row, a 2D attention mask marks padding.
     Otherwise (pack/concat): positions restart per segment, no attention mask; the tail
     of a shorter row is filled with pad tokens forming their own dummy document.
+    ``flat`` (pack/concat only): the rows are laid end to end as one row, so nothing is
+    padded. Only for attention that costs ``Σ document²`` whatever the row length
+    (flash-attention varlen, :mod:`starpo.attention`); whole-row attention would pay
+    ``(rows × length)²``.
     """
+    if flat and not padded:
+        rows = [[seg for row in rows for seg in row]]
     L = max(sum(len(s[0]) for s in row) for row in rows)
     B = len(rows)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
@@ -153,15 +160,19 @@ def collate_rows(rows: list[list[Segment]], *, pad_id: int, padded: bool) -> Tok
 
 
 def sft_microbatches(layout: SFTLayout, *, batch_size: int, pad_id: int, seed: int,
-                     epoch: int) -> list[TokenBatch]:
-    """Micro-batches of ``batch_size`` rows for one epoch (row order shuffled per epoch)."""
+                     epoch: int, flat: bool = False) -> list[TokenBatch]:
+    """Micro-batches of ``batch_size`` rows for one epoch (row order shuffled per epoch).
+
+    ``flat``: each micro-batch is its rows laid end to end (see :func:`collate_rows`); the
+    rows, their order and the targets are the same, only the padding goes.
+    """
     order = list(range(len(layout.rows)))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     padded = layout.mode == "pad"
     out = []
     for k in range(0, len(order), batch_size):
         rows = [layout.rows[i] for i in order[k:k + batch_size]]
-        out.append(collate_rows(rows, pad_id=pad_id, padded=padded))
+        out.append(collate_rows(rows, pad_id=pad_id, padded=padded, flat=flat))
     return out
 
 

@@ -233,16 +233,12 @@ def _pair_json(p: TokenizedPair) -> dict:
     return {**p.as_dict(), "source": p.source, "row": p.row}
 
 
-def run_dpo(ctx, stage) -> dict:
-    from starpo import modeling
-    from starpo.data.sources import load_mixture, split_eval
-
-    seed = ctx.seed_for(stage)
-    start = ctx.resolve_model(stage.model, before=stage.name)
-    ref_path = ctx.resolve_model(stage.reference, before=stage.name) if stage.reference \
-        else start
-    tok = modeling.load_tokenizer(start, ctx.recipe.model)
+def prepare_pairs(ctx, stage, tok, seed: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    """The stage's preference data, loaded, split and tokenized once per key (main process
+    first; reused on resume): ``(train_pairs, eval_pairs)``. Shared by the dpo and reward
+    stages (``stage`` has ``data``, ``max_length`` and ``max_prompt_length``)."""
     from starpo.data.prepare import fingerprint, prepared
+    from starpo.data.sources import load_mixture, split_eval
     from starpo.refcache import tokenizer_fingerprint
 
     def build():
@@ -250,8 +246,8 @@ def run_dpo(ctx, stage) -> dict:
                             seed=seed, log=ctx.log)
         train_rows, eval_rows = split_eval(rows, stage.data.eval_fraction, seed)
         kw = dict(on_bad_rows=stage.data.on_bad_rows, progress=ctx.progress, log=ctx.log)
-        return {"train": [_pair_json(p) for p in tokenize_pairs(tok, train_rows, stage, **kw)[0]],
-                "eval": [_pair_json(p) for p in tokenize_pairs(tok, eval_rows, stage, **kw)[0]]}
+        return {part: [_pair_json(p) for p in tokenize_pairs(tok, part_rows, stage, **kw)[0]]
+                for part, part_rows in (("train", train_rows), ("eval", eval_rows))}
 
     key = fingerprint(stage.data.model_dump(mode="json"), tokenizer_fingerprint(tok), seed,
                       ctx.recipe.world.seed, stage.max_length, stage.max_prompt_length)
@@ -260,6 +256,18 @@ def run_dpo(ctx, stage) -> dict:
     eval_pairs = [TokenizedPair(**d) for d in data["eval"]]
     if not train_pairs:
         raise DataError("no usable preference pair in the stage's data", source=stage.name)
+    return train_pairs, eval_pairs
+
+
+def run_dpo(ctx, stage) -> dict:
+    from starpo import modeling
+
+    seed = ctx.seed_for(stage)
+    start = ctx.resolve_model(stage.model, before=stage.name)
+    ref_path = ctx.resolve_model(stage.reference, before=stage.name) if stage.reference \
+        else start
+    tok = modeling.load_tokenizer(start, ctx.recipe.model)
+    train_pairs, eval_pairs = prepare_pairs(ctx, stage, tok, seed)
     ctx.log(f"  {len(train_pairs)} training pairs, {len(eval_pairs)} held out; loss "
             f"{stage.loss} β={stage.beta}" + (f" γ={stage.gamma}" if stage.loss == "simpo"
                                               else ""))

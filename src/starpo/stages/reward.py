@@ -14,9 +14,10 @@ Scoring, padding-free
     ``prompt + rejected`` are packed as separate documents with restarting
     ``position_ids`` (:func:`starpo.prefbatch.collate_padding_free`) into rows of at most
     ``max_length`` tokens (every document fits: tokenization truncates to it; rows are
-    bounded because sdpa computes attention over a whole row — on this CPU one 5265-token
-    row took 5.7 s forward+backward, the same documents in 256-token rows 0.4 s), the body
-    runs once with ``use_cache=False`` (documents cannot see each other), and the head
+    bounded because kernels without per-document attention pay it over a whole row — on
+    this CPU one 5265-token row took 5.7 s forward+backward with whole-row sdpa, the same
+    documents in 256-token rows 0.4 s), the body runs once with ``use_cache=False`` and
+    attention per document (:func:`starpo.logprobs.body_hidden_states`), and the head
     reads the hidden state of each document's *last* token. That is the token
     ``RewardModelJudge`` scores at inference (the last non-pad token of the same rendered
     text, e.g. the newline after ``<|im_end|>`` for ChatML), so training and judging score
@@ -32,16 +33,12 @@ Loss
 The loop's module
     ``run_loop`` prepares (DDP/FSDP-wraps) the module whose forward feeds the loss;
     :class:`SequenceScores` is that module for a reward model, passed as
-    ``run_loop(module_factory=...)`` when the loop accepts one. Otherwise the loop wraps
-    the model in its log-prob module and :class:`RewardTask` calls the reward model inside
-    it directly: correct on one process (nothing is wrapped there; a test checks both
-    routes reach the same weights), refused under DDP/FSDP/DeepSpeed, where skipping the
-    wrapper's forward would leave gradients unsynchronised or parameters ungathered.
+    ``run_loop(module_factory=...)``, so gradient sync and parameter gathering happen on
+    its forward like on the log-prob module of the other stages.
 """
 
 from __future__ import annotations
 
-import inspect
 import random
 
 import torch
@@ -49,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from starpo.batch import TokenBatch
-from starpo.errors import DataError, StarpoError, TrainingError
+from starpo.errors import StarpoError
 
 TRAIN_PROBE = 256   # training pairs scored before/after (accuracy on what it fits)
 
@@ -102,12 +99,9 @@ def sequence_scores(model: nn.Module, batch: TokenBatch) -> Tensor:
     their ``position_ids``), the head sees only the last token of each document.
     Differentiable; ``batch`` must be on the model's device.
     """
-    from starpo.logprobs import model_attention_mask, unwrap_model
+    from starpo.logprobs import body_hidden_states, unwrap_model
     core = unwrap_model(model)
-    body = getattr(core, core.base_model_prefix)
-    out = body(input_ids=batch.input_ids, attention_mask=model_attention_mask(core, batch),
-               position_ids=batch.position_ids, use_cache=False)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    hidden = body_hidden_states(core, getattr(core, core.base_model_prefix), batch)
     dev = hidden.device
     h = hidden[batch.meta["last_row"].to(dev), batch.meta["last_pos"].to(dev)]
     head = score_head(core)
@@ -125,22 +119,6 @@ class SequenceScores(nn.Module):
 
     def forward(self, batch: TokenBatch) -> Tensor:
         return sequence_scores(self.model, batch)
-
-
-def _loop_takes_module_factory() -> bool:
-    from starpo.train import run_loop
-    return "module_factory" in inspect.signature(run_loop).parameters
-
-
-def _inner_model(module: nn.Module) -> nn.Module:
-    """The reward model inside the loop's (unwrapped, single-process) log-prob module."""
-    if isinstance(module, nn.parallel.DistributedDataParallel) or \
-            type(module).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine"):
-        raise TrainingError(
-            "reward-model training on several processes needs starpo.train.run_loop to "
-            "accept module_factory= (so gradients pass through the prepared module); this "
-            "version of run_loop does not — run it on one process")
-    return module.model
 
 
 # --------------------------------------------------------------------------- loss, task
@@ -164,16 +142,12 @@ def reward_metrics(chosen: Tensor, rejected: Tensor, losses: Tensor) -> dict:
 
 class RewardTask:
     """Pairs → padding-free micro-batches; loss = Σ over pairs of the Bradley–Terry loss.
+    The loop's module is a :class:`SequenceScores` (``module(batch)`` → rewards ``[S]``)."""
 
-    ``via_module``: the loop's module computes scores itself (``run_loop`` built it with
-    ``module_factory=SequenceScores``); otherwise the loop hands over its log-prob
-    wrapper and the reward model inside it is called directly (single process only).
-    """
-
-    def __init__(self, pairs, *, batch_size: int, seed: int, via_module: bool = True,
+    def __init__(self, pairs, *, batch_size: int, seed: int,
                  max_tokens_per_row: int | None = None):
         self.pairs, self.batch_size, self.seed = list(pairs), batch_size, seed
-        self.via_module, self.max_tokens_per_row = via_module, max_tokens_per_row
+        self.max_tokens_per_row = max_tokens_per_row
 
     def microbatches(self, epoch: int) -> list[TokenBatch]:
         order = list(range(len(self.pairs)))
@@ -185,13 +159,8 @@ class RewardTask:
     def units(self, batch: TokenBatch) -> float:
         return float(batch.num_seqs // 2)
 
-    def scores(self, module: nn.Module, batch: TokenBatch) -> Tensor:
-        if self.via_module:
-            return module(batch)
-        return sequence_scores(_inner_model(module), batch)
-
     def loss(self, module: nn.Module, batch: TokenBatch):
-        r = self.scores(module, batch)
+        r = module(batch)
         chosen, rejected = r[0::2], r[1::2]
         losses = bradley_terry_loss(chosen, rejected)
         return losses.sum(), reward_metrics(chosen, rejected, losses)
@@ -240,33 +209,13 @@ def build_reward_model(start: str, tok, model_spec, *, seed: int, device=None):
 
 def run_reward(ctx, stage) -> dict:
     from starpo import modeling
-    from starpo.data.prepare import fingerprint, prepared
-    from starpo.data.sources import load_mixture, split_eval
-    from starpo.data.tokenize import TokenizedPair
-    from starpo.refcache import tokenizer_fingerprint
-    from starpo.stages.dpo import tokenize_pairs
+    from starpo.stages.dpo import prepare_pairs
     from starpo.train import run_loop
 
     seed = ctx.seed_for(stage)
     start = ctx.resolve_model(stage.model, before=stage.name)
     tok = modeling.load_tokenizer(start, ctx.recipe.model)
-
-    def build():   # loaded and tokenized once per key (main process first), reused on resume
-        rows = load_mixture(stage.data, "preference", world_seed=ctx.recipe.world.seed,
-                            seed=seed, log=ctx.log)
-        train_rows, eval_rows = split_eval(rows, stage.data.eval_fraction, seed)
-        kw = dict(on_bad_rows=stage.data.on_bad_rows, progress=ctx.progress, log=ctx.log)
-        return {part: [{**p.as_dict(), "source": p.source, "row": p.row}
-                       for p in tokenize_pairs(tok, part_rows, stage, **kw)[0]]
-                for part, part_rows in (("train", train_rows), ("eval", eval_rows))}
-
-    key = fingerprint(stage.data.model_dump(mode="json"), tokenizer_fingerprint(tok), seed,
-                      ctx.recipe.world.seed, stage.max_length, stage.max_prompt_length)
-    data = prepared(ctx.stage_dir(stage.name) / "data", "pairs", key, build, log=ctx.log)
-    train_pairs = [TokenizedPair(**d) for d in data["train"]]
-    eval_pairs = [TokenizedPair(**d) for d in data["eval"]]
-    if not train_pairs:
-        raise DataError("no usable preference pair in the stage's data", source=stage.name)
+    train_pairs, eval_pairs = prepare_pairs(ctx, stage, tok, seed)
     ctx.log(f"  reward model from {start}: {len(train_pairs)} training pairs, "
             f"{len(eval_pairs)} held out; Bradley–Terry loss")
 
@@ -281,12 +230,11 @@ def run_reward(ctx, stage) -> dict:
     if eval_pairs:
         summary["eval_before"] = evaluate(eval_pairs)
 
-    via_module = _loop_takes_module_factory()
     task = RewardTask(train_pairs, batch_size=stage.train.batch_size, seed=seed,
-                      via_module=via_module, max_tokens_per_row=stage.max_length)
-    extra = {"module_factory": lambda m, spec: SequenceScores(m)} if via_module else {}
+                      max_tokens_per_row=stage.max_length)
     res = run_loop(rm, task, stage.train, ctx.stage_dir(stage.name), seed=seed,
-                   resume=not ctx.restart, desc=stage.name, progress=ctx.progress, **extra)
+                   resume=not ctx.restart, desc=stage.name, progress=ctx.progress,
+                   module_factory=lambda m, spec: SequenceScores(m))
     summary.update(steps=res.steps, final=res.last_metrics,
                    train_after=evaluate(probe))
     line = (f"  reward accuracy on {len(probe)} training pairs "

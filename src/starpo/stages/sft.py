@@ -3,10 +3,11 @@ the shared loop with the token-level cross-entropy."""
 
 from __future__ import annotations
 
-import torch
 from tqdm.auto import tqdm
 
+from starpo.attention import local_attention
 from starpo.batch import TokenBatch
+from starpo.logprobs import unwrap_model
 from starpo.config import SFTStage
 from starpo.data.packing import SFTLayout, layout_sft, padding_fraction, sft_microbatches
 from starpo.data.tokenize import TokenizedSFT, tokenize_conversation
@@ -16,12 +17,14 @@ from starpo.errors import DataError
 class SFTTask:
     """Cross-entropy summed over assistant tokens; the loop divides by the step's count."""
 
-    def __init__(self, layout: SFTLayout, *, batch_size: int, pad_id: int, seed: int):
+    def __init__(self, layout: SFTLayout, *, batch_size: int, pad_id: int, seed: int,
+                 flat: bool = False):
         self.layout, self.batch_size, self.pad_id, self.seed = layout, batch_size, pad_id, seed
+        self.flat = flat
 
     def microbatches(self, epoch: int) -> list[TokenBatch]:
         return sft_microbatches(self.layout, batch_size=self.batch_size, pad_id=self.pad_id,
-                                seed=self.seed, epoch=epoch)
+                                seed=self.seed, epoch=epoch, flat=self.flat)
 
     def units(self, batch: TokenBatch) -> float:
         return float(batch.num_targets)
@@ -81,15 +84,21 @@ def run_sft(ctx, stage: SFTStage) -> dict:
     p = stage.packing
     layout = layout_sft(docs, mode=p.mode, loss_masking=p.loss_masking, max_length=p.max_length,
                         drop_masked_ratio=p.drop_masked_ratio, seed=seed)
+    # one row per micro-batch (no padding) when attention stays inside documents at
+    # Σ document² cost whatever the row length; gradient checkpointing is switched on
+    # by run_loop, so it is checked from the stage's settings here
+    flat = (p.mode != "pad" and not stage.train.gradient_checkpointing
+            and local_attention(unwrap_model(model)) is not None)
     first = sft_microbatches(layout, batch_size=stage.train.batch_size, pad_id=tok.pad_token_id,
-                             seed=seed, epoch=0)
+                             seed=seed, epoch=0, flat=flat)
     pad = padding_fraction(first)
     ntok = sum(b.num_targets for b in first)
     ctx.log(f"  {len(docs)} conversations → {len(layout.rows)} rows ({p.mode}, "
             f"{'assistant-only' if p.loss_masking else 'all-token'} loss), "
             f"{ntok} trainable tokens/epoch, padding {pad:.1%}, truncated {layout.truncated}"
             + (f", dropped rows {layout.dropped_rows}" if layout.dropped_rows else ""))
-    task = SFTTask(layout, batch_size=stage.train.batch_size, pad_id=tok.pad_token_id, seed=seed)
+    task = SFTTask(layout, batch_size=stage.train.batch_size, pad_id=tok.pad_token_id, seed=seed,
+                   flat=flat)
     res = run_loop(model, task, stage.train, ctx.stage_dir(stage.name), seed=seed,
                    resume=not ctx.restart, desc=stage.name, progress=ctx.progress)
     modeling.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model")

@@ -1,0 +1,172 @@
+"""Segment-local attention (starpo.attention) equals transformers' whole-row attention,
+and one-row SFT micro-batches equal the multi-row ones."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from starpo import attention as A
+from starpo.data.packing import layout_sft, padding_fraction, sft_microbatches
+from starpo.data.tokenize import IGNORE, TokenizedSFT
+from starpo.logprobs import plain_sequence_logprobs, sequence_logprobs
+from starpo.prefbatch import collate_padded, collate_padding_free, collate_prefix_shared
+
+VOCAB = 61
+
+
+def llama(kv_heads: int = 4, attn: str = "sdpa", seed: int = 0):
+    import transformers as T
+    torch.manual_seed(seed)
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=kv_heads,
+                        intermediate_size=64, max_position_embeddings=512)
+    return T.LlamaForCausalLM._from_config(cfg, attn_implementation=attn).float().eval()
+
+
+def docs(n: int = 9, seed: int = 0) -> list[TokenizedSFT]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p, r = rng.randint(2, 12), rng.randint(1, 15)
+        ids = [rng.randrange(1, VOCAB) for _ in range(p + r)]
+        out.append(TokenizedSFT(ids, [IGNORE] * p + ids[p:], "t", i))
+    return out
+
+
+def pairs(n: int = 5, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(2, 9))]
+        ch = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 8))]
+        rj = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 8))]
+        out.append({"prompt_ids": prompt, "chosen_ids": ch, "chosen_labels": ch,
+                    "rejected_ids": rj, "rejected_labels": rj})
+    return out
+
+
+class Calls:
+    """Counts calls of starpo.attention.segment_sdpa (to prove the fast path ran)."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        real = A.segment_sdpa
+
+        def counted(*a, **k):
+            self.n += 1
+            return real(*a, **k)
+        monkeypatch.setattr(A, "segment_sdpa", counted)
+
+
+def run(model, fn, batch):
+    model.zero_grad()
+    sums, counts, per = fn(model, batch)
+    (sums * torch.linspace(0.5, 1.5, sums.numel())).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return sums.detach(), per.detach(), grads
+
+
+def assert_same(a, b):
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
+    assert a[2].keys() == b[2].keys() and a[2]
+    for k in a[2]:
+        torch.testing.assert_close(a[2][k], b[2][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("kv_heads,attn", [(4, "sdpa"), (2, "sdpa"), (4, "eager")])
+@pytest.mark.parametrize("layout", ["sft_rows", "sft_flat", "padding_free", "prefix_shared"])
+def test_segments_equal_whole_row_attention(monkeypatch, kv_heads, attn, layout):
+    model = llama(kv_heads, attn)
+    if layout.startswith("sft"):
+        lay = layout_sft(docs(), mode="pack", loss_masking=True, max_length=40)
+        batch = sft_microbatches(lay, batch_size=3, pad_id=0, seed=0, epoch=0,
+                                 flat=layout == "sft_flat")[0]
+    elif layout == "padding_free":
+        batch = collate_padding_free(pairs(), max_tokens_per_row=30)
+    else:
+        batch = collate_prefix_shared(pairs(), max_tokens_per_row=40)
+    calls = Calls(monkeypatch)
+    fast = run(model, sequence_logprobs, batch)
+    assert calls.n == 2            # once per layer (backward reuses the graph)
+    plain = run(model, plain_sequence_logprobs, batch)
+    assert calls.n == 2            # the reference path is transformers' own kernel
+    assert_same(fast, plain)
+
+
+def test_flat_microbatches_equal_rows_and_have_no_padding():
+    model = llama()
+    lay = layout_sft(docs(20), mode="pack", loss_masking=True, max_length=40)
+    rows = sft_microbatches(lay, batch_size=4, pad_id=0, seed=3, epoch=1)
+    flat = sft_microbatches(lay, batch_size=4, pad_id=0, seed=3, epoch=1, flat=True)
+    assert len(rows) == len(flat) > 1
+    assert padding_fraction(rows) > 0 and padding_fraction(flat) == 0
+    for r, f in zip(rows, flat):
+        assert f.input_ids.shape[0] == 1 and r.num_targets == f.num_targets
+        assert torch.equal(r.tgt_ids, f.tgt_ids) and torch.equal(r.tgt_seq, f.tgt_seq)
+        torch.testing.assert_close(sequence_logprobs(model, f)[0],
+                                   plain_sequence_logprobs(model, r)[0], atol=1e-5, rtol=1e-5)
+    # pad mode keeps its rows (a 2D padding mask, never flattened)
+    pad = layout_sft(docs(6), mode="pad", loss_masking=True, max_length=40)
+    b = sft_microbatches(pad, batch_size=3, pad_id=0, seed=0, epoch=0, flat=True)[0]
+    assert b.input_ids.shape[0] == 3 and b.attention_mask.dim() == 2
+
+
+def test_when_segments_apply(monkeypatch):
+    model = llama()
+    assert A.local_attention(model) == "segments"
+    padded = collate_padded(pairs(), 0)
+    assert not A.segments_apply(model, padded.attention_mask)     # 2D mask: native kernel
+    calls = Calls(monkeypatch)
+    sequence_logprobs(model, padded)
+    assert calls.n == 0
+    model.starpo_segment_attention = False                        # recipe opt-out
+    assert A.local_attention(model) is None
+    del model.starpo_segment_attention
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    assert A.local_attention(model) is None                       # recompute would cross docs
+    model.activation_checkpointing_disable()
+    assert A.local_attention(model) == "segments"
+    model.config._attn_implementation = "flash_attention_2"
+    assert A.local_attention(model) == "flash"
+    import transformers as T
+    g = T.MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                        sliding_window=4)
+    gm = T.MistralForCausalLM._from_config(g, attn_implementation="sdpa")
+    assert A.local_attention(gm) is None                           # sliding window
+
+
+def test_context_restores_implementation_and_rejects_misuse():
+    model = llama()
+    with pytest.raises(RuntimeError):
+        with A.segment_attention(model):
+            assert model.config._attn_implementation == A.NAME
+            raise RuntimeError
+    assert model.config._attn_implementation == "sdpa"
+    q = torch.zeros(1, 4, 5, 8)
+    with pytest.raises(ValueError, match="position_ids"):
+        A.segment_sdpa(None, q, q, q, None)
+    with pytest.raises(ValueError, match="KV cache"):
+        A.segment_sdpa(None, q, q[:, :, :3], q[:, :, :3], None, position_ids=torch.arange(5)[None])
+    with pytest.raises(ValueError, match="bool"):
+        A.segment_sdpa(None, q, q, q, torch.ones(1, 5), position_ids=torch.arange(5)[None])
+
+
+def test_segments_recipe_option_reaches_the_model(tmp_path):
+    from starpo import modeling
+    from starpo.config import ModelSpec
+    from starpo.world import World
+    spec = ModelSpec(tiny={"vocab_size": 320, "hidden_size": 32, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "num_key_value_heads": 2,
+                           "intermediate_size": 64}, segment_attention=False)
+    model, _ = modeling.build_or_load(spec, lambda: World(0).corpus(200), seed=0,
+                                      cache_dir=str(tmp_path))
+    assert A.local_attention(model) is None
+    model2 = modeling.load_model(str(next(tmp_path.iterdir())), spec.model_copy(
+        update={"segment_attention": True}))
+    assert A.local_attention(model2) == "segments"
