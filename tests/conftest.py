@@ -52,3 +52,13 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2
     cfg._attn_implementation = "sdpa"
     m = LlamaForCausalLM(cfg).float().eval()
     return m
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: OpenMP's spinning threads make
+    millisecond-sized ops many times slower when the 2 cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

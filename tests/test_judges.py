@@ -47,12 +47,7 @@ RESPONSES = ["mix flour water salt and yeast then bake it", "four", "the wind an
              "the answer the reward model reads", ""]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; avoids OpenMP spin contention on shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tokenizer(specials, eos, pad, chat_template=None):

@@ -36,3 +36,26 @@ class DataError(StarpoError):
 
 class TrainingError(StarpoError):
     """Training cannot go on (NaN/inf loss, …); the last good checkpoint is kept."""
+
+
+class BadRows:
+    """``on_bad_rows`` policy for a loop over data rows: ``"error"`` re-raises the first
+    :class:`DataError`; ``"skip"`` counts them and logs the first few (so a skipped row is
+    never silent) and a total at the end (:meth:`report`)."""
+
+    SHOWN = 5
+
+    def __init__(self, policy: str, log, what: str = "rows"):
+        self.policy, self.log, self.what, self.count = policy, log, what, 0
+
+    def handle(self, err: DataError) -> None:
+        if self.policy == "error":
+            raise err
+        self.count += 1
+        if self.count <= self.SHOWN:
+            self.log(f"  skipped: {err}")
+
+    def report(self) -> None:
+        if self.count:
+            self.log(f"  skipped {self.count} {self.what}")
+

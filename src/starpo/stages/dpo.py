@@ -18,7 +18,7 @@ from starpo import losses as L
 from starpo.batch import TokenBatch
 from starpo.config import PreferenceSpec
 from starpo.data.tokenize import PairStats, TokenizedPair, tokenize_pair
-from starpo.errors import DataError
+from starpo.errors import BadRows, DataError
 
 
 def row_tokens(spec: PreferenceSpec) -> int:
@@ -153,22 +153,17 @@ def evaluate_pairs(model, task: PreferenceTask, *, chunk_size: int = 1024, devic
 
 def tokenize_pairs(tokenizer, rows: list[dict], spec: PreferenceSpec, *, on_bad_rows: str,
                    progress: bool, log) -> tuple[list[TokenizedPair], PairStats]:
-    stats, out, bad = PairStats(), [], 0
+    stats, out, bad = PairStats(), [], BadRows(on_bad_rows, log, "bad pairs")
     for r in tqdm(rows, desc="tokenizing pairs", disable=not progress, leave=False):
         try:
             p = tokenize_pair(tokenizer, r, max_length=spec.max_length,
                               max_prompt_length=spec.max_prompt_length, stats=stats)
         except DataError as err:
-            if on_bad_rows == "error":
-                raise
-            bad += 1
-            if bad <= 5:
-                log(f"  skipped: {err}")
+            bad.handle(err)
             continue
         if p is not None:
             out.append(p)
-    if bad:
-        log(f"  skipped {bad} bad pairs")
+    bad.report()
     if stats.dropped_empty or stats.dropped_identical or stats.truncated:
         log(f"  truncation: {stats.truncated} pairs truncated, dropped {stats.dropped_empty} "
             f"empty and {stats.dropped_identical} identical after truncation")

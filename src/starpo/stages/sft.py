@@ -11,7 +11,7 @@ from starpo.logprobs import unwrap_model
 from starpo.config import SFTStage
 from starpo.data.packing import SFTLayout, layout_sft, padding_fraction, sft_microbatches
 from starpo.data.tokenize import TokenizedSFT, tokenize_conversation
-from starpo.errors import DataError
+from starpo.errors import BadRows, DataError
 
 
 class SFTTask:
@@ -39,20 +39,15 @@ class SFTTask:
 
 def tokenize_sft_rows(tokenizer, rows: list[dict], *, on_bad_rows: str = "error",
                       progress: bool = True, log=print):
-    docs, bad = [], 0
+    docs, bad = [], BadRows(on_bad_rows, log, "conversations with no trainable token")
     for r in tqdm(rows, desc="tokenizing", disable=not progress, leave=False):
         try:
             docs.append(tokenize_conversation(tokenizer, r["messages"],
                                               source=r.get("source", "?"), row=r.get("row", -1),
                                               untrained=r.get("untrained", ())))
         except DataError as err:
-            if on_bad_rows == "error":
-                raise
-            bad += 1
-            if bad <= 5:
-                log(f"  skipped: {err}")
-    if bad:
-        log(f"  skipped {bad} conversations with no trainable token")
+            bad.handle(err)
+    bad.report()
     return docs
 
 
