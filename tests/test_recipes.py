@@ -1,0 +1,40 @@
+"""Every recipe shipped in recipes/ validates and plans (the GPU recipes cannot run here:
+they need the hub; their schema and stage wiring are still checked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from starpo import pipeline
+from starpo.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted([*ROOT.glob("recipes/*.yaml"), *ROOT.glob("recipes/lion/*.yaml")])
+
+
+def test_recipes_are_shipped():
+    names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
+    assert {"quickstart.yaml", "lion/gemma-2b.yaml", "lion/llama-3-8b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_recipe_validates_and_plans(path, tmp_path):
+    recipe = load_recipe(path)
+    steps = pipeline.plan(recipe, tmp_path, None)
+    assert [s[0] for s in steps] == [st.name for st in recipe.stages]
+
+
+def test_lion_recipes_follow_the_paper():
+    g = load_recipe(ROOT / "recipes/lion/gemma-2b.yaml")
+    lm = load_recipe(ROOT / "recipes/lion/llama-3-8b.yaml")
+    for r in (g, lm):
+        sft = r.stage("sft")
+        assert sft.packing.mode == "concat" and sft.packing.max_length == 8192
+        assert sft.packing.loss_masking and sft.train.lr == 2e-5
+        assert r.stage("dpo").reference_cache and r.stage("dpo").train.lr == 5e-7
+        assert r.stage("online").n_samples == 5 and r.stage("online").generation.temperature == 0.8
+    assert (g.stage("dpo").beta, g.stage("sft").train.epochs) == (0.05, 3)
+    assert (lm.stage("dpo").beta, lm.stage("sft").train.epochs) == (0.01, 1)
+    assert lm.stage("dpo").max_prompt_length == 1024
