@@ -118,6 +118,20 @@ def test_reference_cache_hits_on_rerun_and_misses_on_change(sft_run, tmp_path):
     assert len(list((tmp_path / "refcache").glob("ref-*.safetensors"))) == 3
 
 
+def test_runs_share_a_reference_cache_directory(sft_run, tmp_path):
+    """Two run directories (two sweep trials) with one refcache_dir: the second hits."""
+    shared = tmp_path / "shared-refcache"
+    logs = []
+    for name in ("a", "b"):
+        _copy_sft(sft_run, tmp_path / name)
+        logs.clear()
+        pipeline.run(recipe_from_dict(_recipe()), tmp_path / name, log=logs.append,
+                     progress=False, report=False, refcache_dir=shared)
+        assert not (tmp_path / name / "refcache").exists()
+    assert any("cache hit" in l for l in logs)
+    assert len(list(shared.glob("ref-*.safetensors"))) == 1
+
+
 def test_cached_reference_equals_a_fresh_forward(sft_run, tmp_path):
     from safetensors.torch import load_file
 

@@ -39,11 +39,19 @@ class RunContext:
     restart: bool = False
     log: Callable[[str], None] = _default_log
     progress: bool = True
+    # reference log-prob cache; default DIR/refcache. Entries are keyed by (reference
+    # weights, tokenizer, tokenized pairs) and written atomically, so several runs (the
+    # trials of a sweep) can share one directory safely.
+    refcache_dir: Path | None = None
     _world: object = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ paths
     def stage_dir(self, name: str) -> Path:
         return self.out / name
+
+    @property
+    def refcache(self) -> Path:
+        return Path(self.refcache_dir) if self.refcache_dir is not None else self.out / "refcache"
 
     def is_complete(self, name: str) -> bool:
         return (self.stage_dir(name) / "stage.json").is_file()
@@ -147,10 +155,11 @@ def plan(recipe: Recipe, out: Path, only: list[str] | None) -> list[tuple[str, s
 
 def run(recipe: Recipe, out: Path, *, only: list[str] | None = None, restart: bool = False,
         log: Callable[[str], None] = _default_log, progress: bool = True,
-        report: bool = True) -> RunContext:
+        report: bool = True, refcache_dir: Path | None = None) -> RunContext:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    ctx = RunContext(recipe, out, restart=restart, log=log, progress=progress)
+    ctx = RunContext(recipe, out, restart=restart, log=log, progress=progress,
+                     refcache_dir=refcache_dir)
     for name, kind, status in plan(recipe, out, only):
         if status.startswith("complete"):
             st_hash = json.loads((out / name / "stage.json").read_text()).get("config_hash")

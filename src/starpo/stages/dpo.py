@@ -179,8 +179,8 @@ def prepare_reference(ctx, stage, tok, pairs, ref_path: str, *, batch_size: int)
     if not stage.reference_cache:
         log_msg = "reference_cache: false — computing reference log-probs in memory"
         ctx.log(f"  {log_msg}")
-    cache_dir = Path(ctx.out) / "refcache" if stage.reference_cache else Path(ctx.out) / \
-        stage.name / "refcache-tmp"
+    cache_dir = ctx.refcache if stage.reference_cache else Path(ctx.out) / stage.name / \
+        "refcache-tmp"
     ref = reference_logps(ref_path, tok, pairs, cache_dir=cache_dir,
                           load_model=lambda: modeling.load_model(ref_path, ctx.recipe.model,
                                                                  for_training=False),
