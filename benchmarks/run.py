@@ -60,7 +60,7 @@ class Sizes:
     len_his: tuple = (100, 1000)
     row_caps: tuple = (1024, 2048)
     free_caps: tuple = ()                # padding-free (no prefix sharing) with a row cap
-    scale_data_frameworks: tuple = ("starpo",)   # TRL at 4× is linear too and costs 2+ min
+    scale_data_frameworks: tuple = ("starpo", "trl")
     profiles: tuple = ("dpo:seg", "dpo:noseg", "sft:seg", "sft:noseg")
 
 
