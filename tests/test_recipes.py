@@ -1,17 +1,21 @@
 """Every recipe shipped in recipes/ validates and plans (the GPU recipes cannot run here:
-they need the hub; their schema and stage wiring are still checked)."""
+they need the hub; their schema and stage wiring are still checked); every sweep file
+there expands into trials."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from starpo import pipeline
 from starpo.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted([*ROOT.glob("recipes/*.yaml"), *ROOT.glob("recipes/lion/*.yaml")])
+FILES = sorted((ROOT / "recipes").rglob("*.yaml"))
+SWEEPS = [p for p in FILES if "methods" in (yaml.safe_load(p.read_text()) or {})]
+RECIPES = [p for p in FILES if p not in SWEEPS]
 
 
 def test_recipes_are_shipped():
@@ -22,8 +26,15 @@ def test_recipes_are_shipped():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_recipe_validates_and_plans(path, tmp_path):
     recipe = load_recipe(path)
+    assert recipe.name and recipe.stages
     steps = pipeline.plan(recipe, tmp_path, None)
     assert [s[0] for s in steps] == [st.name for st in recipe.stages]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_sweep_file_expands(path):
+    from starpo.sweep import load_sweep
+    assert load_sweep(path).trials
 
 
 def test_lion_recipes_follow_the_paper():

@@ -101,8 +101,47 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="A run directory."),
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run directory.")):
-    """Write RUN_DIR/report.html from the run's metrics and evaluation."""
+def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
+          overrides: Optional[list[str]] = typer.Argument(
+              None, help="Overrides key.path=value applied to every trial (and the shared "
+                         "stages)."),
+          out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                             help="Sweep directory (default runs/<sweep "
+                                                  "file stem>)."),
+          dry_run: bool = typer.Option(False, "--dry-run",
+                                       help="List the trials and their status; run nothing."),
+          jobs: int = typer.Option(1, "--jobs", "-j", min=1,
+                                   help="Trials run at once, each in its own process "
+                                        "(default 1: one after another in this process)."),
+          retry_failed: bool = typer.Option(False, "--retry-failed",
+                                            help="Run failed trials again."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """Run a hyperparameter sweep: shared stages once, then one run per grid point, then the
+    robustness analysis (DIR/trials.jsonl, DIR/analysis.json, DIR/report.html)."""
+    from starpo import sweep as S
+
+    def go():
+        sw = S.load_sweep(sweep_file, overrides or [])
+        out_dir = out or Path("runs") / sweep_file.stem
+        plan = S.make_plan(sw, out_dir)
+        if dry_run:
+            for line in S.describe_plan(plan):
+                typer.echo(line)
+            return
+        recs = S.run_sweep(plan, jobs=jobs, retry_failed=retry_failed, progress=not quiet,
+                           raise_errors=_DEBUG["on"])
+        S.finalize(plan.out)
+        failed = sum(r.get("status") != "ok" for r in recs)
+        typer.echo(f"done: {plan.out} ({len(recs) - failed} ok, {failed} failed of "
+                   f"{len(plan.trials)} trials)")
+
+    _guard(go)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run or sweep directory.")):
+    """Write RUN_DIR/report.html from the run's metrics and evaluation; for a sweep
+    directory, the sweep's analysis.json and report.html."""
     def go():
         from starpo.report import write_report
         typer.echo(str(write_report(run_dir)))
