@@ -346,3 +346,48 @@ def test_brief_and_safe_name():
     assert b["a"]["mean_score"] == 0.1235 and b["a"]["win_vs_sft"] is None
     assert E.safe_name("dpo/round 1") == "dpo_round_1" and E.safe_name("..") == "model"
     assert not math.isnan(E.win_rate([1], [0])[0])
+
+
+# =========================================================================== sample cache
+
+
+def test_sample_cache_reuses_samples_and_keys_on_what_they_depend_on(ckpts, prompts, evaluated,
+                                                                     tmp_path, monkeypatch):
+    """Samples of a checkpoint are cached by content: a second evaluation reads them (no
+    model is loaded for sampling) and gets the same metrics; another seed, another
+    sampling spec or other weights miss; in-memory models are never cached."""
+    res0, _ = evaluated
+    logs: list[str] = []
+    kw = dict(sft="sft", seed=3, bootstrap=200, progress=False, log=logs.append,
+              sample_cache=tmp_path / "cache")
+    models = {"sft": ckpts["sft"], "dpo": ckpts["dpo"], "sft_copy": ckpts["sft"]}
+    first = E.evaluate_models(models, prompts, GoldJudge(), SPEC, **kw)
+    assert not any("cache hit" in m for m in logs[:2])      # sft, dpo: sampled
+    assert sum("cache hit" in m for m in logs) == 1         # sft_copy: same checkpoint
+    assert len(list((tmp_path / "cache").glob("samples-*.json"))) == 2
+    for name in models:                                     # the cache changes no number
+        assert first.summary[name]["mean_score"] == res0.summary[name]["mean_score"]
+        assert first.summary[name]["kl_vs_sft"] == pytest.approx(res0.summary[name]["kl_vs_sft"])
+
+    logs.clear()
+    calls = []
+    real = E._load
+
+    def counted(ref, *a, **k):
+        calls.append(ref)
+        return real(ref, *a, **k)
+    monkeypatch.setattr(E, "_load", counted)
+    again = E.evaluate_models(models, prompts, GoldJudge(), SPEC, **kw)
+    assert sum("cache hit" in m for m in logs) == 3
+    assert calls == [ckpts["sft"]]          # loaded once, only to score dpo's samples (KL)
+    for name in models:
+        assert again.records[name] == first.records[name]
+
+    k = lambda **o: E.sample_cache_key(ckpts["sft"], E._prompt_messages(prompts),  # noqa: E731
+                                       o.get("spec", SPEC), seed=o.get("seed", 3))
+    assert k() == k()
+    assert k(seed=4) != k()
+    assert k(spec=SPEC.model_copy(update={"temperature": 1.0})) != k()
+    assert E.sample_cache_key(ckpts["dpo"], E._prompt_messages(prompts), SPEC, seed=3) != k()
+    assert E.sample_cache_key(("model", "tok"), [], SPEC, seed=3) is None
+    assert E.sample_cache_key("org/hub-model", [], SPEC, seed=3) is None

@@ -338,6 +338,17 @@ def test_dpo_trials_share_one_reference_cache(swept):
     assert "prepared data: reusing" in (out / "trials" / "simpo-gamma1" / "log.txt").read_text()
 
 
+def test_trials_reuse_the_shared_sft_samples(swept):
+    """The SFT model is sampled once (by the shared evaluation); every trial reads it."""
+    path, plan, recs, logs = swept
+    out = plan.out
+    # one file for the SFT samples + one per trial's own model
+    assert len(list((out / "evalcache").glob("samples-*.json"))) == 1 + len(recs)
+    for r in recs:
+        assert (out / r["dir"] / "evalcache").is_symlink()
+        assert "samples of sft: cache hit" in (out / r["dir"] / "log.txt").read_text()
+
+
 def test_the_sweep_report_and_analysis_are_written(swept):
     path, plan, recs, logs = swept
     html = (plan.out / "report.html").read_text()

@@ -50,8 +50,10 @@ Files written by :func:`evaluate_models` (``out_dir``)::
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,9 +346,60 @@ def _load(ref: ModelRef, model_spec, device):
     return model, tok, str(ref)
 
 
-def _vocab_key(tok) -> tuple:
+def _vocab_key(tok) -> str:
+    # a content hash (not Python's per-process salted hash()): it is stored in the cache
     vocab = tok.get_vocab()
-    return (len(vocab), hash(tuple(sorted(vocab.items()))))
+    blob = json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()
+    return f"{len(vocab)}:{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+# --------------------------------------------------------------------------- sample cache
+
+# files of a checkpoint directory that decide what it generates, besides its weights
+_GEN_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "chat_template.jinja", "generation_config.json")
+
+
+def sample_cache_key(ref: ModelRef, prompts: list[list[dict]], spec: GenerationSpec, *,
+                     seed: int, model_spec=None, device=None) -> str | None:
+    """What a model's evaluation samples depend on, hashed: its weights, tokenizer and
+    generation config files, the prompts, the sampling spec and seed, the loading spec
+    (dtype, attention) and the device type and torch version. ``None`` (no caching) for
+    in-memory models and hub ids, whose content is not pinned here."""
+    from starpo.refcache import _file_sha, model_fingerprint
+    if isinstance(ref, (tuple, list)) or not Path(str(ref)).is_dir():
+        return None
+    p = Path(str(ref))
+    h = hashlib.sha256(model_fingerprint(str(p)).encode())
+    for name in _GEN_FILES:
+        if (p / name).is_file():
+            h.update(f"{name}:{_file_sha(p / name)}".encode())
+    dev = torch.device(device).type if device is not None else _default_device().type
+    h.update(json.dumps({"prompts": prompts, "spec": spec.model_dump(mode="json"),
+                         "seed": seed, "device": dev, "torch": torch.__version__,
+                         "model": model_spec.model_dump(mode="json") if model_spec is not None
+                         else None}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def _cache_read(path: Path, name: str, source: str) -> ModelSamples | None:
+    try:
+        d = json.loads(path.read_text())
+        return ModelSamples(name=name, source=source, responses=d["responses"],
+                            tokens=d["tokens"], prompt_ids=d["prompt_ids"],
+                            finished=d["finished"], logp=np.asarray(d["logp"], np.float64),
+                            vocab_key=d["vocab_key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None         # unreadable entry: sample again (and overwrite it)
+
+
+def _cache_write(path: Path, ms: ModelSamples) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"responses": ms.responses, "tokens": ms.tokens,
+                               "prompt_ids": ms.prompt_ids, "finished": ms.finished,
+                               "logp": [float(x) for x in ms.logp], "vocab_key": ms.vocab_key}))
+    os.replace(tmp, path)     # atomic: concurrent sweep trials may write the same entry
 
 
 def score_in_chunks(judge, prompts: Sequence, responses: Sequence[str], *, desc: str,
@@ -402,13 +455,25 @@ def _chosen_texts(rows: Sequence[dict]) -> list[str | None]:
 
 def sample_model(name: str, ref: ModelRef, prompts: list[list[dict]], spec: GenerationSpec, *,
                  seed: int, model_spec=None, device=None, chunk_size: int = 1024,
-                 progress: bool = True, keep_model: bool = False):
+                 progress: bool = True, cache_dir: str | Path | None = None,
+                 log: Callable[[str], None] | None = None) -> ModelSamples:
     """Sample one response per prompt from ``ref`` and its own log-probs of them.
 
-    Returns ``(ModelSamples, model_or_None, tokenizer)``; the model is returned (not
-    freed) with ``keep_model``.
+    With ``cache_dir``, the samples of a checkpoint directory are kept in
+    ``cache_dir/samples-<key>.json`` (:func:`sample_cache_key`) and reused when nothing
+    they depend on changed: the SFT reference that every trial of a sweep samples again,
+    or a model evaluated again by ``starpo eval``.
     """
     from starpo.generation import generate, render_prompt
+    key = sample_cache_key(ref, prompts, spec, seed=seed, model_spec=model_spec,
+                           device=device) if cache_dir is not None else None
+    path = Path(cache_dir) / f"samples-{key}.json" if key is not None else None
+    if path is not None and path.is_file():
+        ms = _cache_read(path, name, str(ref))
+        if ms is not None and len(ms.responses) == len(prompts):
+            if log:
+                log(f"    samples of {name}: cache hit ({path.name})")
+            return ms
     model, tok, source = _load(ref, model_spec, device)
     dev = next(model.parameters()).device
     gens = generate(model, tok, prompts, spec, n=1, seed=seed, progress=progress,
@@ -422,11 +487,11 @@ def sample_model(name: str, ref: ModelRef, prompts: list[list[dict]], spec: Gene
     ms.logp = response_logprobs(model, prompt_ids, ms.tokens, pad_id=pad,
                                 batch_size=spec.batch_size, chunk_size=chunk_size, device=dev,
                                 progress=progress, desc=f"log-probs {name}")
-    if keep_model:
-        return ms, model, tok
     del model
     _release_memory()
-    return ms, None, tok
+    if path is not None:
+        _cache_write(path, ms)
+    return ms
 
 
 def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], judge,
@@ -434,7 +499,8 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
                     seed: int = 0, bootstrap: int = 1000, model_spec=None,
                     out_dir: str | Path | None = None, device=None, chunk_size: int = 1024,
                     progress: bool = True, log: Callable[[str], None] = print,
-                    meta: dict | None = None) -> EvalResult:
+                    meta: dict | None = None, sample_cache: str | Path | None = None
+                    ) -> EvalResult:
     """Sample, judge and measure every model of ``models`` on ``prompts``.
 
     Args:
@@ -449,6 +515,7 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
         seed: sampling seed (the same for every model) and bootstrap seed.
         bootstrap: resamples for the 95% intervals (0: none).
         out_dir: where to write ``summary.json``, ``<model>.jsonl`` and ``meta.json``.
+        sample_cache: directory of cached samples (see :func:`sample_model`); None: off.
     """
     spec = spec or GenerationSpec(temperature=0.7, top_p=0.9, max_new_tokens=256)
     if not models:
@@ -476,9 +543,9 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
     samples: dict[str, ModelSamples] = {}
     for name in order:
         log(f"  evaluating {name}: {len(messages)} prompts")
-        ms, _, _ = sample_model(name, models[name], messages, spec, seed=seed,
-                                model_spec=model_spec, device=device, chunk_size=chunk_size,
-                                progress=progress)
+        ms = sample_model(name, models[name], messages, spec, seed=seed,
+                          model_spec=model_spec, device=device, chunk_size=chunk_size,
+                          progress=progress, cache_dir=sample_cache, log=log)
         ms.scores = score_in_chunks(judge, messages, ms.responses, desc=f"scoring {name}",
                                     progress=progress)
         samples[name] = ms
@@ -698,7 +765,8 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
     return evaluate_models(resolved, rows, judge, stage.generation, sft=sft, seed=seed,
                            bootstrap=stage.bootstrap, model_spec=recipe.model,
                            out_dir=out_dir, device=device, progress=ctx.progress,
-                           log=ctx.log, meta={"stage": stage.name})
+                           log=ctx.log, meta={"stage": stage.name},
+                           sample_cache=ctx.sample_cache)
 
 
 def default_eval_stage(n: int | None = None):

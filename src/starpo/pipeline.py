@@ -43,6 +43,9 @@ class RunContext:
     # weights, tokenizer, tokenized pairs) and written atomically, so several runs (the
     # trials of a sweep) can share one directory safely.
     refcache_dir: Path | None = None
+    # evaluation samples of checkpoints, keyed by everything they depend on
+    # (starpo.evaluation.sample_cache_key); default DIR/evalcache, shareable like refcache
+    sample_cache_dir: Path | None = None
     _world: object = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ paths
@@ -52,6 +55,11 @@ class RunContext:
     @property
     def refcache(self) -> Path:
         return Path(self.refcache_dir) if self.refcache_dir is not None else self.out / "refcache"
+
+    @property
+    def sample_cache(self) -> Path:
+        return Path(self.sample_cache_dir) if self.sample_cache_dir is not None else \
+            self.out / "evalcache"
 
     def is_complete(self, name: str) -> bool:
         return (self.stage_dir(name) / "stage.json").is_file()

@@ -27,6 +27,7 @@ Sweep directory::
                              --out DIR/trials/<id>` re-runs it alone
     DIR/trials/<id>/log.txt  the trial's log
     DIR/refcache/            reference log-probs shared by every trial (trial refcache/ links)
+    DIR/evalcache/           evaluation samples shared by every trial (the SFT model's, once)
     DIR/prepared/<stage>/    tokenized data shared by every trial (trial <stage>/data links)
     DIR/trials.jsonl         one record per finished trial (see :func:`trial_record`)
     DIR/analysis.json        :mod:`starpo.analysis` of the records
@@ -725,11 +726,13 @@ def _link(target: Path, link: Path) -> bool:
 def share_caches(run_dir: Path, out: Path, stages: list[dict]) -> None:
     """Point a run directory's caches at the sweep's shared ones.
 
-    The reference log-prob cache lives in ``<run>/refcache/`` and the tokenized data in
-    ``<run>/<stage>/data/``; both are keyed by content hashes (reference weights,
-    tokenizer, data, lengths), so trials with the same reference and data can share one
-    directory safely (files are written to a temporary name and renamed)."""
+    The reference log-prob cache lives in ``<run>/refcache/``, evaluation samples in
+    ``<run>/evalcache/`` and the tokenized data in ``<run>/<stage>/data/``; all are keyed
+    by content hashes (weights, tokenizer, data, lengths, sampling spec), so trials can
+    share one directory safely (files are written to a temporary name and renamed). The
+    shared evaluation's SFT samples are thereby reused by every trial's evaluation."""
     _link(out / "refcache", run_dir / "refcache")
+    _link(out / "evalcache", run_dir / "evalcache")
     for st in stages:
         if st["type"] in TRAINED_TYPES and not (run_dir / st["name"] / "stage.json").exists():
             _link(out / "prepared" / st["name"], run_dir / st["name"] / "data")
