@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from starpo.analysis import read_jsonl
+
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#edc948",
            "#ff9da7", "#9c755f", "#7f7f7f"]
 
@@ -65,25 +67,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    try:
-        with path.open() as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a kill
-                if isinstance(rec, dict):
-                    out.append(rec)
-    except OSError:
-        return []
-    return out
 
 
 def _recipe_info(run_dir: Path) -> tuple[str, list[tuple[str, str]]]:
@@ -578,7 +561,7 @@ def _curves_section(run_dir: Path, stages: list[tuple[str, str]]) -> str:
     blocks = []
     for name, kind in stages:
         for f in _metrics_files(run_dir / name):
-            recs = _read_jsonl(f)
+            recs = read_jsonl(f)
             charts = _curve_charts(recs)
             if not charts:
                 continue
@@ -645,7 +628,7 @@ def _eval_section(run_dir: Path, d: Path) -> str:
     records = {}
     for name in summary:
         f = d / str(files.get(name) or f"{safe_name(name)}.jsonl")
-        records[name] = _read_jsonl(f) if f.is_file() else []
+        records[name] = read_jsonl(f) if f.is_file() else []
     colors = _model_colors(list(summary))
     gen = meta.get("generation") if isinstance(meta.get("generation"), dict) else {}
     facts = []
@@ -1234,7 +1217,7 @@ def render_sweep_report(sweep_dir: str | Path, res: dict | None = None) -> str:
     info = info if isinstance(info, dict) else {}
     res = res if res is not None else analyze_dir(sweep_dir)
     ids = [t.get("id") for t in info.get("trials", []) if isinstance(t, dict)] or None
-    records = latest_records(_read_jsonl(sweep_dir / "trials.jsonl"), ids)
+    records = latest_records(read_jsonl(sweep_dir / "trials.jsonl"), ids)
     name = str(info.get("name") or sweep_dir.name)
     # colours by the sweep file's methods, so a method keeps its colour before it has runs
     planned = [m for m in (info.get("methods") or {}) if isinstance(m, str)]
