@@ -170,3 +170,58 @@ def test_segments_recipe_option_reaches_the_model(tmp_path):
     model2 = modeling.load_model(str(next(tmp_path.iterdir())), spec.model_copy(
         update={"segment_attention": True}))
     assert A.local_attention(model2) == "segments"
+
+
+@pytest.mark.parametrize("kv_heads,attn", [(4, "sdpa"), (2, "sdpa"), (4, "eager")])
+def test_prefix_shared_without_a_mask_equals_the_masked_rows(monkeypatch, kv_heads, attn):
+    """One row, no [L, L] mask: each pair's branch is read from its positions."""
+    model = llama(kv_heads, attn)
+    ps = pairs(7, seed=5)
+    implicit = collate_prefix_shared(ps, dense_mask=False)
+    assert implicit.attention_mask is None and implicit.input_ids.shape[0] == 1
+    assert implicit.num_pad == 0 and implicit.meta["implicit_prefix"]
+    dense = collate_prefix_shared(ps, max_tokens_per_row=40)       # several rows, a mask
+    assert dense.input_ids.shape[0] > 1
+    calls = Calls(monkeypatch)
+    fast = run(model, sequence_logprobs, implicit)
+    assert calls.n == 2
+    plain = run(model, plain_sequence_logprobs, dense)
+    # per-sequence sums and gradients (per-target order follows the rows, which differ)
+    assert_same((fast[0], fast[0], fast[2]), (plain[0], plain[0], plain[2]))
+
+
+def test_implicit_prefix_batches_are_refused_without_segment_attention():
+    model = llama()
+    b = collate_prefix_shared(pairs(), dense_mask=False)
+    with pytest.raises(ValueError, match="no attention mask"):
+        plain_sequence_logprobs(model, b)
+    model.starpo_segment_attention = False
+    with pytest.raises(ValueError, match="no attention mask"):
+        sequence_logprobs(model, b)
+
+
+def test_segment_plans_read_branches_from_positions():
+    pos = torch.tensor([0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 0, 1])   # pair (P=2,C=3,R=2), doc, doc
+    assert A._segments(pos) == [(0, 7, 5, 2), (7, 3, None, None), (10, 2, None, None)]
+    m = A._branch_mask(7, 5, 2, "cpu")
+    assert m[5].tolist() == [True, True, False, False, False, True, False]  # prompt + itself
+    assert m[4].tolist() == [True] * 5 + [False, False]                     # chosen: causal
+    with pytest.raises(ValueError, match="drops"):
+        A._segments(torch.tensor([0, 1, 2, 1, 2, 1]))
+    with pytest.raises(ValueError, match="branch"):
+        A._segments(torch.tensor([0, 1, 5, 6]))
+
+
+def test_dpo_stage_uses_one_row_batches_when_attention_allows(tmp_path):
+    from starpo.config import DPOStage
+    from starpo.stages.dpo import one_row
+    st = DPOStage(type="dpo", data={"sources": [{"path": "world:preference"}]})
+    model = llama()
+    assert one_row(model, st)
+    assert not one_row(model, st.model_copy(update={"train": st.train.model_copy(
+        update={"gradient_checkpointing": True})}))
+    model.starpo_segment_attention = False
+    assert not one_row(model, st)
+    model.config._attn_implementation = "flash_attention_2"
+    assert not one_row(model, st)                         # flash cannot share prefixes
+    assert one_row(model, st.model_copy(update={"prefix_sharing": False}))   # varlen docs

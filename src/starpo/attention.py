@@ -19,7 +19,12 @@ once per segment:
   implementation has no entry in transformers' mask registry, transformers builds no
   ``L × L`` mask at all;
 * a ``[B, 1, L, L]`` bool mask (prefix sharing, True = attend): each segment uses its own
-  diagonal block of it.
+  diagonal block of it;
+* no mask on prefix-shared rows built without one (``collate_prefix_shared(...,
+  dense_mask=False)``): the pair's layout is read from its positions — prompt ``0..P-1``,
+  chosen ``P..``, then a drop back to ``P`` where the rejected response starts — and the
+  segment gets its own small mask: causal, rejected rows blind to the chosen columns. So a
+  whole micro-batch of pairs can be one row with no ``L × L`` mask anywhere.
 
 The result equals transformers' whole-row computation to float tolerance (tests/
 test_attention.py, values and gradients, for SFT packing, padding-free and prefix-shared
@@ -46,13 +51,60 @@ NAME = "starpo_segments"
 _registered = False
 
 
-def _segments(pos_row: torch.Tensor) -> list[int]:
-    """Lengths of the segments of one row: a segment starts wherever position_ids is 0."""
+def _segments(pos_row: torch.Tensor) -> list[tuple[int, int, int | None, int | None]]:
+    """The segments of one row as ``(start, length, branch, prompt_len)``: a segment starts
+    wherever position_ids is 0; ``branch`` is the offset (in the segment) where positions
+    drop back to ``prompt_len`` (a prefix-shared pair's rejected response), else None."""
+    n = pos_row.numel()
     starts = (pos_row == 0).nonzero().flatten().tolist()
     if not starts or starts[0] != 0:
         starts = [0] + starts
-    ends = starts[1:] + [pos_row.numel()]
-    return [e - s for s, e in zip(starts, ends)]
+    ends = starts[1:] + [n]
+    # a drop: a position that neither continues the previous one nor starts a segment
+    jumps = ((pos_row[1:] != pos_row[:-1] + 1) & (pos_row[1:] != 0)).nonzero().flatten()
+    jumps = (jumps + 1).tolist()
+    out, k = [], 0
+    for s, e in zip(starts, ends):
+        inside = []
+        while k < len(jumps) and jumps[k] < e:
+            if jumps[k] > s:
+                inside.append(jumps[k])
+            k += 1
+        if len(inside) > 1:
+            raise ValueError(f"{NAME} attention: a segment with {len(inside)} position drops "
+                             "(only one branch per segment, a prefix-shared pair, is supported)")
+        if inside:
+            b = inside[0]
+            q = int(pos_row[b])
+            if not 0 < q <= b - s - 1:
+                raise ValueError(f"{NAME} attention: a branch at position {q} does not "
+                                 "continue a prompt of its segment")
+            out.append((s, e - s, b - s, q))
+        else:
+            out.append((s, e - s, None, None))
+    return out
+
+
+# the segments of the position_ids tensor of the current forward: every layer gets the
+# same tensor object, so they are read once. The entry holds that tensor itself (identity,
+# not an address that a later tensor could reuse) and is dropped when the forward ends.
+_plans: dict = {}
+
+
+def _row_plans(position_ids: torch.Tensor, rows: int) -> list:
+    if _plans.get("ids") is not position_ids:
+        pos = position_ids.expand(rows, -1) if position_ids.shape[0] != rows else position_ids
+        _plans.clear()
+        _plans.update(ids=position_ids, plan=[_segments(row) for row in pos.cpu()])
+    return _plans["plan"]
+
+
+def _branch_mask(n: int, branch: int, prompt_len: int, device) -> torch.Tensor:
+    """``[n, n]`` bool, True = attend: causal, except that rejected rows (from ``branch``)
+    do not see the chosen columns ``prompt_len..branch-1``."""
+    m = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    m[branch:, prompt_len:branch] = False
+    return m
 
 
 def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -70,29 +122,34 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     if query.shape[2] != key.shape[2]:
         raise ValueError(f"{NAME} attention is for training forwards (no KV cache)")
     B = query.shape[0]
-    pos = position_ids.expand(B, -1) if position_ids.shape[0] != B else position_ids
     gqa = query.shape[1] != key.shape[1]
     if attention_mask is not None and (attention_mask.dim() != 4 or
                                        attention_mask.dtype != torch.bool):
         raise ValueError(f"{NAME} attention takes no mask or a bool [B, 1, L, L] mask")
     rows = []
+    plans = _row_plans(position_ids, B)
     for b, (qb, kb, vb) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
-        lens = _segments(pos[b])
-        outs, s = [], 0
-        for q, k, v in zip(qb.split(lens, 1), kb.split(lens, 1), vb.split(lens, 1)):
-            n = q.shape[1]
+        segs = plans[b]
+        lens = [n for _, n, _, _ in segs]
+        outs = []
+        for (s, n, branch, plen), q, k, v in zip(segs, qb.split(lens, 1), kb.split(lens, 1),
+                                                 vb.split(lens, 1)):
             # 4D inputs: only those reach the fused CPU kernel; 3D ones take the slower
             # unfused math path (bmm + softmax)
             q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-            if attention_mask is None:
+            if attention_mask is not None:
+                m = attention_mask[b:b + 1, :, s:s + n, s:s + n]
+            elif branch is not None:
+                m = _branch_mask(n, branch, plen, q.device)
+            else:
+                m = None
+            if m is None:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, scale=scaling,
                                                    dropout_p=dropout, enable_gqa=gqa)
             else:
-                m = attention_mask[b:b + 1, :, s:s + n, s:s + n]
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling,
                                                    dropout_p=dropout, enable_gqa=gqa)
             outs.append(o[0])
-            s += n
         rows.append(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
     out = torch.stack(rows, 0)
     return out.transpose(1, 2).contiguous(), None
@@ -155,6 +212,7 @@ def segment_attention(core: nn.Module):
     register()
     cfgs = _configs(core)
     old = [c._attn_implementation for c in cfgs]
+    _plans.clear()
     try:
         for c in cfgs:
             c._attn_implementation = NAME
@@ -162,3 +220,18 @@ def segment_attention(core: nn.Module):
     finally:
         for c, o in zip(cfgs, old):
             c._attn_implementation = o
+        _plans.clear()
+
+
+def one_row_batches(core: nn.Module, *, prefix_shared: bool, checkpointing: bool = False
+                    ) -> bool:
+    """Whether a micro-batch of packed documents (or of prefix-shared pairs) can be ONE row
+    of any length — no row cap, no padding — for ``core``: its attention costs ``Σ
+    segment²`` whatever the row length (segment attention; for documents without shared
+    prompts also flash-attention varlen), and for prefix-shared pairs segment attention
+    reads each pair's layout from its positions, so no ``L × L`` mask is built. Not under
+    gradient checkpointing (see :func:`local_attention`)."""
+    if checkpointing:
+        return False
+    kind = local_attention(core)
+    return kind == "segments" if prefix_shared else kind in ("segments", "flash")

@@ -213,7 +213,7 @@ def collate_padding_free(pairs: Sequence[Any], max_tokens_per_row: int | None = 
 
 
 def collate_prefix_shared(pairs: Sequence[Any], max_tokens_per_row: int | None = None, *,
-                          pad_id: int = 0) -> TokenBatch:
+                          pad_id: int = 0, dense_mask: bool = True) -> TokenBatch:
     """Each pair as one segment ``prompt | chosen | rejected`` with a 4D bool mask.
 
     Within a segment of a prompt of P tokens, chosen C and rejected R:
@@ -229,6 +229,12 @@ def collate_prefix_shared(pairs: Sequence[Any], max_tokens_per_row: int | None =
     sdpa, and NaN × 0 gradients still poison the weights). ``attention_mask`` is
     ``[B, 1, L, L]`` bool, True = attend; ``starpo.logprobs`` adapts it to the model's
     attention kernel (sdpa as is, eager as an additive mask, sliding windows applied).
+
+    ``dense_mask=False``: no mask at all (``attention_mask`` None, ``meta["implicit_prefix"]``
+    True). The positions alone say where each rejected response branches off its prompt,
+    and :mod:`starpo.attention`'s segment attention reads them (any other kernel would let
+    rejected tokens see the chosen ones, so :mod:`starpo.logprobs` refuses such a batch
+    without it). This is what lets a micro-batch of pairs be one row of any length.
     """
     ps = _check_pairs(pairs)
     lengths = [len(p) + len(c) + len(r) for p, c, _, r, _ in ps]
@@ -237,7 +243,7 @@ def collate_prefix_shared(pairs: Sequence[Any], max_tokens_per_row: int | None =
     b = len(rows)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((b, width), dtype=torch.long)
-    mask = torch.zeros((b, 1, width, width), dtype=torch.bool)
+    mask = torch.zeros((b, 1, width, width), dtype=torch.bool) if dense_mask else None
     tg = new_targets()
     for r, row in enumerate(rows):
         off = 0
@@ -248,10 +254,11 @@ def collate_prefix_shared(pairs: Sequence[Any], max_tokens_per_row: int | None =
             input_ids[r, off:end] = torch.tensor(prompt + c_ids + r_ids, dtype=torch.long)
             position_ids[r, off:r0] = torch.arange(np_ + nc)
             position_ids[r, r0:end] = torch.arange(np_, np_ + nr)
-            causal = torch.ones(np_ + nc, np_ + nc, dtype=torch.bool).tril()
-            mask[r, 0, off:r0, off:r0] = causal                               # prompt + chosen
-            mask[r, 0, r0:end, off:c0] = True                                 # rejected -> prompt
-            mask[r, 0, r0:end, r0:end] = torch.ones(nr, nr, dtype=torch.bool).tril()
+            if mask is not None:
+                causal = torch.ones(np_ + nc, np_ + nc, dtype=torch.bool).tril()
+                mask[r, 0, off:r0, off:r0] = causal                           # prompt + chosen
+                mask[r, 0, r0:end, off:c0] = True                             # rejected -> prompt
+                mask[r, 0, r0:end, r0:end] = torch.ones(nr, nr, dtype=torch.bool).tril()
             last_prompt = c0 - 1
             _add_targets(tg, c_lab, row=r, positions=range(c0, r0), seq=2 * i,
                          predictors=[last_prompt] + list(range(c0, r0 - 1)))
@@ -259,13 +266,14 @@ def collate_prefix_shared(pairs: Sequence[Any], max_tokens_per_row: int | None =
                          predictors=[last_prompt] + list(range(r0, end - 1)))
             off = end
         pad = torch.arange(off, width)
-        mask[r, 0, pad, pad] = True
+        if mask is not None:
+            mask[r, 0, pad, pad] = True
         position_ids[r, off:] = torch.arange(width - off)
     real = sum(lengths)
     return TokenBatch(
         input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
         **targets_to_tensors(tg), num_seqs=2 * len(ps), num_pad=input_ids.numel() - real,
-        meta=_meta("prefix_shared", len(ps), real, rows=rows),
+        meta=_meta("prefix_shared", len(ps), real, rows=rows, implicit_prefix=mask is None),
     )
 
 

@@ -101,12 +101,21 @@ def compute_reference(model, pairs: list, *, batch_size: int = 16, chunk_size: i
                       prefix_sharing: bool = True, device=None, progress: bool = True,
                       max_tokens_per_row: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of chosen and rejected responses under ``model`` (no grad)."""
-    from starpo.logprobs import sequence_logprobs
+    """Summed log-probs of chosen and rejected responses under ``model`` (no grad).
+
+    Micro-batches are single rows (no cap, no dense mask) when the model's attention allows
+    it (:func:`starpo.attention.one_row_batches`), else rows of ``max_tokens_per_row``."""
+    from starpo.attention import one_row_batches
+    from starpo.logprobs import sequence_logprobs, unwrap_model
     from starpo.prefbatch import collate_padding_free, collate_prefix_shared
 
     model.eval()
-    collate = collate_prefix_shared if prefix_sharing else collate_padding_free
+    if one_row_batches(unwrap_model(model), prefix_shared=prefix_sharing):
+        max_tokens_per_row = None
+        collate = (lambda ps, cap: collate_prefix_shared(ps, cap, dense_mask=False)) \
+            if prefix_sharing else collate_padding_free
+    else:
+        collate = collate_prefix_shared if prefix_sharing else collate_padding_free
     ch, rj = torch.zeros(len(pairs)), torch.zeros(len(pairs))
     for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs",
                   disable=not progress, leave=False):

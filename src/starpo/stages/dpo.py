@@ -29,14 +29,30 @@ def row_tokens(spec: PreferenceSpec) -> int:
     return 2 * spec.max_length
 
 
-def collate_pairs(pairs: list[TokenizedPair], spec: PreferenceSpec, pad_id: int) -> TokenBatch:
+def collate_pairs(pairs: list[TokenizedPair], spec: PreferenceSpec, pad_id: int, *,
+                  one_row: bool = False) -> TokenBatch:
+    """A micro-batch of pairs in the spec's layout. ``one_row``
+    (:func:`starpo.attention.one_row_batches`): no row cap, so no padding, and for prefix
+    sharing no dense mask."""
     from starpo import prefbatch as PB
     dicts = [p.as_dict() for p in pairs]
+    cap = None if one_row else row_tokens(spec)
     if spec.prefix_sharing:
-        return PB.collate_prefix_shared(dicts, row_tokens(spec))
+        return PB.collate_prefix_shared(dicts, cap, dense_mask=not one_row)
     if spec.padding_free:
-        return PB.collate_padding_free(dicts, row_tokens(spec))
+        return PB.collate_padding_free(dicts, cap)
     return PB.collate_padded(dicts, pad_id)
+
+
+def one_row(model, stage) -> bool:
+    """Micro-batches of ``stage`` as single rows for ``model`` (see ``collate_pairs``)."""
+    from starpo.attention import one_row_batches
+    from starpo.logprobs import unwrap_model
+    if not (stage.prefix_sharing or stage.padding_free):
+        return False
+    train = getattr(stage, "train", None)
+    return one_row_batches(unwrap_model(model), prefix_shared=stage.prefix_sharing,
+                           checkpointing=bool(train and train.gradient_checkpointing))
 
 
 def preference_losses(spec: PreferenceSpec, pc, pr, nc, nr, rc=None, rr=None):
@@ -92,13 +108,15 @@ class PreferenceTask:
     """Pairs → micro-batches; loss = Σ over pairs (the loop divides by the step's pairs)."""
 
     def __init__(self, pairs: list[TokenizedPair], spec: PreferenceSpec, *, batch_size: int,
-                 pad_id: int, seed: int, ref_chosen=None, ref_rejected=None):
+                 pad_id: int, seed: int, ref_chosen=None, ref_rejected=None,
+                 one_row: bool = False):
         self.pairs, self.spec, self.batch_size = pairs, spec, batch_size
-        self.pad_id, self.seed = pad_id, seed
+        self.pad_id, self.seed, self.one_row = pad_id, seed, one_row
         self.ref_c, self.ref_r = ref_chosen, ref_rejected
 
     def batch_for(self, idx: list[int]) -> TokenBatch:
-        b = collate_pairs([self.pairs[i] for i in idx], self.spec, self.pad_id)
+        b = collate_pairs([self.pairs[i] for i in idx], self.spec, self.pad_id,
+                          one_row=self.one_row)
         b.meta["pairs"] = torch.tensor(idx, dtype=torch.long)
         if self.ref_c is not None:
             b.meta["ref_chosen"] = self.ref_c[idx]
@@ -199,9 +217,10 @@ def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: 
     rc, rr, ref = prepare_reference(ctx, stage, tok, all_pairs, ref_path,
                                     batch_size=max(stage.train.batch_size, 8))
     n = len(train_pairs)
+    rows1 = one_row(model, stage)
     mk = lambda ps, a, b, bs: PreferenceTask(  # noqa: E731
         ps, stage, batch_size=bs, pad_id=tok.pad_token_id, seed=seed,
-        ref_chosen=a, ref_rejected=b)
+        ref_chosen=a, ref_rejected=b, one_row=rows1)
     task = mk(train_pairs, rc[:n] if rc is not None else None,
               rr[:n] if rr is not None else None, stage.train.batch_size)
     held = mk(eval_pairs, rc[n:] if rc is not None else None,
