@@ -236,8 +236,10 @@ def run_dpo_starpo(cfg, rep: int) -> dict:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     rss_after_ref = current_rss_mib()
     if library_path:
+        from starpo.stages.dpo import one_row
         task = PreferenceTask(pairs, spec, batch_size=bs, pad_id=tok.pad_token_id, seed=0,
-                              ref_chosen=ref_c, ref_rejected=ref_r)
+                              ref_chosen=ref_c, ref_rejected=ref_r,
+                              one_row=one_row(model, spec))   # what the DPO stage does
     else:
         task = V.BenchPreferenceTask(pairs, spec, batch_size=bs, pad_id=tok.pad_token_id,
                                      seed=0, collate=V.collate_fn(layout, cap, tok.pad_token_id),
