@@ -12,11 +12,12 @@ Scoring, padding-free
     Pairs are tokenized exactly as for DPO (:func:`starpo.stages.dpo.tokenize_pairs`:
     chat template rendered once, then tokenized once). ``prompt + chosen`` and
     ``prompt + rejected`` are packed as separate documents with restarting
-    ``position_ids`` (:func:`starpo.prefbatch.collate_padding_free`) into rows of at most
-    ``max_length`` tokens (every document fits: tokenization truncates to it; rows are
-    bounded because kernels without per-document attention pay it over a whole row — on
-    this CPU one 5265-token row took 5.7 s forward+backward with whole-row sdpa, the same
-    documents in 256-token rows 0.4 s), the body runs once with ``use_cache=False`` and
+    ``position_ids`` (:func:`starpo.prefbatch.collate_padding_free`): one row per
+    micro-batch when the attention is per document (:func:`starpo.attention.one_row_batches`),
+    else rows of at most ``max_length`` tokens (every document fits: tokenization truncates
+    to it; whole-row attention makes long rows expensive — on this CPU one 5265-token row
+    took 5.7 s forward+backward with whole-row sdpa, the same documents in 256-token rows
+    0.4 s). The body runs once with ``use_cache=False`` and
     attention per document (:func:`starpo.logprobs.body_hidden_states`), and the head
     reads the hidden state of each document's *last* token. That is the token
     ``RewardModelJudge`` scores at inference (the last non-pad token of the same rendered
@@ -222,7 +223,14 @@ def run_reward(ctx, stage) -> dict:
     from accelerate import PartialState
     state = PartialState()
     rm = build_reward_model(start, tok, ctx.recipe.model, seed=seed, device=state.device)
-    evaluate = lambda ps: evaluate_reward(rm, ps, max_tokens_per_row=stage.max_length)  # noqa
+    # one row per micro-batch when attention stays per document at any row length;
+    # otherwise rows of max_length (whole-row attention would cost L²)
+    from starpo.attention import one_row_batches
+    from starpo.logprobs import unwrap_model
+    cap = None if one_row_batches(unwrap_model(rm), prefix_shared=False,
+                                  checkpointing=stage.train.gradient_checkpointing) \
+        else stage.max_length
+    evaluate = lambda ps: evaluate_reward(rm, ps, max_tokens_per_row=cap)  # noqa
     probe = random.Random(f"starpo-reward-probe|{seed}").sample(
         train_pairs, min(TRAIN_PROBE, len(train_pairs)))
     summary: dict = {"start": start, "pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
@@ -231,7 +239,7 @@ def run_reward(ctx, stage) -> dict:
         summary["eval_before"] = evaluate(eval_pairs)
 
     task = RewardTask(train_pairs, batch_size=stage.train.batch_size, seed=seed,
-                      max_tokens_per_row=stage.max_length)
+                      max_tokens_per_row=cap)
     res = run_loop(rm, task, stage.train, ctx.stage_dir(stage.name), seed=seed,
                    resume=not ctx.restart, desc=stage.name, progress=ctx.progress,
                    module_factory=lambda m, spec: SequenceScores(m))
