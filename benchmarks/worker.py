@@ -144,7 +144,7 @@ def _run_starpo_loop(model, task, spec, n_steps: int) -> dict:
 
 
 def run_sft_starpo(cfg, rep: int) -> dict:
-    from starpo.attention import local_attention
+    from starpo.attention import one_row_batches
     from starpo.data.packing import layout_sft, padding_fraction
     from starpo.stages.sft import SFTTask, tokenize_sft_rows
     from benchmarks import variants as V
@@ -160,7 +160,7 @@ def run_sft_starpo(cfg, rep: int) -> dict:
                         max_length=cfg["max_length"], seed=0)
     prep_s = time.perf_counter() - t0
     # what the SFT stage does: one row per micro-batch when attention is per document
-    flat = layout.mode != "pad" and local_attention(model) is not None
+    flat = layout.mode != "pad" and one_row_batches(model, prefix_shared=False)
     if cfg.get("logprobs", "chunked") == "chunked":
         task = SFTTask(layout, batch_size=cfg["batch_size"], pad_id=tok.pad_token_id, seed=0,
                        flat=flat)
@@ -473,9 +473,9 @@ def run_profile(cfg, rep: int) -> dict:
         from starpo.stages.sft import tokenize_sft_rows
         docs = tokenize_sft_rows(tok, rows, progress=False)
         layout = layout_sft(docs, mode="pack", loss_masking=True, max_length=cfg["max_length"])
-        from starpo.attention import local_attention
+        from starpo.attention import one_row_batches
         batches = sft_microbatches(layout, batch_size=cfg["batch_size"], pad_id=tok.pad_token_id,
-                                   seed=0, epoch=0, flat=local_attention(model) is not None)[:3]
+                                   seed=0, epoch=0, flat=one_row_batches(model, prefix_shared=False))[:3]
 
     def step(b):
         model.zero_grad(set_to_none=True)

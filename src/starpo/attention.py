@@ -142,13 +142,10 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
             elif branch is not None:
                 m = _branch_mask(n, branch, plen, q.device)
             else:
-                m = None
-            if m is None:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, scale=scaling,
-                                                   dropout_p=dropout, enable_gqa=gqa)
-            else:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling,
-                                                   dropout_p=dropout, enable_gqa=gqa)
+                m = None            # a plain document: causal, no mask to build
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=m,
+                                               is_causal=m is None and n > 1, scale=scaling,
+                                               dropout_p=dropout, enable_gqa=gqa)
             outs.append(o[0])
         rows.append(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
     out = torch.stack(rows, 0)

@@ -304,9 +304,10 @@ def _sum_per_sequence(target_lp: Tensor, batch: TokenBatch) -> tuple[Tensor, Ten
     return sums, counts
 
 
-def _check_implicit_prefix(core: nn.Module, batch: TokenBatch, plain: bool = False) -> None:
-    """A prefix-shared batch built without a mask is correct only under segment attention."""
-    if batch.meta.get("implicit_prefix") and (plain or not segments_apply(core, None)):
+def _check_implicit_prefix(batch: TokenBatch, segments: bool) -> None:
+    """A prefix-shared batch built without a mask is correct only under segment attention
+    (``segments``: whether this forward runs it)."""
+    if batch.meta.get("implicit_prefix") and not segments:
         raise ValueError("this prefix-shared batch has no attention mask (dense_mask=False): "
                          "only segment attention reads its layout (sdpa/eager, no gradient "
                          "checkpointing, model.segment_attention on); build it with a mask")
@@ -317,8 +318,9 @@ def body_hidden_states(core: nn.Module, body: nn.Module, batch: TokenBatch) -> T
     unwrapped HF model) on ``batch``, with ``use_cache=False`` (a cache object would make
     transformers ignore the packed layout) and attention per packed document where
     :func:`starpo.attention.segments_apply` says so (``Σ segment²`` instead of ``L²``)."""
-    _check_implicit_prefix(core, batch)
-    if segments_apply(core, batch.attention_mask):
+    segments = segments_apply(core, batch.attention_mask)
+    _check_implicit_prefix(batch, segments)
+    if segments:
         with segment_attention(core):
             out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, use_cache=False)
@@ -358,7 +360,7 @@ def plain_sequence_logprobs(model: nn.Module, batch: TokenBatch) -> tuple[Tensor
     """Reference path for tests: the model's own forward, full ``[B, L, V]`` logits,
     float32 log-softmax, gather. Same outputs as :func:`sequence_logprobs`."""
     core = unwrap_model(model)
-    _check_implicit_prefix(core, batch, plain=True)
+    _check_implicit_prefix(batch, segments=False)
     out = core(input_ids=batch.input_ids, attention_mask=model_attention_mask(core, batch),
                position_ids=batch.position_ids, use_cache=False)
     logp = F.log_softmax(out.logits.float(), dim=-1)

@@ -838,12 +838,16 @@ def box_chart(groups: Sequence[dict], *, title: str, ylabel: str = "",
         body.append(f'<text class="label" x="{_num(xm)}" y="{fr.h - fr.b + 16}" '
                     f'text-anchor="middle">{esc(g["label"])}</text>')
     if _finite(baseline):
-        y = fr.py(float(baseline))
-        body.append(f'<line class="meanline" x1="{fr.l}" x2="{fr.w - fr.r}" y1="{_num(y)}" '
-                    f'y2="{_num(y)}"/><text class="tick" x="{fr.w - fr.r - 4}" '
-                    f'y="{_num(y - 4)}" text-anchor="end">{esc(baseline_label)} '
-                    f'{fmt(baseline)}</text>')
+        body.append(_baseline_line(fr, float(baseline), baseline_label))
     return _svg(width, height, body, "chart box-chart", title)
+
+
+def _baseline_line(fr: "_Frame", y_value: float, label: str) -> str:
+    """A dashed horizontal line across the plot at ``y_value``, labelled at its right end."""
+    y = fr.py(y_value)
+    return (f'<line class="meanline" x1="{fr.l}" x2="{fr.w - fr.r}" y1="{_num(y)}" '
+            f'y2="{_num(y)}"/><text class="tick" x="{fr.w - fr.r - 4}" y="{_num(y - 4)}" '
+            f'text-anchor="end">{esc(label)} {fmt(y_value)}</text>')
 
 
 def value_chart(rows: Sequence[dict], *, title: str, xlabel: str, ylabel: str,
@@ -904,10 +908,7 @@ def trials_scatter(points: Sequence[dict], legend: Sequence[tuple[str, str]], *,
         body.append(f'<rect x="{lx}" y="{fr.t - 19}" width="10" height="10" fill="{color}"/>'
                     f'<text class="legend" x="{lx + 14}" y="{fr.t - 10}">{esc(name)}</text>')
     if _finite(baseline):
-        y = fr.py(float(baseline))
-        body.append(f'<line class="meanline" x1="{fr.l}" x2="{fr.w - fr.r}" y1="{_num(y)}" '
-                    f'y2="{_num(y)}"/><text class="tick" x="{fr.w - fr.r - 4}" '
-                    f'y="{_num(y - 4)}" text-anchor="end">SFT {fmt(baseline)}</text>')
+        body.append(_baseline_line(fr, float(baseline), "SFT"))
     for p in points:
         body.append(f'<circle class="pt" cx="{_num(fr.px(p["x"]))}" cy="{_num(fr.py(p["y"]))}" '
                     f'r="5" fill="{p["color"]}"><title>{esc(p["label"])}</title></circle>')

@@ -968,24 +968,31 @@ def _record(plan: SweepPlan, store: ResultStore, k: int, t: Trial, rec: Recipe, 
     store.append(r)
 
 
+def _run_trial(plan, k: int, t: Trial, rec: Recipe, run: Callable[[Recipe, Path], None], *,
+               where: str, raise_errors: bool, log: Callable[[str], None]):
+    """Prepare one trial's directory and run it: ``(k, t, rec, tdir, seconds, error)``.
+    A :class:`StarpoError` is always returned as the trial's error; any other exception
+    too, unless ``raise_errors``."""
+    tdir = _prepare_trial(plan.out, t, rec)
+    log(f"[{k}/{len(plan.trials)}] {t.id}: running{where} ({tdir})")
+    t0, err = time.time(), None
+    try:
+        run(rec, tdir)
+    except StarpoError as e:
+        err = e
+    except Exception as e:  # noqa: BLE001 - recorded; the sweep goes on
+        if raise_errors:
+            raise
+        err = e
+    return k, t, rec, tdir, time.time() - t0, err
+
+
 def _run_sequential(plan, store, todo, *, runner, progress, raise_errors, log) -> None:
     """One trial after another in this process (the pipeline, or ``runner``)."""
+    run = runner or (lambda rec, tdir: run_trial_in_process(rec, tdir, progress=progress))
     for k, t, rec in todo:
-        tdir = _prepare_trial(plan.out, t, rec)
-        log(f"[{k}/{len(plan.trials)}] {t.id}: running ({tdir})")
-        t0, err = time.time(), None
-        try:
-            if runner is not None:
-                runner(rec, tdir)
-            else:
-                run_trial_in_process(rec, tdir, progress=progress)
-        except StarpoError as e:
-            err = e
-        except Exception as e:  # noqa: BLE001 - recorded; the sweep goes on
-            if raise_errors:
-                raise
-            err = e
-        _record(plan, store, k, t, rec, tdir, time.time() - t0, err, log)
+        _record(plan, store, *_run_trial(plan, k, t, rec, run, where="",
+                                         raise_errors=raise_errors, log=log), log)
 
 
 def _run_parallel(plan, store, todo, *, jobs, runner, log) -> None:
@@ -998,18 +1005,10 @@ def _run_parallel(plan, store, todo, *, jobs, runner, log) -> None:
     def work(k: int, t: Trial, rec: Recipe):
         with lock:
             slot = slots.pop()
+        run = runner or (lambda rec, tdir: run_trial_subprocess(rec, tdir, env=envs[slot]))
         try:
-            tdir = _prepare_trial(plan.out, t, rec)
-            log(f"[{k}/{len(plan.trials)}] {t.id}: running in a child process ({tdir})")
-            t0, err = time.time(), None
-            try:
-                if runner is not None:
-                    runner(rec, tdir)
-                else:
-                    run_trial_subprocess(rec, tdir, env=envs[slot])
-            except Exception as e:  # noqa: BLE001 - recorded by the caller
-                err = e
-            return k, t, rec, tdir, time.time() - t0, err
+            return _run_trial(plan, k, t, rec, run, where=" in a child process",
+                              raise_errors=False, log=log)
         finally:
             with lock:
                 slots.append(slot)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from starpo.attention import local_attention
+from starpo.attention import one_row_batches
 from starpo.batch import TokenBatch
 from starpo.logprobs import unwrap_model
 from starpo.config import SFTStage
@@ -82,8 +82,9 @@ def run_sft(ctx, stage: SFTStage) -> dict:
     # one row per micro-batch (no padding) when attention stays inside documents at
     # Σ document² cost whatever the row length; gradient checkpointing is switched on
     # by run_loop, so it is checked from the stage's settings here
-    flat = (p.mode != "pad" and not stage.train.gradient_checkpointing
-            and local_attention(unwrap_model(model)) is not None)
+    flat = p.mode != "pad" and one_row_batches(
+        unwrap_model(model), prefix_shared=False,
+        checkpointing=stage.train.gradient_checkpointing)
     first = sft_microbatches(layout, batch_size=stage.train.batch_size, pad_id=tok.pad_token_id,
                              seed=seed, epoch=0, flat=flat)
     pad = padding_fraction(first)
