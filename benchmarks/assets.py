@@ -4,7 +4,7 @@ Everything is built once by the parent (``build_assets``) into a work directory 
 back by each child, so starpo and TRL see byte-identical weights, tokenizer and rows.
 
 Data. Text is made of pseudo-words from a fixed list of ``N_WORDS`` words; the byte-level
-BPE (``starpo.modeling.train_tokenizer``, the tiny default's tokenizer) is trained on that
+BPE (``starpo.loading.train_tokenizer``, the tiny default's tokenizer) is trained on that
 text with a vocabulary large enough that every word (with its leading space) is one
 token, so a segment of ``n`` words is ``n`` tokens and lengths are controlled. Segment
 lengths are drawn log-uniformly in ``[lo, hi]`` tokens (default 10–400): many short
@@ -102,8 +102,8 @@ def build_assets(work: Path, *, corpus_passes: int = 400, model: dict | None = N
     ``corpus_passes`` < 400 (tests) gives a smaller vocabulary in which words may take
     several tokens, and ``model`` overrides entries of ``MODEL``; the benchmark itself
     always uses the defaults."""
-    from starpo import modeling
-    from starpo.config import TinyModelSpec
+    from starpo.model import loading
+    from starpo.recipe.schema import TinyModelSpec
 
     target = work / "model"
     dims = {**MODEL, **(model or {})}
@@ -111,11 +111,11 @@ def build_assets(work: Path, *, corpus_passes: int = 400, model: dict | None = N
                         "passes": corpus_passes}, sort_keys=True)
     if (target / "stamp.json").is_file() and (target / "stamp.json").read_text() == stamp:
         return target
-    tok = modeling.train_tokenizer(_corpus(corpus_passes), VOCAB_SIZE, 0,
+    tok = loading.train_tokenizer(_corpus(corpus_passes), VOCAB_SIZE, 0,
                                    model_max_length=MODEL["max_position_embeddings"])
     spec = TinyModelSpec(vocab_size=VOCAB_SIZE, **dims)
-    model = modeling.build_tiny_model(spec, tok, seed=0, attn_implementation="sdpa")
-    modeling.save_pretrained(model, tok, target)
+    model = loading.build_tiny_model(spec, tok, seed=0, attn_implementation="sdpa")
+    loading.save_pretrained(model, tok, target)
     (target / "stamp.json").write_text(stamp)
     return target
 

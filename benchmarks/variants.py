@@ -22,10 +22,10 @@ import functools
 import torch
 from torch import nn
 
-from starpo import prefbatch as PB
-from starpo.batch import TokenBatch
-from starpo.attention import segment_attention, segments_apply
-from starpo.logprobs import model_attention_mask, sequence_logprobs, unwrap_model
+from starpo.data import prefbatch as PB
+from starpo.data.batch import TokenBatch
+from starpo.model.attention import segment_attention, segments_apply
+from starpo.model.logprobs import model_attention_mask, sequence_logprobs, unwrap_model
 from starpo.stages.dpo import PreferenceTask
 from starpo.stages.sft import SFTTask
 

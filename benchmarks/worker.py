@@ -125,14 +125,14 @@ def run_matmul(cfg, rep: int) -> dict:
 # ----------------------------------------------------------------------------- starpo
 
 def _train_spec(cfg, **kw):
-    from starpo.config import TrainSpec
+    from starpo.recipe.schema import TrainSpec
     return TrainSpec(lr=cfg.get("lr", 1e-5), epochs=1, batch_size=cfg["batch_size"],
                      grad_accum=1, scheduler="cosine", warmup_ratio=0.0, log_every=1,
                      mixed_precision="no", max_grad_norm=1.0, **kw)
 
 
 def _run_starpo_loop(model, task, spec, n_steps: int) -> dict:
-    from starpo.train import run_loop
+    from starpo.train.loop import run_loop
     ends: list[float] = []
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
@@ -144,7 +144,7 @@ def _run_starpo_loop(model, task, spec, n_steps: int) -> dict:
 
 
 def run_sft_starpo(cfg, rep: int) -> dict:
-    from starpo.attention import one_row_batches
+    from starpo.model.attention import one_row_batches
     from starpo.data.packing import layout_sft, padding_fraction
     from starpo.stages.sft import SFTTask, tokenize_sft_rows
     from benchmarks import variants as V
@@ -192,7 +192,7 @@ def run_sft_starpo(cfg, rep: int) -> dict:
 
 
 def _tokenize_pairs(tok, rows, cfg):
-    from starpo.config import PreferenceSpec
+    from starpo.recipe.schema import PreferenceSpec
     from starpo.stages.dpo import tokenize_pairs
     spec = PreferenceSpec(loss="dpo", beta=0.1, max_length=cfg["max_length"],
                           max_prompt_length=cfg["max_length"] // 2,
@@ -206,7 +206,7 @@ def _tokenize_pairs(tok, rows, cfg):
 
 def run_dpo_starpo(cfg, rep: int) -> dict:
     import copy
-    from starpo.refcache import compute_reference
+    from starpo.train.refcache import compute_reference
     from starpo.stages.dpo import PreferenceTask
     from benchmarks import variants as V
 
@@ -473,7 +473,7 @@ def run_profile(cfg, rep: int) -> dict:
         from starpo.stages.sft import tokenize_sft_rows
         docs = tokenize_sft_rows(tok, rows, progress=False)
         layout = layout_sft(docs, mode="pack", loss_masking=True, max_length=cfg["max_length"])
-        from starpo.attention import one_row_batches
+        from starpo.model.attention import one_row_batches
         batches = sft_microbatches(layout, batch_size=cfg["batch_size"], pad_id=tok.pad_token_id,
                                    seed=0, epoch=0, flat=one_row_batches(model, prefix_shared=False))[:3]
 

@@ -14,7 +14,7 @@ torch.set_num_threads(2)
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
-from starpo.modeling import CHATML_TEMPLATE as CHATML  # noqa: E402
+from starpo.model.loading import CHATML_TEMPLATE as CHATML  # noqa: E402
 
 
 def realdata(*parts: str) -> Path:
@@ -38,9 +38,9 @@ def gpt2_chatml():
 @pytest.fixture(scope="session")
 def world_tokenizer():
     """The tiny default tokenizer: byte-level BPE trained on the world's corpus."""
-    from starpo import modeling
+    from starpo.model import loading
     from starpo.world import World
-    return modeling.train_tokenizer(World(0).corpus(2000), vocab_size=512, seed=0)
+    return loading.train_tokenizer(World(0).corpus(2000), vocab_size=512, seed=0)
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from starpo import analysis as A
+from starpo.metrics import analysis as A
 
 
 def _rec(tid, method, params, score=None, length=None, kl=None, status="ok", **extra):
@@ -289,7 +289,7 @@ def test_analyze_dir_reads_records_baseline_and_per_prompt_files(tmp_path):
 
 
 def test_sweep_report_renders_every_section(tmp_path):
-    from starpo import report as R
+    from starpo.report import run_page as R
     d = make_sweep_dir(tmp_path / "s")
     out = R.write_report(d)                      # a sweep directory gets the sweep page
     html = out.read_text()

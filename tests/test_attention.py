@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from starpo import attention as A
+from starpo.model import attention as A
 from starpo.data.packing import layout_sft, padding_fraction, sft_microbatches
 from starpo.data.tokenize import IGNORE, TokenizedSFT
-from starpo.logprobs import plain_sequence_logprobs, sequence_logprobs
-from starpo.prefbatch import collate_padded, collate_padding_free, collate_prefix_shared
+from starpo.model.logprobs import plain_sequence_logprobs, sequence_logprobs
+from starpo.data.prefbatch import collate_padded, collate_padding_free, collate_prefix_shared
 
 VOCAB = 61
 
@@ -158,16 +158,16 @@ def test_context_restores_implementation_and_rejects_misuse():
 
 
 def test_segments_recipe_option_reaches_the_model(tmp_path):
-    from starpo import modeling
-    from starpo.config import ModelSpec
+    from starpo.model import loading
+    from starpo.recipe.schema import ModelSpec
     from starpo.world import World
     spec = ModelSpec(tiny={"vocab_size": 320, "hidden_size": 32, "num_hidden_layers": 1,
                            "num_attention_heads": 2, "num_key_value_heads": 2,
                            "intermediate_size": 64}, segment_attention=False)
-    model, _ = modeling.build_or_load(spec, lambda: World(0).corpus(200), seed=0,
+    model, _ = loading.build_or_load(spec, lambda: World(0).corpus(200), seed=0,
                                       cache_dir=str(tmp_path))
     assert A.local_attention(model) is None
-    model2 = modeling.load_model(str(next(tmp_path.iterdir())), spec.model_copy(
+    model2 = loading.load_model(str(next(tmp_path.iterdir())), spec.model_copy(
         update={"segment_attention": True}))
     assert A.local_attention(model2) == "segments"
 
@@ -213,7 +213,7 @@ def test_segment_plans_read_branches_from_positions():
 
 
 def test_dpo_stage_uses_one_row_batches_when_attention_allows(tmp_path):
-    from starpo.config import DPOStage
+    from starpo.recipe.schema import DPOStage
     from starpo.stages.dpo import one_row
     st = DPOStage(type="dpo", data={"sources": [{"path": "world:preference"}]})
     model = llama()

@@ -20,11 +20,11 @@ SCRIPT = textwrap.dedent('''
     from pathlib import Path
     import torch
     import transformers as T
-    from starpo.config import TrainSpec
+    from starpo.recipe.schema import TrainSpec
     from starpo.data.packing import layout_sft
     from starpo.data.tokenize import TokenizedSFT
     from starpo.stages.sft import SFTTask
-    from starpo.train import run_loop
+    from starpo.train.loop import run_loop
 
     out, grad_accum = Path(sys.argv[1]), int(sys.argv[2])
     torch.set_num_threads(1)

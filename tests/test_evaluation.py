@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from starpo import evaluation as E
-from starpo.config import GenerationSpec, JudgeSpec, TinyModelSpec
+from starpo.metrics import evaluation as E
+from starpo.recipe.schema import GenerationSpec, JudgeSpec, TinyModelSpec
 from starpo.errors import StarpoError
-from starpo.judges import GoldJudge, PairwiseJudge, make_judge
+from starpo.judges.builtin import GoldJudge, PairwiseJudge, make_judge
 
 SPEC = GenerationSpec(temperature=0.7, top_p=0.9, max_new_tokens=12, batch_size=4)
 TINY = TinyModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -33,13 +33,14 @@ def one_thread():
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """Two tiny chat models (different seeds) sharing the world tokenizer, saved to disk."""
-    from starpo import modeling, world
+    from starpo import world
+    from starpo.model import loading
     d = tmp_path_factory.mktemp("eval-models")
-    tok = modeling.train_tokenizer(world.World(0).corpus(500), 400)
+    tok = loading.train_tokenizer(world.World(0).corpus(500), 400)
     paths = {}
     for name, seed in (("sft", 0), ("dpo", 1)):
-        model = modeling.build_tiny_model(TINY, tok, seed=seed)
-        modeling.save_pretrained(model, tok, d / name / "model")
+        model = loading.build_tiny_model(TINY, tok, seed=seed)
+        loading.save_pretrained(model, tok, d / name / "model")
         paths[name] = str(d / name / "model")
     return {"dir": d, "tok": tok, **paths}
 
@@ -157,8 +158,8 @@ def _plain_logprob(model, prompt_ids, response_ids) -> float:
 
 
 def test_response_logprobs_equal_plain_forward(ckpts):
-    from starpo import modeling
-    model = modeling.load_model(ckpts["dpo"], for_training=False)
+    from starpo.model import loading
+    model = loading.load_model(ckpts["dpo"], for_training=False)
     g = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
     prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7)]
@@ -173,12 +174,12 @@ def test_response_logprobs_equal_plain_forward(ckpts):
 def test_kl_logprobs_equal_a_direct_forward_on_the_sampled_tokens(evaluated, ckpts, prompts):
     """logp_policy / logp_sft in the records are the log-probs of render_prompt(tok, prompt)
     + the sampled token ids under each model, as a plain forward computes them."""
-    from starpo import modeling
-    from starpo.generation import render_prompt
+    from starpo.model import loading
+    from starpo.generate.sampling import render_prompt
     res, _ = evaluated
-    tok = modeling.load_tokenizer(ckpts["dpo"])
-    policy = modeling.load_model(ckpts["dpo"], for_training=False)
-    sft = modeling.load_model(ckpts["sft"], for_training=False)
+    tok = loading.load_tokenizer(ckpts["dpo"])
+    policy = loading.load_model(ckpts["dpo"], for_training=False)
+    sft = loading.load_model(ckpts["sft"], for_training=False)
     samples = res.samples["dpo"]
     for i, rec in enumerate(res.records["dpo"]):
         p_ids = render_prompt(tok, rec["prompt"])
@@ -247,10 +248,10 @@ def test_gold_scores_and_outputs(evaluated, prompts):
 
 def test_reward_model_judge_from_a_checkpoint(ckpts, prompts, tmp_path):
     """A reward-model judge loaded from a (hub-format) checkpoint directory scores here."""
-    from starpo import modeling
-    causal = modeling.load_model(ckpts["sft"], for_training=False)
-    rm = modeling.reward_model_from_causal(causal, seed=0)
-    modeling.save_pretrained(rm, ckpts["tok"], tmp_path / "rm")
+    from starpo.model import loading
+    causal = loading.load_model(ckpts["sft"], for_training=False)
+    rm = loading.reward_model_from_causal(causal, seed=0)
+    loading.save_pretrained(rm, ckpts["tok"], tmp_path / "rm")
     judge = make_judge(JudgeSpec(type="reward_model", path=str(tmp_path / "rm"), batch_size=4))
     res = E.evaluate_models({"dpo": ckpts["dpo"]}, prompts[:4], judge, SPEC, sft=None, seed=0,
                             bootstrap=50, out_dir=tmp_path / "eval", progress=False,
@@ -305,8 +306,8 @@ def test_eval_stage_in_the_pipeline(ckpts, tmp_path):
     """The registered eval stage evaluates every trained policy stage (neither the reward
     stage nor a policy stage not trained yet), writes eval/summary.json, marks itself
     complete, and the pipeline writes the report."""
-    from starpo import pipeline
-    from starpo.config import load_recipe
+    from starpo.run import pipeline
+    from starpo.recipe.schema import load_recipe
     run = _write_run(ckpts, tmp_path / "run", eval_stage=True)
     recipe = load_recipe(run / "recipe.yaml")
     logs: list[str] = []

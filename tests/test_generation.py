@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from starpo.config import GenerationSpec
+from starpo.recipe.schema import GenerationSpec
 from starpo.errors import StarpoError
-from starpo.generation import (
+from starpo.generate.sampling import (
     Backend, Generations, HFBackend, generate, render_prompt, row_key, row_uniform,
     sample_tokens, stop_token_ids,
 )

@@ -11,9 +11,9 @@ import types
 import pytest
 import torch
 
-from starpo.config import JudgeSpec, ModelSpec
+from starpo.recipe.schema import JudgeSpec, ModelSpec
 from starpo.errors import StarpoError
-from starpo.judges import (
+from starpo.judges.builtin import (
     GoldJudge, GPTNeoXRewardModel, Judge, PairwiseJudge, PointwiseJudge, RewardModelJudge,
     make_judge, openassistant_format, rank_groups, register_openassistant,
 )

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starpo.batch import TokenBatch
-from starpo.logprobs import (SequenceLogprobs, logit_transform, model_attention_mask,
+from starpo.data.batch import TokenBatch
+from starpo.model.logprobs import (SequenceLogprobs, logit_transform, model_attention_mask,
                              plain_sequence_logprobs, sequence_logprobs, target_logprobs,
                              verify_logit_head)
-from starpo.prefbatch import collate_padded, collate_padding_free, collate_prefix_shared
+from starpo.data.prefbatch import collate_padded, collate_padding_free, collate_prefix_shared
 
 VOCAB = 96
 

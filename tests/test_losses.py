@@ -178,8 +178,8 @@ def text_rows(n: int = 6):
 
 
 def our_logps(model, pairs, layout):
-    from starpo.logprobs import sequence_logprobs
-    from starpo.prefbatch import collate_padded, collate_prefix_shared, split_pairs
+    from starpo.model.logprobs import sequence_logprobs
+    from starpo.data.prefbatch import collate_padded, collate_prefix_shared, split_pairs
 
     batch = collate_padded(pairs, 0) if layout == "padded" else collate_prefix_shared(pairs)
     sums, counts, _ = sequence_logprobs(model, batch, chunk_size=7)

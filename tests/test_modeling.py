@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from starpo import modeling as M
-from starpo.config import ModelSpec, TinyModelSpec
+from starpo.model import loading as M
+from starpo.recipe.schema import ModelSpec, TinyModelSpec
 from starpo.errors import StarpoError
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"

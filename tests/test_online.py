@@ -10,9 +10,9 @@ import random
 import pytest
 import torch
 
-from starpo import modeling
-from starpo import online as O
-from starpo.config import GenerationSpec, TinyModelSpec, recipe_from_dict
+from starpo.model import loading
+from starpo.stages import online_rounds as O
+from starpo.recipe.schema import GenerationSpec, TinyModelSpec, recipe_from_dict
 
 TINY = TinyModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=4, intermediate_size=128)
@@ -122,10 +122,10 @@ def test_round_prompts_differ_between_rounds():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     from starpo import world
-    tok = modeling.train_tokenizer(world.World(0).corpus(500), 400)
-    model = modeling.build_tiny_model(TINY, tok, seed=0)
+    tok = loading.train_tokenizer(world.World(0).corpus(500), 400)
+    model = loading.build_tiny_model(TINY, tok, seed=0)
     path = tmp_path_factory.mktemp("base") / "model"
-    modeling.save_pretrained(model, tok, path)
+    loading.save_pretrained(model, tok, path)
     return {"tok": tok, "model": model, "path": str(path)}
 
 
@@ -166,7 +166,7 @@ def _weights(path):
 
 
 def test_online_stage_end_to_end_with_learned_judge_and_resume(base, tmp_path, monkeypatch):
-    from starpo.pipeline import run
+    from starpo.run.pipeline import run
     recipe = recipe_from_dict(_recipe(base["path"], {
         "rounds": 2, "prompts_per_round": 4,
         "judge": {"type": "reward_model", "path": "reward", "batch_size": 8}}))
@@ -202,7 +202,7 @@ def test_online_stage_end_to_end_with_learned_judge_and_resume(base, tmp_path, m
     assert [r["round"] for r in stage["rounds"]] == [1, 2]
 
     # judge scores in samples.jsonl are the learned reward model's
-    from starpo.judges import RewardModelJudge
+    from starpo.judges.builtin import RewardModelJudge
     s0 = O.read_jsonl(d / "round_1" / "samples.jsonl")[0]
     judge = RewardModelJudge(str(tmp_path / "reward" / "model"))
     assert judge.score([s0["prompt"]] * 3, [x["text"] for x in s0["samples"]]) == \
@@ -249,7 +249,7 @@ def oa_reward_model(tmp_path_factory):
     from transformers import PreTrainedTokenizerFast
 
     from starpo import world
-    from starpo.judges import GPTNeoXRewardConfig, GPTNeoXRewardModel
+    from starpo.judges.builtin import GPTNeoXRewardConfig, GPTNeoXRewardModel
 
     d = tmp_path_factory.mktemp("oa-rm")
     specials = ["<|endoftext|>", "<|padding|>", "<|prompter|>", "<|assistant|>"]
@@ -278,8 +278,8 @@ def oa_reward_model(tmp_path_factory):
 
 def test_online_stage_with_an_openassistant_judge_and_fixed_reference(base, tmp_path,
                                                                      oa_reward_model):
-    from starpo.judges import RewardModelJudge, openassistant_format
-    from starpo.pipeline import run
+    from starpo.judges.builtin import RewardModelJudge, openassistant_format
+    from starpo.run.pipeline import run
     recipe = recipe_from_dict(_recipe(base["path"], {
         "rounds": 2, "prompts_per_round": 3, "reference_mode": "fixed",
         "pair_selection": "best_random",

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from starpo import pipeline
-from starpo.config import recipe_from_dict
+from starpo.run import pipeline
+from starpo.recipe.schema import recipe_from_dict
 
 TINY = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 400}
@@ -135,23 +135,23 @@ def test_runs_share_a_reference_cache_directory(sft_run, tmp_path):
 def test_cached_reference_equals_a_fresh_forward(sft_run, tmp_path):
     from safetensors.torch import load_file
 
-    from starpo import modeling
+    from starpo.model import loading
     from starpo.data.sources import load_mixture, split_eval
-    from starpo.logprobs import plain_sequence_logprobs
-    from starpo.prefbatch import collate_padded
+    from starpo.model.logprobs import plain_sequence_logprobs
+    from starpo.data.prefbatch import collate_padded
     from starpo.stages.dpo import tokenize_pairs
     _copy_sft(sft_run, tmp_path)
     rec = recipe_from_dict(_recipe())
     pipeline.run(rec, tmp_path, log=_quiet, progress=False, report=False)
     st = rec.stage("dpo")
     path = str(tmp_path / "sft" / "model")
-    tok = modeling.load_tokenizer(path)
+    tok = loading.load_tokenizer(path)
     rows = load_mixture(st.data, "preference", seed=0)
     tr, ev = split_eval(rows, st.data.eval_fraction, 0)
     pairs = tokenize_pairs(tok, tr, st, on_bad_rows="error", progress=False, log=_quiet)[0] + \
         tokenize_pairs(tok, ev, st, on_bad_rows="error", progress=False, log=_quiet)[0]
     cached = load_file(str(next((tmp_path / "refcache").glob("ref-*.safetensors"))))
-    model = modeling.load_model(path, for_training=False)
+    model = loading.load_model(path, for_training=False)
     with torch.no_grad():
         lp, _, _ = plain_sequence_logprobs(model, collate_padded([p.as_dict() for p in pairs],
                                                                  tok.pad_token_id))

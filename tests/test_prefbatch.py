@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from starpo.logprobs import model_attention_mask, plain_sequence_logprobs, sequence_logprobs
-from starpo.prefbatch import (_best_fit, collate_padded, collate_padding_free,
+from starpo.model.logprobs import model_attention_mask, plain_sequence_logprobs, sequence_logprobs
+from starpo.data.prefbatch import (_best_fit, collate_padded, collate_padding_free,
                               collate_prefix_shared, split_pairs, tokens_saved)
 
 VOCAB = 96

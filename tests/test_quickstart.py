@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from starpo import pipeline
-from starpo.config import load_recipe
+from starpo.run import pipeline
+from starpo.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK = [

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from starpo import pipeline
-from starpo.config import load_recipe
+from starpo.run import pipeline
+from starpo.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -33,7 +33,7 @@ def test_recipe_validates_and_plans(path, tmp_path):
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_sweep_file_expands(path):
-    from starpo.sweep import load_sweep
+    from starpo.run.sweep import load_sweep
     assert load_sweep(path).trials
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from starpo import report as R
+from starpo.report import run_page as R
 
 MODELS = ["sft", "dpo", "simpo"]
 

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from starpo import modeling
-from starpo.config import RewardStage, TinyModelSpec, recipe_from_dict
+from starpo.model import loading
+from starpo.recipe.schema import RewardStage, TinyModelSpec, recipe_from_dict
 from starpo.stages.reward import (
     RewardTask, SequenceScores, bradley_terry_loss, collate_reward_pairs, evaluate_reward,
     reward_metrics, sequence_scores,
@@ -28,10 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def base(tmp_path_factory):
     """The tiny model and its world tokenizer, also saved as a checkpoint."""
     from starpo import world
-    tok = modeling.train_tokenizer(world.World(0).corpus(500), 400)
-    model = modeling.build_tiny_model(TINY, tok, seed=0)
+    tok = loading.train_tokenizer(world.World(0).corpus(500), 400)
+    model = loading.build_tiny_model(TINY, tok, seed=0)
     path = tmp_path_factory.mktemp("base") / "model"
-    modeling.save_pretrained(model, tok, path)
+    loading.save_pretrained(model, tok, path)
     return {"tok": tok, "model": model, "path": str(path)}
 
 
@@ -49,7 +49,7 @@ def pairs(base):
 
 @pytest.fixture(scope="module")
 def rm(base):
-    model = modeling.reward_model_from_causal(base["model"], seed=3)
+    model = loading.reward_model_from_causal(base["model"], seed=3)
     with torch.no_grad():   # a head far from zero, so a wrong position cannot pass
         model.score.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
     return model.eval()
@@ -94,7 +94,7 @@ def test_bradley_terry_loss_and_metrics_by_hand():
 
 
 def test_task_loss_has_gradients_through_the_module(base, pairs):
-    model = modeling.reward_model_from_causal(base["model"], seed=0).train()
+    model = loading.reward_model_from_causal(base["model"], seed=0).train()
     task = RewardTask(pairs, batch_size=4, seed=0)
     mbs = task.microbatches(0)
     assert [task.units(b) for b in mbs] == [4.0, 4.0, 4.0]
@@ -109,11 +109,11 @@ def test_task_loss_has_gradients_through_the_module(base, pairs):
 def test_loop_trains_the_reward_model_through_its_scoring_module(base, pairs, tmp_path):
     """``run_loop(module_factory=SequenceScores)`` trains the reward model: the same
     steps by hand (Adam on the summed Bradley–Terry loss / pairs) reach the same weights."""
-    import starpo.train as T
-    from starpo.config import TrainSpec
+    import starpo.train.loop as T
+    from starpo.recipe.schema import TrainSpec
     spec = TrainSpec(lr=1e-3, max_steps=3, batch_size=4, log_every=1, scheduler="constant",
                      warmup_ratio=0.0, max_grad_norm=None)
-    start = modeling.reward_model_from_causal(base["model"], seed=0)
+    start = loading.reward_model_from_causal(base["model"], seed=0)
     looped = copy_model(start)
     task = RewardTask(pairs, batch_size=4, seed=0)
     res = T.run_loop(looped, task, spec, tmp_path / "a", seed=0, progress=False,
@@ -145,8 +145,8 @@ def test_microbatches_are_seeded(pairs):
 
 
 def test_reward_stage_end_to_end_and_judge_loads_it(base, tmp_path):
-    from starpo.judges import JudgeSpec, RewardModelJudge, make_judge
-    from starpo.pipeline import run
+    from starpo.judges.builtin import JudgeSpec, RewardModelJudge, make_judge
+    from starpo.run.pipeline import run
     from starpo.stages.dpo import tokenize_pairs
     from starpo import world
 
@@ -178,8 +178,8 @@ def test_reward_stage_end_to_end_and_judge_loads_it(base, tmp_path):
     prompts = [r["prompt"] for r in rows]
     texts = [r["chosen"][0]["content"] for r in rows]
     got = judge.score(prompts, texts)
-    saved = modeling.load_reward_model(str(d / "model"))
-    tok = modeling.load_tokenizer(str(d / "model"))
+    saved = loading.load_reward_model(str(d / "model"))
+    tok = loading.load_tokenizer(str(d / "model"))
     spec = RewardStage(type="reward", data={"sources": [{"path": "x"}]})
     tp, _ = tokenize_pairs(tok, rows, spec, on_bad_rows="error", progress=False, log=print)
     with torch.no_grad():

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from starpo import sweep as S
-from starpo.config import load_recipe
+from starpo.run import sweep as S
+from starpo.recipe.schema import load_recipe
 
 TINY = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 400}

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from starpo.config import TrainSpec
+from starpo.recipe.schema import TrainSpec
 from starpo.data.packing import layout_sft
 from starpo.errors import TrainingError
 from starpo.stages.sft import SFTTask
-from starpo.train import latest_checkpoint, run_loop
+from starpo.train.loop import latest_checkpoint, run_loop
 from test_packing import _docs
 
 

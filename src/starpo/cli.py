@@ -62,8 +62,8 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """Run the stages of RECIPE in order; finished stages are skipped."""
-    from starpo import pipeline
-    from starpo.config import dump_recipe, load_recipe
+    from starpo.run import pipeline
+    from starpo.recipe.schema import dump_recipe, load_recipe
 
     def go():
         rec = load_recipe(recipe, overrides or [])
@@ -94,7 +94,7 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="A run directory."),
              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """Evaluate the models of RUN_DIR: gold score, win rates, KL to SFT, length."""
     def go():
-        from starpo.evaluation import evaluate_run
+        from starpo.metrics.evaluation import evaluate_run
         evaluate_run(run_dir, models=[m.strip() for m in models.split(",")] if models else None,
                      n=n, stage=stage, progress=not quiet, report=not no_report)
     _guard(go)
@@ -118,7 +118,7 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """Run a hyperparameter sweep: shared stages once, then one run per grid point, then the
     robustness analysis (DIR/trials.jsonl, DIR/analysis.json, DIR/report.html)."""
-    from starpo import sweep as S
+    from starpo.run import sweep as S
 
     def go():
         sw = S.load_sweep(sweep_file, overrides or [])
@@ -143,7 +143,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run or sweep directory.")
     """Write RUN_DIR/report.html from the run's metrics and evaluation; for a sweep
     directory, the sweep's analysis.json and report.html."""
     def go():
-        from starpo.report import write_report
+        from starpo.report.run_page import write_report
         typer.echo(str(write_report(run_dir)))
     _guard(go)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from starpo.batch import TokenBatch, new_targets, targets_from_labels, targets_to_tensors
+from starpo.data.batch import TokenBatch, new_targets, targets_from_labels, targets_to_tensors
 from starpo.data.tokenize import IGNORE, TokenizedSFT
 
 

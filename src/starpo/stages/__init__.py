@@ -12,6 +12,6 @@ def register_all(registry: dict) -> None:
     # stages whose modules are optional in a partial checkout register when present
     for kind, mod, fn in (("reward", "starpo.stages.reward", "run_reward"),
                           ("online", "starpo.stages.online", "run_online"),
-                          ("eval", "starpo.stages.evaluate", "run_eval")):
+                          ("eval", "starpo.stages.eval", "run_eval")):
         if importlib.util.find_spec(mod) is not None:
             registry[kind] = getattr(importlib.import_module(mod), fn)

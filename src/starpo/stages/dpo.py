@@ -15,8 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from starpo import losses as L
-from starpo.batch import TokenBatch
-from starpo.config import PreferenceSpec
+from starpo.data.batch import TokenBatch
+from starpo.recipe.schema import PreferenceSpec
 from starpo.data.tokenize import PairStats, TokenizedPair, tokenize_pair
 from starpo.errors import BadRows, DataError
 
@@ -34,7 +34,7 @@ def collate_pairs(pairs: list[TokenizedPair], spec: PreferenceSpec, pad_id: int,
     """A micro-batch of pairs in the spec's layout. ``one_row``
     (:func:`starpo.attention.one_row_batches`): no row cap, so no padding, and for prefix
     sharing no dense mask."""
-    from starpo import prefbatch as PB
+    from starpo.data import prefbatch as PB
     dicts = [p.as_dict() for p in pairs]
     cap = None if one_row else row_tokens(spec)
     if spec.prefix_sharing:
@@ -46,8 +46,8 @@ def collate_pairs(pairs: list[TokenizedPair], spec: PreferenceSpec, pad_id: int,
 
 def one_row(model, stage) -> bool:
     """Micro-batches of ``stage`` as single rows for ``model`` (see ``collate_pairs``)."""
-    from starpo.attention import one_row_batches
-    from starpo.logprobs import unwrap_model
+    from starpo.model.attention import one_row_batches
+    from starpo.model.logprobs import unwrap_model
     if not (stage.prefix_sharing or stage.padding_free):
         return False
     train = getattr(stage, "train", None)
@@ -152,7 +152,7 @@ class PreferenceTask:
 @torch.no_grad()
 def evaluate_pairs(model, task: PreferenceTask, *, chunk_size: int = 1024, device=None) -> dict:
     """Mean metrics of ``task``'s pairs under ``model`` (held-out reward accuracy etc.)."""
-    from starpo.train import TargetLogprobs
+    from starpo.train.loop import TargetLogprobs
     module = TargetLogprobs(model, chunk_size)
     was = model.training
     model.eval()
@@ -190,8 +190,8 @@ def tokenize_pairs(tokenizer, rows: list[dict], spec: PreferenceSpec, *, on_bad_
 
 def prepare_reference(ctx, stage, tok, pairs, ref_path: str, *, batch_size: int):
     """Reference log-probs for ``pairs`` from the cache (computed on a miss)."""
-    from starpo import modeling
-    from starpo.refcache import reference_logps
+    from starpo.model import loading
+    from starpo.train.refcache import reference_logps
     if not needs_reference(stage):
         return None, None, None
     if not stage.reference_cache:
@@ -200,7 +200,7 @@ def prepare_reference(ctx, stage, tok, pairs, ref_path: str, *, batch_size: int)
     cache_dir = ctx.refcache if stage.reference_cache else Path(ctx.out) / stage.name / \
         "refcache-tmp"
     ref = reference_logps(ref_path, tok, pairs, cache_dir=cache_dir,
-                          load_model=lambda: modeling.load_model(ref_path, ctx.recipe.model,
+                          load_model=lambda: loading.load_model(ref_path, ctx.recipe.model,
                                                                  for_training=False),
                           batch_size=batch_size, chunk_size=stage.train.logprob_chunk_size,
                           prefix_sharing=stage.prefix_sharing, progress=ctx.progress,
@@ -212,7 +212,7 @@ def prepare_reference(ctx, stage, tok, pairs, ref_path: str, *, batch_size: int)
 def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: str,
                      out_dir: Path, *, seed: int, desc: str) -> dict:
     """Shared by the offline stage and each online round."""
-    from starpo.train import run_loop
+    from starpo.train.loop import run_loop
     all_pairs = train_pairs + eval_pairs
     rc, rr, ref = prepare_reference(ctx, stage, tok, all_pairs, ref_path,
                                     batch_size=max(stage.train.batch_size, 8))
@@ -225,7 +225,7 @@ def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: 
               rr[:n] if rr is not None else None, stage.train.batch_size)
     held = mk(eval_pairs, rc[n:] if rc is not None else None,
               rr[n:] if rr is not None else None, 32) if eval_pairs else None
-    from starpo import prefbatch as PB
+    from starpo.data import prefbatch as PB
     saved = PB.tokens_saved([p.as_dict() for p in train_pairs]) if stage.prefix_sharing else {}
     summary: dict = {"pairs": n, "eval_pairs": len(eval_pairs),
                      "reference_cache_hit": bool(ref and ref.hit), "prefix_sharing": saved}
@@ -253,7 +253,7 @@ def prepare_pairs(ctx, stage, tok, seed: int) -> tuple[list[TokenizedPair], list
     stages (``stage`` has ``data``, ``max_length`` and ``max_prompt_length``)."""
     from starpo.data.prepare import fingerprint, prepared
     from starpo.data.sources import load_mixture, split_eval
-    from starpo.refcache import tokenizer_fingerprint
+    from starpo.train.refcache import tokenizer_fingerprint
 
     def build():
         rows = load_mixture(stage.data, "preference", world_seed=ctx.recipe.world.seed,
@@ -274,20 +274,20 @@ def prepare_pairs(ctx, stage, tok, seed: int) -> tuple[list[TokenizedPair], list
 
 
 def run_dpo(ctx, stage) -> dict:
-    from starpo import modeling
+    from starpo.model import loading
 
     seed = ctx.seed_for(stage)
     start = ctx.resolve_model(stage.model, before=stage.name)
     ref_path = ctx.resolve_model(stage.reference, before=stage.name) if stage.reference \
         else start
-    tok = modeling.load_tokenizer(start, ctx.recipe.model)
+    tok = loading.load_tokenizer(start, ctx.recipe.model)
     train_pairs, eval_pairs = prepare_pairs(ctx, stage, tok, seed)
     ctx.log(f"  {len(train_pairs)} training pairs, {len(eval_pairs)} held out; loss "
             f"{stage.loss} β={stage.beta}" + (f" γ={stage.gamma}" if stage.loss == "simpo"
                                               else ""))
-    model = modeling.load_model(start, ctx.recipe.model)
+    model = loading.load_model(start, ctx.recipe.model)
     summary = train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path,
                                ctx.stage_dir(stage.name), seed=seed, desc=stage.name)
-    modeling.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model")
+    loading.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model")
     summary["reference"] = ref_path
     return summary

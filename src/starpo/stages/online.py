@@ -41,7 +41,7 @@ import shutil
 import time
 from pathlib import Path
 
-from starpo import online as O
+from starpo.stages import online_rounds as O
 from starpo.errors import StarpoError
 
 
@@ -175,16 +175,16 @@ def run_online(ctx, stage) -> dict:
 def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: str,
               rdir: Path, *, seed: int) -> dict:
     """One round: sample, judge, select, train; returns the round's summary."""
-    from starpo import modeling
+    from starpo.model import loading
     from starpo.stages.dpo import tokenize_pairs, train_preference
 
     rseed = O.round_seed(seed, k)
     timer = O.Timer()
     state = _state()
     rdir.mkdir(parents=True, exist_ok=True)
-    tok = modeling.load_tokenizer(policy_path, ctx.recipe.model)
+    tok = loading.load_tokenizer(policy_path, ctx.recipe.model)
     # on the process's device from the start: sampling comes before the loop moves it
-    model = modeling.load_model(policy_path, ctx.recipe.model, device=state.device,
+    model = loading.load_model(policy_path, ctx.recipe.model, device=state.device,
                                 tokenizer=tok)
 
     judged = rdir / "judged.json"
@@ -235,7 +235,7 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
     timer.add("training", t0)
     t0 = time.time()
     if state.is_main_process:
-        modeling.save_pretrained(model, tok, rdir / "model")
+        loading.save_pretrained(model, tok, rdir / "model")
         shutil.rmtree(rdir / "checkpoints", ignore_errors=True)
     timer.add("saving", t0)
     summary["seconds"] = {**info.get("seconds", {}), **timer.seconds}
@@ -249,7 +249,7 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
 
 
 def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer):
-    from starpo.judges import make_judge
+    from starpo.judges.builtin import make_judge
 
     # the prompt permutation is the stage's (rounds take consecutive blocks of it); the
     # samples and the pair draws are the round's

@@ -2,7 +2,7 @@
 
 The starting point is a causal LM (by default the SFT stage's model): its body is copied
 into ``AutoModelForSequenceClassification`` with a fresh scalar head
-(:func:`starpo.modeling.reward_model_from_causal`). The trained model is saved to
+(:func:`starpo.loading.reward_model_from_causal`). The trained model is saved to
 ``DIR/<stage>/model/`` as a sequence-classification checkpoint that
 :class:`starpo.judges.RewardModelJudge` loads, so an online stage can be judged by a
 *learned* reward model while evaluation keeps the gold reward (as in the papers, the
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from starpo.batch import TokenBatch
+from starpo.data.batch import TokenBatch
 from starpo.errors import StarpoError
 
 TRAIN_PROBE = 256   # training pairs scored before/after (accuracy on what it fits)
@@ -57,7 +57,7 @@ TRAIN_PROBE = 256   # training pairs scored before/after (accuracy on what it fi
 def collate_reward_pairs(pairs, max_tokens_per_row: int | None = None) -> TokenBatch:
     """Padding-free batch of pairs (sequence 2i = chosen, 2i+1 = rejected) with the
     location of every document's last token in ``meta["last_row"]``/``meta["last_pos"]``."""
-    from starpo.prefbatch import collate_padding_free
+    from starpo.data.prefbatch import collate_padding_free
 
     dicts = [p.as_dict() if hasattr(p, "as_dict") else p for p in pairs]
     b = collate_padding_free(dicts, max_tokens_per_row)
@@ -100,7 +100,7 @@ def sequence_scores(model: nn.Module, batch: TokenBatch) -> Tensor:
     their ``position_ids``), the head sees only the last token of each document.
     Differentiable; ``batch`` must be on the model's device.
     """
-    from starpo.logprobs import body_hidden_states, unwrap_model
+    from starpo.model.logprobs import body_hidden_states, unwrap_model
     core = unwrap_model(model)
     hidden = body_hidden_states(core, getattr(core, core.base_model_prefix), batch)
     dev = hidden.device
@@ -196,26 +196,26 @@ def evaluate_reward(model: nn.Module, pairs, *, batch_size: int = 32,
 def build_reward_model(start: str, tok, model_spec, *, seed: int, device=None):
     """A reward model from the causal-LM checkpoint ``start``: same body, fresh head
     (seeded), LoRA applied when the recipe asks for it."""
-    from starpo import modeling
-    causal = modeling.load_model(start, model_spec, for_training=False, tokenizer=tok,
+    from starpo.model import loading
+    causal = loading.load_model(start, model_spec, for_training=False, tokenizer=tok,
                                  lora=False, device=device)
-    rm = modeling.reward_model_from_causal(causal, pad_token_id=tok.pad_token_id, seed=seed)
+    rm = loading.reward_model_from_causal(causal, pad_token_id=tok.pad_token_id, seed=seed)
     del causal
     rm.requires_grad_(True)
     rm.train()
     if model_spec.lora:
-        rm = modeling.apply_lora(rm, model_spec.lora, task_type="SEQ_CLS")
+        rm = loading.apply_lora(rm, model_spec.lora, task_type="SEQ_CLS")
     return rm
 
 
 def run_reward(ctx, stage) -> dict:
-    from starpo import modeling
+    from starpo.model import loading
     from starpo.stages.dpo import prepare_pairs
-    from starpo.train import run_loop
+    from starpo.train.loop import run_loop
 
     seed = ctx.seed_for(stage)
     start = ctx.resolve_model(stage.model, before=stage.name)
-    tok = modeling.load_tokenizer(start, ctx.recipe.model)
+    tok = loading.load_tokenizer(start, ctx.recipe.model)
     train_pairs, eval_pairs = prepare_pairs(ctx, stage, tok, seed)
     ctx.log(f"  reward model from {start}: {len(train_pairs)} training pairs, "
             f"{len(eval_pairs)} held out; Bradley–Terry loss")
@@ -225,8 +225,8 @@ def run_reward(ctx, stage) -> dict:
     rm = build_reward_model(start, tok, ctx.recipe.model, seed=seed, device=state.device)
     # one row per micro-batch when attention stays per document at any row length;
     # otherwise rows of max_length (whole-row attention would cost L²)
-    from starpo.attention import one_row_batches
-    from starpo.logprobs import unwrap_model
+    from starpo.model.attention import one_row_batches
+    from starpo.model.logprobs import unwrap_model
     cap = None if one_row_batches(unwrap_model(rm), prefix_shared=False,
                                   checkpointing=stage.train.gradient_checkpointing) \
         else stage.max_length
@@ -254,6 +254,6 @@ def run_reward(ctx, stage) -> dict:
                  f"{summary['eval_after']['reward_accuracy']:.3f} ({len(eval_pairs)} pairs)")
     ctx.log(line)
     if state.is_main_process:
-        modeling.save_pretrained(rm, tok, ctx.stage_dir(stage.name) / "model")
+        loading.save_pretrained(rm, tok, ctx.stage_dir(stage.name) / "model")
     state.wait_for_everyone()
     return summary

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from starpo.attention import one_row_batches
-from starpo.batch import TokenBatch
-from starpo.logprobs import unwrap_model
-from starpo.config import SFTStage
+from starpo.model.attention import one_row_batches
+from starpo.data.batch import TokenBatch
+from starpo.model.logprobs import unwrap_model
+from starpo.recipe.schema import SFTStage
 from starpo.data.packing import SFTLayout, layout_sft, padding_fraction, sft_microbatches
 from starpo.data.tokenize import TokenizedSFT, tokenize_conversation
 from starpo.errors import BadRows, DataError
@@ -52,16 +52,16 @@ def tokenize_sft_rows(tokenizer, rows: list[dict], *, on_bad_rows: str = "error"
 
 
 def run_sft(ctx, stage: SFTStage) -> dict:
-    from starpo import modeling
+    from starpo.model import loading
     from starpo.data.sources import load_mixture
-    from starpo.train import run_loop
+    from starpo.train.loop import run_loop
 
     seed = ctx.seed_for(stage)
     start = ctx.resolve_model(stage.model, before=stage.name)
-    tok = modeling.load_tokenizer(start, ctx.recipe.model)
-    model = modeling.load_model(start, ctx.recipe.model)
+    tok = loading.load_tokenizer(start, ctx.recipe.model)
+    model = loading.load_model(start, ctx.recipe.model)
     from starpo.data.prepare import fingerprint, prepared
-    from starpo.refcache import tokenizer_fingerprint
+    from starpo.train.refcache import tokenizer_fingerprint
 
     def build():
         rows = load_mixture(stage.data, "sft", world_seed=ctx.recipe.world.seed, seed=seed,
@@ -97,7 +97,7 @@ def run_sft(ctx, stage: SFTStage) -> dict:
                    flat=flat)
     res = run_loop(model, task, stage.train, ctx.stage_dir(stage.name), seed=seed,
                    resume=not ctx.restart, desc=stage.name, progress=ctx.progress)
-    modeling.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model")
+    loading.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model")
     return {"steps": res.steps, "final": res.last_metrics, "conversations": len(docs),
             "rows": len(layout.rows), "padding_fraction": pad, "truncated": layout.truncated,
             "trainable_tokens_per_epoch": ntok}

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from starpo.batch import TokenBatch
-from starpo.config import TrainSpec
+from starpo.data.batch import TokenBatch
+from starpo.recipe.schema import TrainSpec
 from starpo.errors import TrainingError
 
 Metrics = dict[str, tuple[float, float]]  # name -> (sum, count); averaged as sum/count
@@ -53,7 +53,7 @@ class TargetLogprobs(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, batch: TokenBatch):
-        from starpo.logprobs import sequence_logprobs
+        from starpo.model.logprobs import sequence_logprobs
         return sequence_logprobs(self.model, batch, chunk_size=self.chunk_size)
 
 

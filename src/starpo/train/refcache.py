@@ -105,9 +105,9 @@ def compute_reference(model, pairs: list, *, batch_size: int = 16, chunk_size: i
 
     Micro-batches are single rows (no cap, no dense mask) when the model's attention allows
     it (:func:`starpo.attention.one_row_batches`), else rows of ``max_tokens_per_row``."""
-    from starpo.attention import one_row_batches
-    from starpo.logprobs import sequence_logprobs, unwrap_model
-    from starpo.prefbatch import collate_padding_free, collate_prefix_shared
+    from starpo.model.attention import one_row_batches
+    from starpo.model.logprobs import sequence_logprobs, unwrap_model
+    from starpo.data.prefbatch import collate_padding_free, collate_prefix_shared
 
     model.eval()
     if one_row_batches(unwrap_model(model), prefix_shared=prefix_sharing):

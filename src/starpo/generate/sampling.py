@@ -72,7 +72,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from transformers import LogitsProcessor
 
-from starpo.config import GenerationSpec
+from starpo.recipe.schema import GenerationSpec
 from starpo.errors import StarpoError
 
 logger = logging.getLogger(__name__)

@@ -144,7 +144,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[list[dict]], spec, *, n
                      seed: int, progress: bool = True, desc: str = "sampling"):
     """``n`` samples per prompt (a :class:`starpo.generation.Generations`); deterministic
     given ``seed`` and the prompt order."""
-    from starpo.generation import generate
+    from starpo.generate.sampling import generate
     return generate(model, tokenizer, list(prompts), spec, n=n, seed=seed,
                     progress=progress, desc=desc)
 
@@ -156,7 +156,7 @@ def judge_groups(judge, prompts: Sequence[list[dict]], groups: Sequence[Sequence
     progress bar moves and a reward model sees batches of a bounded size)."""
     from tqdm.auto import tqdm
 
-    from starpo.judges import rank_groups
+    from starpo.judges.builtin import rank_groups
     out: list[list[float]] = []
     total = sum(len(g) for g in groups)
     bar = tqdm(total=total, desc=desc, unit="resp", disable=not progress, leave=False)

@@ -62,7 +62,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from starpo.config import GenerationSpec
+from starpo.recipe.schema import GenerationSpec
 from starpo.errors import StarpoError
 
 METRICS = ("mean_score", "win_vs_chosen", "win_vs_sft", "kl_vs_sft", "kl_vs_sft_per_token",
@@ -252,7 +252,7 @@ def response_logprobs(model, prompt_ids: Sequence[Sequence[int]],
     from tqdm.auto import tqdm
 
     from starpo.data.packing import collate_rows
-    from starpo.logprobs import sequence_logprobs
+    from starpo.model.logprobs import sequence_logprobs
 
     if len(prompt_ids) != len(response_ids):
         raise ValueError("response_logprobs: one prompt per response")
@@ -339,9 +339,9 @@ def _load(ref: ModelRef, model_spec, device):
     if isinstance(ref, (tuple, list)):
         model, tok = ref
         return model, tok, getattr(getattr(model, "config", None), "_name_or_path", "in-memory")
-    from starpo import modeling
-    tok = modeling.load_tokenizer(str(ref), model_spec)
-    model = modeling.load_model(str(ref), model_spec, for_training=False, device=device,
+    from starpo.model import loading
+    tok = loading.load_tokenizer(str(ref), model_spec)
+    model = loading.load_model(str(ref), model_spec, for_training=False, device=device,
                                 tokenizer=tok)
     return model, tok, str(ref)
 
@@ -366,7 +366,7 @@ def sample_cache_key(ref: ModelRef, prompts: list[list[dict]], spec: GenerationS
     generation config files, the prompts, the sampling spec and seed, the loading spec
     (dtype, attention) and the device type and torch version. ``None`` (no caching) for
     in-memory models and hub ids, whose content is not pinned here."""
-    from starpo.refcache import _file_sha, model_fingerprint
+    from starpo.train.refcache import _file_sha, model_fingerprint
     if isinstance(ref, (tuple, list)) or not Path(str(ref)).is_dir():
         return None
     p = Path(str(ref))
@@ -419,7 +419,7 @@ def score_in_chunks(judge, prompts: Sequence, responses: Sequence[str], *, desc:
 
 
 def _check_judge(judge) -> None:
-    from starpo.judges import PairwiseJudge
+    from starpo.judges.builtin import PairwiseJudge
     if isinstance(judge, PairwiseJudge):
         raise StarpoError("evaluation needs a judge that scores each response (judge.type "
                           "gold or reward_model); a pairwise judge has no absolute score")
@@ -464,7 +464,7 @@ def sample_model(name: str, ref: ModelRef, prompts: list[list[dict]], spec: Gene
     they depend on changed: the SFT reference that every trial of a sweep samples again,
     or a model evaluated again by ``starpo eval``.
     """
-    from starpo.generation import generate, render_prompt
+    from starpo.generate.sampling import generate, render_prompt
     key = sample_cache_key(ref, prompts, spec, seed=seed, model_spec=model_spec,
                            device=device) if cache_dir is not None else None
     path = Path(cache_dir) / f"samples-{key}.json" if key is not None else None
@@ -717,7 +717,7 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
                    out_dir: Path | None = None, device=None) -> EvalResult:
     """The eval stage's work on a :class:`~starpo.pipeline.RunContext` (also the CLI's)."""
     from starpo.data.sources import load_mixture
-    from starpo.judges import make_judge
+    from starpo.judges.builtin import make_judge
 
     recipe = ctx.recipe
     seed = ctx.seed_for(stage)
@@ -772,7 +772,7 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
 def default_eval_stage(n: int | None = None):
     """The evaluation used when a run's recipe has no eval stage: the world's held-out
     prompts (``world:eval``, 200 unless ``n``), gold judge, the issue's sampling defaults."""
-    from starpo.config import DataSpec, EvalStage, SourceSpec
+    from starpo.recipe.schema import DataSpec, EvalStage, SourceSpec
     return EvalStage(type="eval", name="eval",
                      data=DataSpec(sources=[SourceSpec(path="world:eval", n=n or 200)],
                                    shuffle=False))
@@ -789,8 +789,8 @@ def evaluate_run(run_dir: str | Path, models: list[str] | None = None, n: int | 
     checkpoint paths) defaults to every trained stage; ``n`` caps the prompts. Writes
     ``RUN_DIR/<eval stage>/`` (``eval`` by default) and, with ``report``, the report.
     """
-    from starpo.config import load_recipe
-    from starpo.pipeline import RunContext
+    from starpo.recipe.schema import load_recipe
+    from starpo.run.pipeline import RunContext
 
     run_dir = Path(run_dir)
     rpath = run_dir / "recipe.yaml"
@@ -812,7 +812,7 @@ def evaluate_run(run_dir: str | Path, models: list[str] | None = None, n: int | 
     log(f"[{st.name}] eval → {run_dir / st.name}")
     res = run_evaluation(ctx, st, models=models, n=n, out_dir=run_dir / st.name)
     if report:
-        from starpo.report import write_report
+        from starpo.report.run_page import write_report
         log(f"report → {write_report(run_dir)}")
     return res
 

@@ -320,7 +320,7 @@ def build_or_load(spec, corpus_fn: Callable[[], list[str]], seed: int = 0,
 
 def _spec(spec):
     if spec is None:
-        from starpo.config import ModelSpec
+        from starpo.recipe.schema import ModelSpec
         return ModelSpec()
     return spec
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from starpo.config import Recipe, dump_recipe
+from starpo.recipe.schema import Recipe, dump_recipe
 from starpo.errors import RecipeError, StarpoError
 
 
@@ -94,11 +94,11 @@ class RunContext:
             return spec.name_or_path
         path = self.out / "base" / "model"
         if not (path / "config.json").is_file():
-            from starpo import modeling
+            from starpo.model import loading
             self.log(f"building the tiny default model and training its tokenizer → {path}")
-            model, tok = modeling.build_or_load(
+            model, tok = loading.build_or_load(
                 spec, lambda: self.world.corpus(), seed=self.recipe.seed, cache_dir=None)
-            modeling.save_pretrained(model, tok, path)
+            loading.save_pretrained(model, tok, path)
         return str(path)
 
     def resolve_model(self, ref: str | None, *, before: str | None = None) -> str:
@@ -188,7 +188,7 @@ def run(recipe: Recipe, out: Path, *, only: list[str] | None = None, restart: bo
         log(f"[{name}] done in {summary['seconds']} s")
     if report:
         try:
-            from starpo.report import write_report
+            from starpo.report.run_page import write_report
         except ImportError:
             write_report = None
         if write_report is not None and any((out / s.name / "stage.json").is_file()

@@ -9,13 +9,13 @@ operation can time out during a long evaluation.
 
 from __future__ import annotations
 
-from starpo.config import EvalStage
+from starpo.recipe.schema import EvalStage
 
 
 def run_eval(ctx, stage: EvalStage) -> dict:
     from accelerate import PartialState
 
-    from starpo.evaluation import brief, run_evaluation
+    from starpo.metrics.evaluation import brief, run_evaluation
 
     state = PartialState()
     if state.num_processes > 1 and not state.is_main_process:

@@ -65,8 +65,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from starpo.attention import segment_attention, segments_apply
-from starpo.batch import TokenBatch
+from starpo.model.attention import segment_attention, segments_apply
+from starpo.data.batch import TokenBatch
 
 # ---------------------------------------------------------------------------------------
 # chunked log p(target) from hidden states

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from starpo.analysis import read_jsonl
+from starpo.metrics.analysis import read_jsonl
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#edc948",
            "#ff9da7", "#9c755f", "#7f7f7f"]
@@ -624,7 +624,7 @@ def _eval_section(run_dir: Path, d: Path) -> str:
     meta = meta if isinstance(meta, dict) else {}
     files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
     reference = meta.get("reference")
-    from starpo.evaluation import safe_name
+    from starpo.metrics.evaluation import safe_name
     records = {}
     for name in summary:
         f = d / str(files.get(name) or f"{safe_name(name)}.jsonl")
@@ -976,7 +976,7 @@ def _sweep_summary(info: dict, res: dict, records: list[dict]) -> str:
 
 
 def _best_table(info: dict, res: dict, colors: dict[str, str]) -> str:
-    from starpo.analysis import METRICS
+    from starpo.metrics.analysis import METRICS
     ref = res.get("reference_method")
     head = "".join(f"<th>{esc(h)}</th>" for k, h, _, _ in METRIC_COLUMNS if k in METRICS)
     rows = []
@@ -1011,7 +1011,7 @@ EXPECTED_CHARTS = [("mean_score", "mean gold score"), ("win_vs_sft", "win rate v
 
 
 def _expected_section(res: dict, records: list[dict], colors: dict[str, str]) -> str:
-    from starpo.analysis import METRICS, metric_of
+    from starpo.metrics.analysis import METRICS, metric_of
     base = res.get("baseline") or {}
     charts = []
     for key, label in EXPECTED_CHARTS:
@@ -1144,7 +1144,7 @@ def _sensitivity_section(res: dict, colors: dict[str, str]) -> str:
 
 
 def _scatter_trials(res: dict, records: list[dict], colors: dict[str, str]) -> str:
-    from starpo.analysis import metric_of
+    from starpo.metrics.analysis import metric_of
     pts = []
     for r in records:
         x, y = metric_of(r, "kl_vs_sft"), metric_of(r, res.get("metric", "mean_score"))
@@ -1161,7 +1161,7 @@ def _scatter_trials(res: dict, records: list[dict], colors: dict[str, str]) -> s
 
 
 def _trials_table(info: dict, records: list[dict], colors: dict[str, str]) -> str:
-    from starpo.analysis import METRICS
+    from starpo.metrics.analysis import METRICS
     by_id = {r.get("id"): r for r in records}
     head = "".join(f"<th>{esc(h)}</th>" for k, h, _, _ in METRIC_COLUMNS if k in METRICS)
     rows = []
@@ -1212,7 +1212,7 @@ svg .dot { fill-opacity: 0.8; }
 def render_sweep_report(sweep_dir: str | Path, res: dict | None = None) -> str:
     """The sweep page of ``sweep_dir`` as an HTML string (``res``: its analysis, computed
     with :func:`starpo.analysis.analyze_dir` when not given)."""
-    from starpo.analysis import analyze_dir, latest_records
+    from starpo.metrics.analysis import analyze_dir, latest_records
     sweep_dir = Path(sweep_dir)
     info = _read_json(sweep_dir / "sweep.json")
     info = info if isinstance(info, dict) else {}
@@ -1282,7 +1282,7 @@ def render_sweep_report(sweep_dir: str | Path, res: dict | None = None) -> str:
 def write_sweep_report(sweep_dir: str | Path) -> Path:
     """Analyse a sweep directory and write ``analysis.json`` and ``report.html`` (both
     atomically, from the same analysis); returns the report's path."""
-    from starpo.analysis import analyze_dir
+    from starpo.metrics.analysis import analyze_dir
     sweep_dir = Path(sweep_dir)
     if not is_sweep_dir(sweep_dir):
         from starpo.errors import StarpoError

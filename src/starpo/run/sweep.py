@@ -62,7 +62,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from starpo.config import Recipe, apply_override, dump_recipe, recipe_from_dict
+from starpo.recipe.schema import Recipe, apply_override, dump_recipe, recipe_from_dict
 from starpo.errors import RecipeError, StarpoError
 
 METHODS = ("dpo", "ln_dpo", "simpo", "ipo")
@@ -635,7 +635,7 @@ class ResultStore:
         self._lock = threading.Lock()
 
     def records(self) -> list[dict]:
-        from starpo.analysis import read_jsonl
+        from starpo.metrics.analysis import read_jsonl
         return read_jsonl(self.path)
 
     def latest(self) -> dict[str, dict]:
@@ -783,7 +783,7 @@ def trial_status(plan: SweepPlan, latest: dict[str, dict], trial: Trial) -> str:
 
 def describe_plan(plan: SweepPlan) -> list[str]:
     """The lines ``--dry-run`` prints: the shared run and every trial with its status."""
-    from starpo import pipeline
+    from starpo.run import pipeline
     latest = ResultStore(plan.out / "trials.jsonl").latest()
     lines = [f"# sweep {plan.sweep.name}: {len(plan.trials)} trials → {plan.out}"]
     if plan.shared is not None:
@@ -816,7 +816,7 @@ def _one_line(err: BaseException) -> str:
 
 def run_trial_in_process(recipe: Recipe, tdir: Path, *, progress: bool) -> None:
     """Run a trial's recipe with the normal pipeline, its log lines into ``log.txt``."""
-    from starpo import pipeline
+    from starpo.run import pipeline
     with (tdir / "log.txt").open("a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} starting\n")
 
@@ -907,7 +907,7 @@ def write_sweep_info(plan: SweepPlan) -> None:
 
 def run_shared(plan: SweepPlan, *, log: Callable[[str], None], progress: bool) -> None:
     """The shared stages and the SFT baseline's evaluation, once (skipped when done)."""
-    from starpo import pipeline
+    from starpo.run import pipeline
     if plan.shared is None:
         return
     names = ", ".join(s.name for s in plan.shared.stages)
@@ -1048,7 +1048,7 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, retry_failed: bool = False,
 def finalize(out: Path, *, log: Callable[[str], None] = print) -> Path:
     """Write ``analysis.json`` and ``report.html`` of a sweep directory (one analysis for
     both); returns the report's path."""
-    from starpo.report import write_sweep_report
+    from starpo.report.run_page import write_sweep_report
     report = write_sweep_report(out)
     log(f"analysis → {Path(out) / 'analysis.json'}")
     log(f"report → {report}")

@@ -41,7 +41,7 @@ from transformers import GPTNeoXConfig
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXModel, GPTNeoXPreTrainedModel
 
-from starpo.config import JudgeSpec
+from starpo.recipe.schema import JudgeSpec
 from starpo.errors import StarpoError
 
 logger = logging.getLogger(__name__)

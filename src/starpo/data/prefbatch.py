@@ -45,7 +45,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from starpo.batch import TokenBatch, new_targets, targets_to_tensors
+from starpo.data.batch import TokenBatch, new_targets, targets_to_tensors
 
 IGNORE = -100
 
