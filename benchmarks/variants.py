@@ -11,7 +11,7 @@ proposing it for the library.
                          row cap), a chosen log-prob function, and optionally a reference
                          model evaluated inside every step (reference cache off).
 * ``reference_pass``     the reference log-probs of all pairs with a chosen collate/log-prob
-                         function (``starpo.refcache.compute_reference`` fixes both).
+                         function (``starpo.train.refcache.compute_reference`` fixes both).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from starpo.data import prefbatch as PB
 from starpo.data.batch import TokenBatch
 from starpo.model.attention import segment_attention, segments_apply
 from starpo.model.logprobs import model_attention_mask, sequence_logprobs, unwrap_model
-from starpo.stages.dpo import PreferenceTask
+from starpo.train.preference import PreferenceTask
 from starpo.stages.sft import SFTTask
 
 
 def _hf(module: nn.Module) -> nn.Module:
-    # the loop's module is ``starpo.train.TargetLogprobs``, which ``unwrap_model`` does not
+    # the loop's module is ``starpo.train.task.TargetLogprobs``, which ``unwrap_model`` does not
     # know (it unwraps ``logprobs.SequenceLogprobs``): take its ``.model`` first
     return unwrap_model(getattr(module, "model", module) if not hasattr(module, "config")
                         else module)

@@ -132,12 +132,12 @@ def _train_spec(cfg, **kw):
 
 
 def _run_starpo_loop(model, task, spec, n_steps: int) -> dict:
-    from starpo.train.loop import run_loop
+    from starpo.train.loop import LoopHooks, run_loop
     ends: list[float] = []
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         res = run_loop(model, task, spec, Path(d), seed=0, progress=False,
-                       on_step=lambda step, rec: ends.append(time.perf_counter()))
+                       hooks=LoopHooks(on_step=lambda step, rec: ends.append(time.perf_counter())))
         t1 = time.perf_counter()
     assert res.steps == n_steps == len(ends), (res.steps, n_steps, len(ends))
     return {"loop_s": t1 - t0, "step_ends": ends, "loop_t0": t0}
@@ -193,7 +193,7 @@ def run_sft_starpo(cfg, rep: int) -> dict:
 
 def _tokenize_pairs(tok, rows, cfg):
     from starpo.recipe.schema import PreferenceSpec
-    from starpo.stages.dpo import tokenize_pairs
+    from starpo.stages.preference import tokenize_pairs
     spec = PreferenceSpec(loss="dpo", beta=0.1, max_length=cfg["max_length"],
                           max_prompt_length=cfg["max_length"] // 2,
                           padding_free=cfg.get("layout", "prefix") != "padded",
@@ -206,8 +206,9 @@ def _tokenize_pairs(tok, rows, cfg):
 
 def run_dpo_starpo(cfg, rep: int) -> dict:
     import copy
+    from starpo.runtime import Runtime
     from starpo.train.refcache import compute_reference
-    from starpo.stages.dpo import PreferenceTask
+    from starpo.train.preference import PreferenceTask
     from benchmarks import variants as V
 
     tok, model = load(cfg)
@@ -226,7 +227,7 @@ def run_dpo_starpo(cfg, rep: int) -> dict:
     t0 = time.perf_counter()
     if ref_mode == "cache":
         if library_path:
-            ref_c, ref_r = compute_reference(model, pairs, batch_size=bs,
+            ref_c, ref_r = compute_reference(model, pairs, Runtime.cpu(), batch_size=bs,
                                              prefix_sharing=layout == "prefix", progress=False)
         else:
             ref_c, ref_r = V.reference_pass(model, pairs, batch_size=bs, logprobs=lpk,
@@ -236,7 +237,7 @@ def run_dpo_starpo(cfg, rep: int) -> dict:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     rss_after_ref = current_rss_mib()
     if library_path:
-        from starpo.stages.dpo import one_row
+        from starpo.train.preference import one_row
         task = PreferenceTask(pairs, spec, batch_size=bs, pad_id=tok.pad_token_id, seed=0,
                               ref_chosen=ref_c, ref_rejected=ref_r,
                               one_row=one_row(model, spec))   # what the DPO stage does

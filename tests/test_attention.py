@@ -214,7 +214,7 @@ def test_segment_plans_read_branches_from_positions():
 
 def test_dpo_stage_uses_one_row_batches_when_attention_allows(tmp_path):
     from starpo.recipe.schema import DPOStage
-    from starpo.stages.dpo import one_row
+    from starpo.train.preference import one_row
     st = DPOStage(type="dpo", data={"sources": [{"path": "world:preference"}]})
     model = llama()
     assert one_row(model, st)

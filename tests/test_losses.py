@@ -103,11 +103,9 @@ def test_batched_shapes_and_dispatcher():
         L.dpo(pc, pr, rc, rr, beta=0.1, label_smoothing=0.5)
 
 
-def test_sft_loss():
-    lp = t(-1.0, -2.0, -3.0)
-    assert L.sft_loss(lp).item() == pytest.approx(2.0)
-    assert L.sft_loss(lp, num_items=6).item() == pytest.approx(1.0)
-    assert L.sft_loss(lp, num_items=torch.tensor(4)).item() == pytest.approx(1.5)
+def test_sft_nll_sum():
+    from starpo.losses.sft import nll_sum
+    assert nll_sum(t(-1.0, -2.0, -3.0)).item() == pytest.approx(6.0)
 
 
 # ---------------------------------------------------------------------------------------

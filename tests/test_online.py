@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from starpo import fileio
 from starpo.model import loading
 from starpo.stages import online_rounds as O
 from starpo.recipe.schema import GenerationSpec, TinyModelSpec, recipe_from_dict
@@ -173,14 +174,14 @@ def test_online_stage_end_to_end_with_learned_judge_and_resume(base, tmp_path, m
     logs: list[str] = []
     run(recipe, tmp_path, progress=False, log=logs.append, report=False)
     d = tmp_path / "online"
-    rounds = O.read_jsonl(d / "rounds.jsonl")
+    rounds = fileio.read_jsonl(d / "rounds.jsonl")
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["policy"] == base["path"] == rounds[0]["reference"]
     assert rounds[1]["policy"] == str(d / "round_1" / "model") == rounds[1]["reference"]
     assert rounds[0]["judge"] == str(tmp_path / "reward" / "model")
     for k, r in enumerate(rounds, 1):
         rd = d / f"round_{k}"
-        samples, pairs = O.read_jsonl(rd / "samples.jsonl"), O.read_jsonl(rd / "pairs.jsonl")
+        samples, pairs = fileio.read_jsonl(rd / "samples.jsonl"), fileio.read_jsonl(rd / "pairs.jsonl")
         assert len(samples) == 4 and all(len(s["samples"]) == 3 for s in samples)
         assert r["pairs_selected"] == len(pairs) == sum(s["pair"] is not None for s in samples)
         assert r["pairs_selected"] + r["dropped_ties"] + r["dropped_identical"] == 4
@@ -189,10 +190,10 @@ def test_online_stage_end_to_end_with_learned_judge_and_resume(base, tmp_path, m
             assert p["margin"] == pytest.approx(p["chosen_score"] - p["rejected_score"])
         assert r["steps"] == 2 and (rd / "model" / "config.json").is_file()
         assert not (rd / "checkpoints").exists()
-    ids1 = {s["id"] for s in O.read_jsonl(d / "round_1" / "samples.jsonl")}
-    ids2 = {s["id"] for s in O.read_jsonl(d / "round_2" / "samples.jsonl")}
+    ids1 = {s["id"] for s in fileio.read_jsonl(d / "round_1" / "samples.jsonl")}
+    ids2 = {s["id"] for s in fileio.read_jsonl(d / "round_2" / "samples.jsonl")}
     assert not ids1 & ids2                               # different prompts each round
-    metrics = O.read_jsonl(d / "metrics.jsonl")
+    metrics = fileio.read_jsonl(d / "metrics.jsonl")
     assert [(m["round"], m["step"]) for m in metrics] == [(1, 1), (1, 2), (2, 3), (2, 4)]
     final = _weights(d / "model")
     assert all(torch.equal(v, _weights(d / "round_2" / "model")[k]) for k, v in final.items())
@@ -203,7 +204,7 @@ def test_online_stage_end_to_end_with_learned_judge_and_resume(base, tmp_path, m
 
     # judge scores in samples.jsonl are the learned reward model's
     from starpo.judges.builtin import RewardModelJudge
-    s0 = O.read_jsonl(d / "round_1" / "samples.jsonl")[0]
+    s0 = fileio.read_jsonl(d / "round_1" / "samples.jsonl")[0]
     judge = RewardModelJudge(str(tmp_path / "reward" / "model"))
     assert judge.score([s0["prompt"]] * 3, [x["text"] for x in s0["samples"]]) == \
         pytest.approx([x["score"] for x in s0["samples"]], abs=1e-5)
@@ -234,7 +235,7 @@ def test_online_stage_end_to_end_with_learned_judge_and_resume(base, tmp_path, m
     shutil.rmtree(r2)
     run(recipe, tmp_path, progress=False, log=logs.append, report=False)
     assert calls == [1]
-    new_samples = O.read_jsonl(r2 / "samples.jsonl")
+    new_samples = fileio.read_jsonl(r2 / "samples.jsonl")
     assert [[x["text"] for x in s["samples"]] for s in new_samples] == \
         [[x["text"] for x in s["samples"]] for s in (json.loads(l) for l in old.splitlines())]
 
@@ -287,13 +288,13 @@ def test_online_stage_with_an_openassistant_judge_and_fixed_reference(base, tmp_
                   "input_format": "openassistant", "batch_size": 4}}, with_reward=False))
     run(recipe, tmp_path, progress=False, log=lambda m: None, report=False)
     d = tmp_path / "online"
-    rounds = O.read_jsonl(d / "rounds.jsonl")
+    rounds = fileio.read_jsonl(d / "rounds.jsonl")
     assert [r["reference"] for r in rounds] == [base["path"], base["path"]]   # fixed
     assert rounds[1]["policy"] == str(d / "round_1" / "model")
     assert rounds[0]["judge"] == str(oa_reward_model)
     judge = RewardModelJudge(str(oa_reward_model), input_format="openassistant")
     assert judge.format("q", "a") == openassistant_format("q", "a")
-    for s in O.read_jsonl(d / "round_1" / "samples.jsonl"):
+    for s in fileio.read_jsonl(d / "round_1" / "samples.jsonl"):
         got = [x["score"] for x in s["samples"]]
         assert judge.score([s["prompt"]] * len(got), [x["text"] for x in s["samples"]]) == \
             pytest.approx(got, abs=1e-5)

@@ -139,7 +139,7 @@ def test_cached_reference_equals_a_fresh_forward(sft_run, tmp_path):
     from starpo.data.sources import load_mixture, split_eval
     from starpo.model.logprobs import plain_sequence_logprobs
     from starpo.data.prefbatch import collate_padded
-    from starpo.stages.dpo import tokenize_pairs
+    from starpo.stages.preference import tokenize_pairs
     _copy_sft(sft_run, tmp_path)
     rec = recipe_from_dict(_recipe())
     pipeline.run(rec, tmp_path, log=_quiet, progress=False, report=False)

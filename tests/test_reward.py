@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from starpo.model import loading
+from starpo.losses.reward import bradley_terry
+from starpo.runtime import Runtime
 from starpo.recipe.schema import RewardStage, TinyModelSpec, recipe_from_dict
 from starpo.stages.reward import (
-    RewardTask, SequenceScores, bradley_terry_loss, collate_reward_pairs, evaluate_reward,
+    RewardTask, SequenceScores, collate_reward_pairs, evaluate_reward,
     reward_metrics, sequence_scores,
 )
 
@@ -38,7 +40,7 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pairs(base):
     from starpo import world
-    from starpo.stages.dpo import tokenize_pairs
+    from starpo.stages.preference import tokenize_pairs
     spec = RewardStage(type="reward", data={"sources": [{"path": "world:preference"}]},
                        max_length=256, max_prompt_length=128)
     rows = world.rows("preference", 12, seed=0)
@@ -82,7 +84,7 @@ def test_padding_free_scores_equal_plain_forward(rm, pairs, row_tokens):
 def test_bradley_terry_loss_and_metrics_by_hand():
     c = torch.tensor([2.0, 0.0, 1.0, -30.0])
     r = torch.tensor([1.0, 0.0, 3.0, 30.0])
-    losses = bradley_terry_loss(c, r)
+    losses = bradley_terry(c, r)
     want = [-math.log(1 / (1 + math.exp(-(a - b)))) for a, b in zip(c.tolist()[:3],
                                                                     r.tolist()[:3])]
     assert losses[:3].tolist() == pytest.approx(want, rel=1e-6)
@@ -116,8 +118,7 @@ def test_loop_trains_the_reward_model_through_its_scoring_module(base, pairs, tm
     start = loading.reward_model_from_causal(base["model"], seed=0)
     looped = copy_model(start)
     task = RewardTask(pairs, batch_size=4, seed=0)
-    res = T.run_loop(looped, task, spec, tmp_path / "a", seed=0, progress=False,
-                     module_factory=lambda m, s: SequenceScores(m))
+    res = T.run_loop(looped, task, spec, tmp_path / "a", seed=0, progress=False)
     assert res.steps == 3 and "reward_accuracy" in res.last_metrics
     by_hand = copy_model(start).train()
     opt = torch.optim.AdamW(by_hand.parameters(), lr=1e-3, betas=spec.adam_betas,
@@ -147,7 +148,7 @@ def test_microbatches_are_seeded(pairs):
 def test_reward_stage_end_to_end_and_judge_loads_it(base, tmp_path):
     from starpo.judges.builtin import JudgeSpec, RewardModelJudge, make_judge
     from starpo.run.pipeline import run
-    from starpo.stages.dpo import tokenize_pairs
+    from starpo.stages.preference import tokenize_pairs
     from starpo import world
 
     recipe = recipe_from_dict({"model": {"name_or_path": base["path"]}, "stages": [
@@ -186,4 +187,4 @@ def test_reward_stage_end_to_end_and_judge_loads_it(base, tmp_path):
         want = sequence_scores(saved, collate_reward_pairs(tp))[0::2]
     assert got == pytest.approx(want.tolist(), abs=1e-5)
     # and the saved model scores held-out pairs like the summary says
-    assert evaluate_reward(saved, tp)["reward_accuracy"] >= 0.0
+    assert evaluate_reward(saved, tp, Runtime.cpu())["reward_accuracy"] >= 0.0

@@ -12,7 +12,8 @@ from starpo.recipe.schema import TrainSpec
 from starpo.data.packing import layout_sft
 from starpo.errors import TrainingError
 from starpo.stages.sft import SFTTask
-from starpo.train.loop import latest_checkpoint, run_loop
+from starpo.train.checkpoint import latest_checkpoint
+from starpo.train.loop import LoopHooks, run_loop
 from test_packing import _docs
 
 
@@ -41,9 +42,9 @@ def test_gradient_accumulation_keeps_the_loss_scale(tmp_path):
                 max_grad_norm=None)
     m0, m1, m2 = tiny_llama(100), tiny_llama(100), tiny_llama(100)
     run_loop(m1, _task(4), TrainSpec(batch_size=4, grad_accum=1, **spec), tmp_path / "a",
-             seed=0, progress=False, make_opt=sgd)
+             seed=0, progress=False, hooks=LoopHooks(make_optimizer=sgd))
     run_loop(m2, _task(2), TrainSpec(batch_size=2, grad_accum=2, **spec), tmp_path / "b",
-             seed=0, progress=False, make_opt=sgd)
+             seed=0, progress=False, hooks=LoopHooks(make_optimizer=sgd))
     _close(_weights(m1), _weights(m2), atol=1e-5)
     moved = max((_weights(m1)[k] - _weights(m0)[k]).abs().max() for k in _weights(m0))
     assert moved > 1e-2  # the comparison is not vacuous
@@ -59,7 +60,8 @@ def test_kill_and_resume_reaches_the_same_weights(tmp_path):
     run_loop(full, _task(4), spec, tmp_path / "full", seed=1, progress=False)
     # "killed" after 5 steps: the last checkpoint is step 4, step 5 is lost
     part = tiny_llama(100)
-    run_loop(part, _task(4), spec, tmp_path / "part", seed=1, progress=False, stop_after=5)
+    run_loop(part, _task(4), spec, tmp_path / "part", seed=1, progress=False,
+             hooks=LoopHooks(stop_after=5))
     assert latest_checkpoint(tmp_path / "part" / "checkpoints").name == "step_0000004"
     resumed = tiny_llama(100)   # a fresh process: initial weights, then the checkpoint
     run_loop(resumed, _task(4), spec, tmp_path / "part", seed=1, progress=False, resume=True)
@@ -85,7 +87,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
     spec = TrainSpec(lr=5e-3, max_steps=6, batch_size=4, log_every=1)
     ref = tiny_llama(100)
     run_loop(ref, _task(4), TrainSpec(lr=5e-3, max_steps=6, batch_size=4, log_every=1),
-             tmp_path / "ref", seed=0, progress=False, stop_after=2)
+             tmp_path / "ref", seed=0, progress=False, hooks=LoopHooks(stop_after=2))
     m = tiny_llama(100)
     lay = _task(4).layout
     with pytest.raises(TrainingError, match=r"NaN/inf at step 3.*after step 2"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from starpo import fileio
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,8 +42,5 @@ def prepared(cache_dir: Path, name: str, key: str, build: Callable[[], Any],
                 pass  # a file cut by a crash: rebuild it
         data = build()
         if state.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, path)
+            fileio.write_json(path, data, indent=None)
         return data

@@ -1,4 +1,4 @@
-"""Preference and SFT losses as small pure functions.
+"""Preference losses as small pure functions.
 
 Every preference loss takes per-example *summed* response log-probs and returns three
 tensors of shape ``[P]`` (P = number of pairs in the batch):
@@ -7,7 +7,7 @@ tensors of shape ``[P]`` (P = number of pairs in the batch):
     chosen_rewards    the implicit reward of the chosen response, for logging (detached)
     rejected_rewards  the same for the rejected response (detached)
 
-Notation (REFERENCE.md), all tensors ``[P]``:
+Notation (docs/losses.md), all tensors ``[P]``:
 
     pc, pr   policy log-probs of chosen / rejected:  lp_π(y) = Σ_t log π(y_t | x, y_<t)
              summed over the trained response tokens only
@@ -26,9 +26,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-LOSSES = ("dpo", "ln_dpo", "simpo", "ipo", "ipo_per_token")
-
 
 def _smoothed_logistic(h: Tensor, label_smoothing: float) -> Tensor:
     """(1 − ε)·(−log σ(h)) + ε·(−log σ(−h)), elementwise."""
@@ -103,7 +100,7 @@ def ipo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, nc=None, nr=None, *,
         beta: float) -> tuple[Tensor, Tensor, Tensor]:
     """Identity Preference Optimization (Azar et al. 2023, eq. 17), β playing τ.
 
-    Without counts (the paper's and REFERENCE.md's form, on summed log-probs):
+    Without counts (the paper's form (docs/losses.md), on summed log-probs):
 
         h = (pc − rc) − (pr − rr)
         L = ( h − 1/(2β) )²
@@ -126,59 +123,3 @@ def ipo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, nc=None, nr=None, *,
         h = chosen_logratio / _count(nc, pc) - rejected_logratio / _count(nr, pr)
     losses = (h - 1.0 / (2.0 * beta)) ** 2
     return losses, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach()
-
-
-def preference_loss(name: str, pc: Tensor, pr: Tensor, rc: Tensor | None = None,
-                    rr: Tensor | None = None, nc=None, nr=None, *, beta: float,
-                    gamma: float = 0.0, label_smoothing: float = 0.0
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """Dispatch on a config's loss name: ``dpo``, ``ln_dpo``, ``simpo``, ``ipo`` (summed
-    log-probs, the paper's form) or ``ipo_per_token`` (TRL's per-token-averaged IPO).
-
-    Arguments a loss does not use are ignored (``gamma`` outside SimPO, the reference
-    log-probs for SimPO, counts for DPO), so a stage can always pass everything it has.
-    ``label_smoothing > 0`` with an IPO loss is an error: IPO has no smoothed form.
-    """
-    if name in ("dpo", "ln_dpo", "ipo", "ipo_per_token") and (rc is None or rr is None):
-        raise ValueError(f"loss {name!r} needs reference log-probs (rc, rr)")
-    if name in ("ln_dpo", "simpo", "ipo_per_token") and (nc is None or nr is None):
-        raise ValueError(f"loss {name!r} needs response token counts (nc, nr)")
-    if name.startswith("ipo") and label_smoothing:
-        raise ValueError(f"loss {name!r} does not support label_smoothing "
-                         f"(got {label_smoothing}); set it to 0")
-    if name == "dpo":
-        return dpo(pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing)
-    if name == "ln_dpo":
-        return ln_dpo(pc, pr, rc, rr, nc, nr, beta=beta, label_smoothing=label_smoothing)
-    if name == "simpo":
-        return simpo(pc, pr, nc, nr, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
-    if name == "ipo":
-        return ipo(pc, pr, rc, rr, beta=beta)
-    if name == "ipo_per_token":
-        return ipo(pc, pr, rc, rr, nc, nr, beta=beta)
-    raise ValueError(f"unknown preference loss {name!r}; expected one of {', '.join(LOSSES)}")
-
-
-def needs_reference(name: str) -> bool:
-    """Whether a preference loss reads reference log-probs (SimPO does not)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown preference loss {name!r}; expected one of {', '.join(LOSSES)}")
-    return name != "simpo"
-
-
-def sft_loss(target_logps: Tensor, num_items: int | Tensor | None = None) -> Tensor:
-    """Token-level mean negative log-likelihood.
-
-        L = −Σ_i log p(target_i) / num_items
-
-    ``target_logps`` is ``[N]`` (one entry per trained token, e.g. the third output of
-    ``starpo.logprobs.sequence_logprobs``). ``num_items`` defaults to N; pass the number of
-    trained tokens of the whole optimizer step (all micro-batches, all ranks) so gradient
-    accumulation does not change the loss scale. Returns a scalar.
-    """
-    denom = target_logps.numel() if num_items is None else num_items
-    if isinstance(denom, Tensor):
-        denom = denom.to(target_logps.dtype).clamp(min=1)
-    else:
-        denom = max(int(denom), 1)
-    return -target_logps.sum() / denom

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from starpo import fileio
 
 METRICS = ("mean_score", "win_vs_chosen", "win_vs_sft", "kl_vs_sft", "kl_vs_sft_per_token",
            "mean_length")
@@ -425,24 +426,6 @@ def analyze(records: Sequence[Mapping[str, Any]], *, baseline: Mapping[str, Any]
 # =========================================================================== a sweep directory
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """JSON objects of a .jsonl file; a line cut short by a kill is skipped."""
-    out = []
-    try:
-        with Path(path).open() as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict):
-                    out.append(rec)
-    except OSError:
-        return []
-    return out
 
 
 def _read_json(path: Path) -> Any:
@@ -486,7 +469,7 @@ def prompt_loader(sweep_dir: Path) -> PromptLoader:
             return None
         if rel not in cache:
             p = Path(sweep_dir) / rel
-            cache[rel] = read_jsonl(p) if p.is_file() else None
+            cache[rel] = fileio.read_jsonl(p) if p.is_file() else None
         return cache[rel]
     return load
 
@@ -501,7 +484,7 @@ def analyze_dir(sweep_dir: str | Path) -> dict[str, Any]:
     info = _read_json(sweep_dir / "sweep.json")
     info = info if isinstance(info, dict) else {}
     ids = [t["id"] for t in info.get("trials", []) if isinstance(t, dict) and "id" in t] or None
-    records = latest_records(read_jsonl(sweep_dir / "trials.jsonl"), ids)
+    records = latest_records(fileio.read_jsonl(sweep_dir / "trials.jsonl"), ids)
     baseline, source = sweep_baseline(sweep_dir, info, records)
     opts = info.get("analysis") or {}
     res = analyze(records, baseline=baseline, load=prompt_loader(sweep_dir),
@@ -519,7 +502,4 @@ def write_analysis(sweep_dir: str | Path) -> Path:
     sweep_dir = Path(sweep_dir)
     res = analyze_dir(sweep_dir)
     out = sweep_dir / "analysis.json"
-    tmp = sweep_dir / ".analysis.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2, default=str))
-    tmp.replace(out)
-    return out
+    return fileio.write_json(out, res)

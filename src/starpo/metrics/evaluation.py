@@ -64,6 +64,7 @@ import torch
 
 from starpo.recipe.schema import GenerationSpec
 from starpo.errors import StarpoError
+from starpo import fileio
 
 METRICS = ("mean_score", "win_vs_chosen", "win_vs_sft", "kl_vs_sft", "kl_vs_sft_per_token",
            "mean_length")
@@ -394,12 +395,11 @@ def _cache_read(path: Path, name: str, source: str) -> ModelSamples | None:
 
 
 def _cache_write(path: Path, ms: ModelSamples) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"responses": ms.responses, "tokens": ms.tokens,
-                               "prompt_ids": ms.prompt_ids, "finished": ms.finished,
-                               "logp": [float(x) for x in ms.logp], "vocab_key": ms.vocab_key}))
-    os.replace(tmp, path)     # atomic: concurrent sweep trials may write the same entry
+    # atomic: concurrent sweep trials may write the same entry
+    fileio.write_json(path, {"responses": ms.responses, "tokens": ms.tokens,
+                            "prompt_ids": ms.prompt_ids, "finished": ms.finished,
+                            "logp": [float(x) for x in ms.logp], "vocab_key": ms.vocab_key},
+                     indent=None)
 
 
 def score_in_chunks(judge, prompts: Sequence, responses: Sequence[str], *, desc: str,
@@ -643,31 +643,16 @@ def safe_name(name: str) -> str:
     return s or "model"
 
 
-def _json_default(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    raise TypeError(type(x).__name__)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_outputs(out_dir: Path, summary: dict, records: dict[str, list[dict]],
                   meta: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {}
+    names = {}
     for name, recs in records.items():
         fname = f"{safe_name(name)}.jsonl"
-        files[name] = fname
-        _atomic_write(out_dir / fname, "".join(
-            json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in recs))
-    _atomic_write(out_dir / "meta.json",
-                  json.dumps({**meta, "files": files}, indent=2, default=_json_default))
-    _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2,
-                                                       default=_json_default))
+        names[name] = fname
+        fileio.write_jsonl(out_dir / fname, recs)
+    fileio.write_json(out_dir / "meta.json", {**meta, "files": names})
+    fileio.write_json(out_dir / "summary.json", summary)
 
 
 # =========================================================================== runs

@@ -232,3 +232,4 @@ def one_row_batches(core: nn.Module, *, prefix_shared: bool, checkpointing: bool
         return False
     kind = local_attention(core)
     return kind == "segments" if prefix_shared else kind in ("segments", "flash")
+

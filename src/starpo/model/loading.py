@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from starpo.errors import StarpoError
+from starpo import fileio
 
 __all__ = [
     "CHATML_TEMPLATE", "CHATML_SPECIAL_TOKENS", "EOS_TOKEN", "PAD_TOKEN",
@@ -574,39 +575,13 @@ def save_pretrained(model, tokenizer, out_dir: str | os.PathLike, *, merge_lora:
     ``model.save_pretrained`` (FSDP/DeepSpeed: ``accelerator.get_state_dict(model)``);
     call this on the main process only.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        if hasattr(model, "peft_config") and merge_lora:
-            model = model.merge_and_unload()
+    if hasattr(model, "peft_config") and merge_lora:
+        model = model.merge_and_unload()
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _fsync_dir_files(tmp)
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    fileio.atomic_dir(out_dir, write, fsync=True)
     return model
-
-
-def _fsync_dir_files(d: Path) -> None:
-    """Flush the files to disk before the rename makes them visible (crash safety)."""
-    for f in d.rglob("*"):
-        if f.is_file():
-            try:
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from starpo.metrics.analysis import read_jsonl
+
+from starpo import fileio
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#edc948",
            "#ff9da7", "#9c755f", "#7f7f7f"]
@@ -561,7 +562,7 @@ def _curves_section(run_dir: Path, stages: list[tuple[str, str]]) -> str:
     blocks = []
     for name, kind in stages:
         for f in _metrics_files(run_dir / name):
-            recs = read_jsonl(f)
+            recs = fileio.read_jsonl(f)
             charts = _curve_charts(recs)
             if not charts:
                 continue
@@ -628,7 +629,7 @@ def _eval_section(run_dir: Path, d: Path) -> str:
     records = {}
     for name in summary:
         f = d / str(files.get(name) or f"{safe_name(name)}.jsonl")
-        records[name] = read_jsonl(f) if f.is_file() else []
+        records[name] = fileio.read_jsonl(f) if f.is_file() else []
     colors = _model_colors(list(summary))
     gen = meta.get("generation") if isinstance(meta.get("generation"), dict) else {}
     facts = []
@@ -768,11 +769,7 @@ def write_report(run_dir: Path) -> Path:
     if is_sweep_dir(run_dir):   # a sweep directory gets the sweep page
         return write_sweep_report(run_dir)
     page = render_report(run_dir)
-    out = run_dir / "report.html"
-    tmp = run_dir / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return fileio.write_text(run_dir / "report.html", page)
 
 
 # =========================================================================== sweeps
@@ -1218,7 +1215,7 @@ def render_sweep_report(sweep_dir: str | Path, res: dict | None = None) -> str:
     info = info if isinstance(info, dict) else {}
     res = res if res is not None else analyze_dir(sweep_dir)
     ids = [t.get("id") for t in info.get("trials", []) if isinstance(t, dict)] or None
-    records = latest_records(read_jsonl(sweep_dir / "trials.jsonl"), ids)
+    records = latest_records(fileio.read_jsonl(sweep_dir / "trials.jsonl"), ids)
     name = str(info.get("name") or sweep_dir.name)
     # colours by the sweep file's methods, so a method keeps its colour before it has runs
     planned = [m for m in (info.get("methods") or {}) if isinstance(m, str)]
@@ -1288,12 +1285,5 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
         from starpo.errors import StarpoError
         raise StarpoError(f"{sweep_dir}: not a sweep directory (no sweep.json)")
     res = analyze_dir(sweep_dir)
-    tmp = sweep_dir / ".analysis.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2, default=str))
-    tmp.replace(sweep_dir / "analysis.json")
-    page = render_sweep_report(sweep_dir, res)
-    out = sweep_dir / "report.html"
-    tmp = sweep_dir / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    fileio.write_json(sweep_dir / "analysis.json", res)
+    return fileio.write_text(sweep_dir / "report.html", render_sweep_report(sweep_dir, res))

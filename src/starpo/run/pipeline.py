@@ -26,6 +26,7 @@ from typing import Callable
 
 from starpo.recipe.schema import Recipe, dump_recipe
 from starpo.errors import RecipeError, StarpoError
+from starpo.runtime import Runtime
 
 
 def _default_log(msg: str) -> None:
@@ -46,6 +47,8 @@ class RunContext:
     # evaluation samples of checkpoints, keyed by everything they depend on
     # (starpo.evaluation.sample_cache_key); default DIR/evalcache, shareable like refcache
     sample_cache_dir: Path | None = None
+    # where this process computes and whether it writes files: one per run
+    runtime: Runtime = field(default_factory=Runtime.create)
     _world: object = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ paths
@@ -163,11 +166,12 @@ def plan(recipe: Recipe, out: Path, only: list[str] | None) -> list[tuple[str, s
 
 def run(recipe: Recipe, out: Path, *, only: list[str] | None = None, restart: bool = False,
         log: Callable[[str], None] = _default_log, progress: bool = True,
-        report: bool = True, refcache_dir: Path | None = None) -> RunContext:
+        report: bool = True, refcache_dir: Path | None = None,
+        runtime: Runtime | None = None) -> RunContext:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(dump_recipe(recipe))
     ctx = RunContext(recipe, out, restart=restart, log=log, progress=progress,
-                     refcache_dir=refcache_dir)
+                     refcache_dir=refcache_dir, runtime=runtime or Runtime.create())
     for name, kind, status in plan(recipe, out, only):
         if status.startswith("complete"):
             st_hash = json.loads((out / name / "stage.json").read_text()).get("config_hash")

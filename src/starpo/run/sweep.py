@@ -64,6 +64,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 
 from starpo.recipe.schema import Recipe, apply_override, dump_recipe, recipe_from_dict
 from starpo.errors import RecipeError, StarpoError
+from starpo import fileio
 
 METHODS = ("dpo", "ln_dpo", "simpo", "ipo")
 METRICS = ("mean_score", "win_vs_chosen", "win_vs_sft", "kl_vs_sft", "kl_vs_sft_per_token",
@@ -635,8 +636,7 @@ class ResultStore:
         self._lock = threading.Lock()
 
     def records(self) -> list[dict]:
-        from starpo.metrics.analysis import read_jsonl
-        return read_jsonl(self.path)
+        return fileio.read_jsonl(self.path)
 
     def latest(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
@@ -899,10 +899,7 @@ def write_sweep_info(plan: SweepPlan) -> None:
                     "dir": os.path.relpath(trial_dir(plan.out, t.id), plan.out)}
                    for t, _ in plan.trials],
     }
-    plan.out.mkdir(parents=True, exist_ok=True)
-    tmp = plan.out / ".sweep.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    tmp.replace(plan.out / "sweep.json")
+    fileio.write_json(plan.out / "sweep.json", info)
 
 
 def run_shared(plan: SweepPlan, *, log: Callable[[str], None], progress: bool) -> None:

@@ -13,15 +13,12 @@ from starpo.recipe.schema import EvalStage
 
 
 def run_eval(ctx, stage: EvalStage) -> dict:
-    from accelerate import PartialState
-
     from starpo.metrics.evaluation import brief, run_evaluation
 
-    state = PartialState()
-    if state.num_processes > 1 and not state.is_main_process:
-        return {"skipped": f"process {state.process_index}: the main process evaluates"}
-    device = state.device if state.num_processes > 1 else None
-    res = run_evaluation(ctx, stage, device=device)
+    rt = ctx.runtime
+    if not rt.is_main:
+        return {"skipped": f"process {rt.process_index}: the main process evaluates"}
+    res = run_evaluation(ctx, stage, device=rt.device)
     headline = brief(res.summary)
     for name, m in headline.items():
         parts = [f"{k} {v:.3f}" for k, v in m.items() if v is not None]

@@ -43,12 +43,7 @@ from pathlib import Path
 
 from starpo.stages import online_rounds as O
 from starpo.errors import StarpoError
-
-
-def _state():
-    """accelerate's process state: the device to sample on, and who writes files."""
-    from accelerate import PartialState
-    return PartialState()
+from starpo import fileio
 
 
 def _release_memory() -> None:
@@ -73,29 +68,13 @@ def _judge_resolver(ctx, stage):
 def _link_or_copy_tree(src: Path, dst: Path) -> None:
     """``dst`` becomes a copy of the checkpoint ``src`` (files hard-linked when possible,
     so the last round's weights are not stored twice), replaced atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-
     def link(s, d):
         try:
             os.link(s, d)
         except OSError:
             shutil.copy2(s, d)
-    shutil.copytree(src, tmp, copy_function=link)
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    fileio.atomic_dir(dst, lambda tmp: shutil.copytree(src, tmp, copy_function=link,
+                                                       dirs_exist_ok=True))
 
 
 def _combined_metrics(stage_dir: Path, rounds: int) -> list[dict]:
@@ -107,7 +86,7 @@ def _combined_metrics(stage_dir: Path, rounds: int) -> list[dict]:
         if not path.is_file():
             continue
         last = 0
-        for rec in O.read_jsonl(path):
+        for rec in fileio.read_jsonl(path):
             last = max(last, int(rec.get("step", 0)))
             out.append({**rec, "round": k, "round_step": rec.get("step"),
                         "step": offset + int(rec.get("step", 0))})
@@ -157,13 +136,13 @@ def run_online(ctx, stage) -> dict:
         summary = run_round(ctx, stage, k, rows, policy_path, ref_path, rdir, seed=seed)
         summaries.append(summary)
         policy_path = str(rdir / "model")
-        if _state().is_main_process:
-            O.write_jsonl(stage_dir / "rounds.jsonl", summaries)
-    if _state().is_main_process:
-        O.write_jsonl(stage_dir / "rounds.jsonl", summaries)
-        O.write_jsonl(stage_dir / "metrics.jsonl", _combined_metrics(stage_dir, stage.rounds))
+        if ctx.runtime.is_main:
+            fileio.write_jsonl(stage_dir / "rounds.jsonl", summaries)
+    if ctx.runtime.is_main:
+        fileio.write_jsonl(stage_dir / "rounds.jsonl", summaries)
+        fileio.write_jsonl(stage_dir / "metrics.jsonl", _combined_metrics(stage_dir, stage.rounds))
         _link_or_copy_tree(Path(policy_path), stage_dir / "model")
-    _state().wait_for_everyone()
+    ctx.runtime.wait()
     keys = ("mean_score", "pairs_selected", "pairs_trained", "dropped_ties",
             "dropped_identical", "steps")
     return {"start": start, "rounds": [{k: s.get(k) for k in ("round",) + keys}
@@ -176,33 +155,33 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
               rdir: Path, *, seed: int) -> dict:
     """One round: sample, judge, select, train; returns the round's summary."""
     from starpo.model import loading
-    from starpo.stages.dpo import tokenize_pairs, train_preference
+    from starpo.stages.preference import tokenize_pairs, train_preference
 
     rseed = O.round_seed(seed, k)
     timer = O.Timer()
-    state = _state()
+    rt = ctx.runtime
     rdir.mkdir(parents=True, exist_ok=True)
     tok = loading.load_tokenizer(policy_path, ctx.recipe.model)
     # on the process's device from the start: sampling comes before the loop moves it
-    model = loading.load_model(policy_path, ctx.recipe.model, device=state.device,
+    model = loading.load_model(policy_path, ctx.recipe.model, device=rt.device,
                                 tokenizer=tok)
 
     judged = rdir / "judged.json"
     if judged.is_file() and (rdir / "pairs.jsonl").is_file() and \
             (rdir / "samples.jsonl").is_file():
         ctx.log(f"  round {k}: reusing judged samples from {rdir}")
-        samples = O.read_jsonl(rdir / "samples.jsonl")
-        pairs = O.read_jsonl(rdir / "pairs.jsonl")
+        samples = fileio.read_jsonl(rdir / "samples.jsonl")
+        pairs = fileio.read_jsonl(rdir / "pairs.jsonl")
         info = json.loads(judged.read_text())
     else:
         # every process samples and judges the same prompts with the same seeds (the
         # results are identical); the main process writes them
         samples, info = _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer)
         pairs = O.pair_records(samples)
-        if state.is_main_process:
-            O.write_jsonl(rdir / "samples.jsonl", samples)
-            O.write_jsonl(rdir / "pairs.jsonl", pairs)
-            _write_json(judged, info)
+        if rt.is_main:
+            fileio.write_jsonl(rdir / "samples.jsonl", samples)
+            fileio.write_jsonl(rdir / "pairs.jsonl", pairs)
+            fileio.write_json(judged, info)
     stats = O.round_statistics(samples, pairs)
     ctx.log(f"  round {k}: mean judge score {_fmt(stats['mean_score'])} over "
             f"{stats['samples']} samples; {stats['pairs_selected']} pairs from "
@@ -234,15 +213,15 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
         summary.update(steps=0)
     timer.add("training", t0)
     t0 = time.time()
-    if state.is_main_process:
+    if rt.is_main:
         loading.save_pretrained(model, tok, rdir / "model")
         shutil.rmtree(rdir / "checkpoints", ignore_errors=True)
     timer.add("saving", t0)
     summary["seconds"] = {**info.get("seconds", {}), **timer.seconds}
-    if state.is_main_process:
-        _write_json(rdir / "round.json", summary)
-        O.write_jsonl(rdir.parent / "metrics.jsonl", _combined_metrics(rdir.parent, k))
-    state.wait_for_everyone()   # the next round loads this round's model
+    if rt.is_main:
+        fileio.write_json(rdir / "round.json", summary)
+        fileio.write_jsonl(rdir.parent / "metrics.jsonl", _combined_metrics(rdir.parent, k))
+    rt.wait()   # the next round loads this round's model
     del model
     _release_memory()
     return summary
@@ -264,7 +243,7 @@ def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer):
     timer.add("sampling", t0)
     t0 = time.time()
     judge = make_judge(stage.judge, resolve_path=_judge_resolver(ctx, stage),
-                       model_spec=ctx.recipe.model, device=_state().device)
+                       model_spec=ctx.recipe.model, device=ctx.runtime.device)
     scores = O.judge_groups(judge, prompts, [[s.text for s in g] for g in gens],
                             progress=ctx.progress, chunk_prompts=max(1, stage.judge.batch_size),
                             desc=f"round {k} judging")

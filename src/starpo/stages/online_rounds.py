@@ -256,22 +256,6 @@ def round_statistics(samples: Sequence[dict], pairs: Sequence[dict]) -> dict:
 
 # --------------------------------------------------------------------------- files
 
-def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> None:
-    """Write records one JSON object per line, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 @dataclass
 class Timer:
     """Seconds spent per phase of a round."""

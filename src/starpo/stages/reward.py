@@ -47,6 +47,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from starpo.data.batch import TokenBatch
+from starpo.losses.reward import bradley_terry
+from starpo.model.layout import row_cap
+from starpo.runtime import Runtime
 from starpo.errors import StarpoError
 
 TRAIN_PROBE = 256   # training pairs scored before/after (accuracy on what it fits)
@@ -124,11 +127,6 @@ class SequenceScores(nn.Module):
 
 # --------------------------------------------------------------------------- loss, task
 
-def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
-    """Per-pair ``−log σ(r_c − r_r)`` (``softplus(r_r − r_c)``, stable for any margin)."""
-    return F.softplus(rejected - chosen)
-
-
 def reward_metrics(chosen: Tensor, rejected: Tensor, losses: Tensor) -> dict:
     """Sums (with counts) of the logged metrics for a micro-batch of pairs."""
     n = float(chosen.numel())
@@ -160,29 +158,32 @@ class RewardTask:
     def units(self, batch: TokenBatch) -> float:
         return float(batch.num_seqs // 2)
 
+    def module(self, model: nn.Module, spec) -> nn.Module:
+        return SequenceScores(model)
+
     def loss(self, module: nn.Module, batch: TokenBatch):
         r = module(batch)
         chosen, rejected = r[0::2], r[1::2]
-        losses = bradley_terry_loss(chosen, rejected)
+        losses = bradley_terry(chosen, rejected)
         return losses.sum(), reward_metrics(chosen, rejected, losses)
 
 
 @torch.no_grad()
-def evaluate_reward(model: nn.Module, pairs, *, batch_size: int = 32,
+def evaluate_reward(model: nn.Module, pairs, runtime: Runtime, *, batch_size: int = 32,
                     max_tokens_per_row: int | None = None) -> dict:
-    """Mean ``loss``, ``reward_accuracy``, ``reward_margin``, … of ``model`` on ``pairs``."""
+    """Mean ``loss``, ``reward_accuracy``, ``reward_margin``, … of ``model`` on ``pairs``,
+    on the runtime's device (where the model is)."""
     if not pairs:
         return {}
     was = model.training
     model.eval()
-    dev = next(model.parameters()).device
     tot: dict[str, list[float]] = {}
     try:
         for k in range(0, len(pairs), batch_size):
-            b = collate_reward_pairs(pairs[k:k + batch_size], max_tokens_per_row).to(dev)
+            b = runtime.batch(collate_reward_pairs(pairs[k:k + batch_size], max_tokens_per_row))
             r = sequence_scores(model, b)
             for name, (s, c) in reward_metrics(r[0::2], r[1::2],
-                                               bradley_terry_loss(r[0::2], r[1::2])).items():
+                                               bradley_terry(r[0::2], r[1::2])).items():
                 t = tot.setdefault(name, [0.0, 0.0])
                 t[0] += s
                 t[1] += c
@@ -210,7 +211,7 @@ def build_reward_model(start: str, tok, model_spec, *, seed: int, device=None):
 
 def run_reward(ctx, stage) -> dict:
     from starpo.model import loading
-    from starpo.stages.dpo import prepare_pairs
+    from starpo.stages.preference import prepare_pairs
     from starpo.train.loop import run_loop
 
     seed = ctx.seed_for(stage)
@@ -220,17 +221,11 @@ def run_reward(ctx, stage) -> dict:
     ctx.log(f"  reward model from {start}: {len(train_pairs)} training pairs, "
             f"{len(eval_pairs)} held out; Bradley–Terry loss")
 
-    from accelerate import PartialState
-    state = PartialState()
-    rm = build_reward_model(start, tok, ctx.recipe.model, seed=seed, device=state.device)
-    # one row per micro-batch when attention stays per document at any row length;
-    # otherwise rows of max_length (whole-row attention would cost L²)
-    from starpo.model.attention import one_row_batches
-    from starpo.model.logprobs import unwrap_model
-    cap = None if one_row_batches(unwrap_model(rm), prefix_shared=False,
-                                  checkpointing=stage.train.gradient_checkpointing) \
-        else stage.max_length
-    evaluate = lambda ps: evaluate_reward(rm, ps, max_tokens_per_row=cap)  # noqa
+    rt = ctx.runtime
+    rm = build_reward_model(start, tok, ctx.recipe.model, seed=seed, device=rt.device)
+    cap = row_cap(rm, stage.max_length, prefix_shared=False,
+                  checkpointing=stage.train.gradient_checkpointing)
+    evaluate = lambda ps: evaluate_reward(rm, ps, rt, max_tokens_per_row=cap)  # noqa
     probe = random.Random(f"starpo-reward-probe|{seed}").sample(
         train_pairs, min(TRAIN_PROBE, len(train_pairs)))
     summary: dict = {"start": start, "pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
@@ -240,9 +235,8 @@ def run_reward(ctx, stage) -> dict:
 
     task = RewardTask(train_pairs, batch_size=stage.train.batch_size, seed=seed,
                       max_tokens_per_row=cap)
-    res = run_loop(rm, task, stage.train, ctx.stage_dir(stage.name), seed=seed,
-                   resume=not ctx.restart, desc=stage.name, progress=ctx.progress,
-                   module_factory=lambda m, spec: SequenceScores(m))
+    res = run_loop(rm, task, stage.train, ctx.stage_dir(stage.name), seed=seed, runtime=rt,
+                   resume=not ctx.restart, desc=stage.name, progress=ctx.progress)
     summary.update(steps=res.steps, final=res.last_metrics,
                    train_after=evaluate(probe))
     line = (f"  reward accuracy on {len(probe)} training pairs "
@@ -253,7 +247,7 @@ def run_reward(ctx, stage) -> dict:
         line += (f"; held out {summary['eval_before']['reward_accuracy']:.3f} → "
                  f"{summary['eval_after']['reward_accuracy']:.3f} ({len(eval_pairs)} pairs)")
     ctx.log(line)
-    if state.is_main_process:
+    if rt.is_main:
         loading.save_pretrained(rm, tok, ctx.stage_dir(stage.name) / "model")
-    state.wait_for_everyone()
+    rt.wait()
     return summary

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from starpo.model.attention import one_row_batches
 from starpo.data.batch import TokenBatch
-from starpo.model.logprobs import unwrap_model
+from starpo.losses.sft import nll_sum
+from starpo.model.layout import row_cap
 from starpo.recipe.schema import SFTStage
 from starpo.data.packing import SFTLayout, layout_sft, padding_fraction, sft_microbatches
 from starpo.data.tokenize import TokenizedSFT, tokenize_conversation
@@ -31,7 +31,7 @@ class SFTTask:
 
     def loss(self, module, batch: TokenBatch):
         _, _, tok_lp = module(batch)
-        loss_sum = -tok_lp.sum()
+        loss_sum = nll_sum(tok_lp)
         n = batch.num_targets
         return loss_sum, {"loss": (loss_sum.item(), n),
                           "trained_tokens": (float(n), 1.0)}
@@ -59,7 +59,7 @@ def run_sft(ctx, stage: SFTStage) -> dict:
     seed = ctx.seed_for(stage)
     start = ctx.resolve_model(stage.model, before=stage.name)
     tok = loading.load_tokenizer(start, ctx.recipe.model)
-    model = loading.load_model(start, ctx.recipe.model)
+    model = ctx.runtime.model(loading.load_model(start, ctx.recipe.model))
     from starpo.data.prepare import fingerprint, prepared
     from starpo.train.refcache import tokenizer_fingerprint
 
@@ -82,9 +82,8 @@ def run_sft(ctx, stage: SFTStage) -> dict:
     # one row per micro-batch (no padding) when attention stays inside documents at
     # Σ document² cost whatever the row length; gradient checkpointing is switched on
     # by run_loop, so it is checked from the stage's settings here
-    flat = p.mode != "pad" and one_row_batches(
-        unwrap_model(model), prefix_shared=False,
-        checkpointing=stage.train.gradient_checkpointing)
+    flat = p.mode != "pad" and row_cap(model, p.max_length, prefix_shared=False,
+                                       checkpointing=stage.train.gradient_checkpointing) is None
     first = sft_microbatches(layout, batch_size=stage.train.batch_size, pad_id=tok.pad_token_id,
                              seed=seed, epoch=0, flat=flat)
     pad = padding_fraction(first)
@@ -96,8 +95,11 @@ def run_sft(ctx, stage: SFTStage) -> dict:
     task = SFTTask(layout, batch_size=stage.train.batch_size, pad_id=tok.pad_token_id, seed=seed,
                    flat=flat)
     res = run_loop(model, task, stage.train, ctx.stage_dir(stage.name), seed=seed,
-                   resume=not ctx.restart, desc=stage.name, progress=ctx.progress)
-    loading.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model")
+                   runtime=ctx.runtime, resume=not ctx.restart, desc=stage.name,
+                   progress=ctx.progress)
+    if ctx.runtime.is_main:
+        loading.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model")
+    ctx.runtime.wait()
     return {"steps": res.steps, "final": res.last_metrics, "conversations": len(docs),
             "rows": len(layout.rows), "padding_fraction": pad, "truncated": layout.truncated,
             "trainable_tokens_per_epoch": ntok}

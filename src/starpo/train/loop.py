@@ -13,48 +13,26 @@ steps an uninterrupted run would have taken and ends at the same weights.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from starpo.data.batch import TokenBatch
-from starpo.recipe.schema import TrainSpec
 from starpo.errors import TrainingError
-
-Metrics = dict[str, tuple[float, float]]  # name -> (sum, count); averaged as sum/count
-
-
-class Task(Protocol):
-    def microbatches(self, epoch: int) -> list[TokenBatch]: ...
-    def units(self, batch: TokenBatch) -> float: ...
-    def loss(self, module: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, Metrics]: ...
-
-
-class TargetLogprobs(nn.Module):
-    """Wraps a causal LM so that ``forward`` returns per-sequence log-probs of the targets.
-
-    The wrapper is what accelerate prepares (DDP/FSDP hooks fire on its forward), and its
-    forward never materialises full-vocabulary logits (see :mod:`starpo.logprobs`).
-    """
-
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-
-    def forward(self, batch: TokenBatch):
-        from starpo.model.logprobs import sequence_logprobs
-        return sequence_logprobs(self.model, batch, chunk_size=self.chunk_size)
+from starpo.recipe.schema import TrainSpec
+from starpo.runtime import Runtime
+from starpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from starpo.train.metrics_log import MetricsLog
+from starpo.train.task import TargetLogprobs, Task
 
 
 def seed_everything(seed: int) -> None:
@@ -90,128 +68,6 @@ def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.adam_betas)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory next to ``final`` and rename it into place in one step."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    # plain tensors and strings only, so the file loads with torch.load(weights_only=True)
-    state = {"torch": torch.get_rng_state(),
-             "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-             "numpy_pos": int(np_state[2]), "python": json.dumps(random.getstate())}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32),
-                         int(state["numpy_pos"]), 0, 0.0))
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer, scheduler,
-                    extra: dict, keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    final = ckpt_dir / f"step_{step:07d}"
-    # contiguous clones: safetensors refuses tied (shared) tensors
-    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-
-    def write(d: Path) -> None:
-        save_file(sd, str(d / "model.safetensors"))
-        torch.save(optimizer.state_dict(), d / "optimizer.pt")
-        torch.save(scheduler.state_dict(), d / "scheduler.pt")
-        torch.save(_rng_state(), d / "rng.pt")
-        (d / "state.json").write_text(json.dumps({"step": step, **extra}))
-
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_dir(final, write)
-    old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-    for p in old[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    if not ckpt_dir.is_dir():
-        return None
-    done = sorted(p for p in ckpt_dir.glob("step_*") if (p / "state.json").is_file())
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
-    from safetensors.torch import load_file
-
-    sd = load_file(str(path / "model.safetensors"))
-    model.load_state_dict(sd, strict=True)
-    # weights_only: checkpoints are never unpickled as arbitrary objects
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())
-
-
-# ----------------------------------------------------------------------------- logging
-
-class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per logged step) plus TensorBoard scalars."""
-
-    def __init__(self, out_dir: Path, *, resume_step: int = 0, tensorboard: bool = True):
-        self.path = out_dir / "metrics.jsonl"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            # a resumed run rewrites the steps after its checkpoint: drop them first
-            keep = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                if resume_step and rec.get("step", 0) <= resume_step:
-                    keep.append(line)
-            self.path.write_text("".join(l + "\n" for l in keep))
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except Exception:  # tensorboard missing: jsonl is the contract, TB a convenience
-                self.tb = None
-
-    def write(self, rec: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, rec["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
-
-
 # ----------------------------------------------------------------------------- the loop
 
 @dataclass
@@ -221,47 +77,112 @@ class LoopResult:
     seconds: float = 0.0
 
 
-def _accelerator(spec: TrainSpec):
-    from accelerate import Accelerator
-    mp = spec.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mp)
+@dataclass
+class LoopHooks:
+    """For tests and benchmarks: ``stop_after`` ends after that many steps as if killed
+    (leaving only what was checkpointed); ``on_step(step, record)`` sees every logged
+    record; ``make_optimizer`` replaces AdamW."""
+
+    stop_after: int | None = None
+    on_step: Callable[[int, dict], None] | None = None
+    make_optimizer: Callable[[nn.Module, TrainSpec], torch.optim.Optimizer] = make_optimizer
 
 
-def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, seed: int,
-             resume: bool = False, desc: str = "train", accelerator=None,
-             stop_after: int | None = None, progress: bool = True,
-             on_step: Callable[[int, dict], None] | None = None,
-             make_opt: Callable[[nn.Module, TrainSpec], torch.optim.Optimizer] = make_optimizer,
-             module_factory: Callable[[nn.Module, TrainSpec], nn.Module] | None = None
-             ) -> LoopResult:
-    """Train ``model`` in place on ``task``. ``stop_after`` (tests) ends after that many
-    steps as if killed, leaving only what was checkpointed."""
-    from tqdm.auto import tqdm
+@dataclass
+class _Schedule:
+    steps_per_epoch: int
+    per_proc: int
+    total: int
 
-    acc = accelerator or _accelerator(spec)
-    world, rank = acc.num_processes, acc.process_index
-    seed_everything(seed)
-    if spec.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):     # transformers ≥ 5.x name
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        elif hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    module = module_factory(model, spec) if module_factory is not None else \
-        TargetLogprobs(model, spec.logprob_chunk_size)
 
-    first = task.microbatches(0)
+def _schedule(first: list[TokenBatch], spec: TrainSpec, world: int, desc: str) -> _Schedule:
     per_proc = len(first) // world
     if per_proc == 0:
         raise TrainingError(f"{desc}: not enough data for one micro-batch per process "
                             f"({len(first)} micro-batches, {world} processes)")
     steps_per_epoch = math.ceil(per_proc / spec.grad_accum)
     total = spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch))
-    warmup = int(spec.warmup_ratio * total)
+    return _Schedule(steps_per_epoch, per_proc, total)
 
-    optimizer = make_opt(model, spec)
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):     # transformers ≥ 5.x name
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+class _Window:
+    """Metric sums between two logged steps, reduced across processes when logged."""
+
+    def __init__(self):
+        self.sums: dict[str, list[float]] = {}
+        self.tokens = 0
+        self.t0 = time.time()
+
+    def add(self, metrics: dict[str, list[float]]) -> None:
+        for name, (s, c) in metrics.items():
+            w = self.sums.setdefault(name, [0.0, 0.0])
+            w[0] += s
+            w[1] += c
+
+    def record(self, acc, done: int, sched: _Schedule, lr: float, t_start: float,
+               world: int) -> dict:
+        red = {}
+        for name, (s, c) in self.sums.items():
+            t = acc.reduce(torch.tensor([s, c], device=acc.device), reduction="sum")
+            red[name] = float(t[0] / t[1]) if t[1] > 0 else float("nan")
+        dt = max(time.time() - self.t0, 1e-9)
+        return {"step": done, "epoch": round(done / sched.steps_per_epoch, 4), "lr": lr, **red,
+                "tokens_per_s": self.tokens * world / dt,
+                "elapsed_s": round(time.time() - t_start, 2)}
+
+
+def _accumulate(acc, module, task: Task, mbs: list[TokenBatch], units: torch.Tensor,
+                world: int, window: _Window) -> tuple[dict[str, list[float]], bool]:
+    """Forward and backward over one step's micro-batches. Returns the step's metric sums
+    and whether every loss was finite (a non-finite one stops before its backward)."""
+    step_metrics: dict[str, list[float]] = {}
+    for k, mb in enumerate(mbs):
+        mb = mb.to(acc.device)
+        sync = k == len(mbs) - 1
+        ctx = acc.no_sync(module) if not sync and world > 1 else contextlib.nullcontext()
+        with ctx:
+            with acc.autocast():
+                loss_sum, metrics = task.loss(module, mb)
+            if not torch.isfinite(loss_sum.detach()):
+                return step_metrics, False
+            # DDP averages gradients over processes; multiply back so the result is the
+            # sum over every unit of the step divided by the global unit count
+            acc.backward(loss_sum * world / units)
+        window.tokens += mb.num_tokens
+        for name, (s, c) in metrics.items():
+            acc_s = step_metrics.setdefault(name, [0.0, 0.0])
+            acc_s[0] += float(s)
+            acc_s[1] += float(c)
+    return step_metrics, True
+
+
+def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, seed: int,
+             runtime: Runtime | None = None, resume: bool = False, desc: str = "train",
+             progress: bool = True, hooks: LoopHooks | None = None) -> LoopResult:
+    """Train ``model`` in place on ``task`` on the runtime's device (its processes)."""
+    runtime = runtime or Runtime.create()
+    hooks = hooks or LoopHooks()
+    acc = runtime.accelerator(spec.mixed_precision)
+    world, rank = acc.num_processes, acc.process_index
+    seed_everything(seed)
+    if spec.gradient_checkpointing:
+        _enable_checkpointing(model)
+    model.train()
+    module = task.module(model, spec) if hasattr(task, "module") else \
+        TargetLogprobs(model, spec.logprob_chunk_size)
+
+    first = task.microbatches(0)
+    sched = _schedule(first, spec, world, desc)
+    total = sched.total
+    warmup = int(spec.warmup_ratio * total)
+    optimizer = hooks.make_optimizer(model, spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.scheduler, warmup,
                                                                        total))
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
@@ -272,8 +193,7 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
     if resume:
         ck = latest_checkpoint(ckpt_dir)
         if ck is not None:
-            state = load_checkpoint(ck, raw, optimizer, scheduler)
-            start = int(state["step"])
+            start = int(load_checkpoint(ck, raw, optimizer, scheduler)["step"])
     log = MetricsLog(out_dir, resume_step=start) if acc.is_main_process else None
 
     cache: dict[int, list[TokenBatch]] = {0: first}
@@ -282,61 +202,27 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
         if e not in cache:
             cache.clear()
             cache[e] = task.microbatches(e)
-        mbs = cache[e]
-        return mbs[rank::world][:per_proc]
+        return cache[e][rank::world][:sched.per_proc]
 
-    bar = tqdm(total=total, initial=start, desc=desc, disable=not (progress and
-                                                                  acc.is_main_process),
-               dynamic_ncols=True)
-    t0, window_t = time.time(), time.time()
-    window: dict[str, list[float]] = {}
-    window_tokens = 0
+    bar = tqdm(total=total, initial=start, desc=desc,
+               disable=not (progress and acc.is_main_process), dynamic_ncols=True)
+    t0 = time.time()
+    window = _Window()
     last: dict = {}
     step = start
     for step in range(start, total):
-        if stop_after is not None and step - start >= stop_after:
+        if hooks.stop_after is not None and step - start >= hooks.stop_after:
             break
-        epoch, j = divmod(step, steps_per_epoch)
+        epoch, j = divmod(step, sched.steps_per_epoch)
         mbs = epoch_batches(epoch)[j * spec.grad_accum:(j + 1) * spec.grad_accum]
         units = torch.tensor(float(sum(task.units(b) for b in mbs)), device=acc.device)
         units = acc.reduce(units, reduction="sum")
         if units.item() <= 0:
             raise TrainingError(f"{desc}: step {step + 1} has no trainable units")
-        step_metrics: dict[str, list[float]] = {}
-        finite = True
-        for k, mb in enumerate(mbs):
-            mb = mb.to(acc.device)
-            sync = k == len(mbs) - 1
-            ctx = acc.no_sync(module) if not sync and world > 1 else _nullctx()
-            with ctx:
-                with acc.autocast():
-                    loss_sum, metrics = task.loss(module, mb)
-                if not torch.isfinite(loss_sum.detach()):
-                    finite = False
-                    break
-                # DDP averages gradients over processes; multiply back so the result is
-                # the sum over every unit of the step divided by the global unit count
-                acc.backward(loss_sum * world / units)
-            window_tokens += mb.num_tokens
-            for name, (s, c) in metrics.items():
-                acc_s = step_metrics.setdefault(name, [0.0, 0.0])
-                acc_s[0] += float(s)
-                acc_s[1] += float(c)
+        step_metrics, finite = _accumulate(acc, module, task, mbs, units, world, window)
         flag = torch.tensor(0.0 if finite else 1.0, device=acc.device)
         if acc.reduce(flag, reduction="sum").item() > 0:
-            optimizer.zero_grad(set_to_none=True)
-            # the weights are still those after the last good step: keep them
-            path = None
-            if acc.is_main_process:
-                path = save_checkpoint(ckpt_dir, step, raw, optimizer, scheduler,
-                                       {"reason": "non-finite loss"}, spec.keep_checkpoints)
-            bar.close()
-            if log:
-                log.close()
-            raise TrainingError(
-                f"{desc}: loss became NaN/inf at step {step + 1}; stopped before updating "
-                f"the weights. The last good state (after step {step}) is saved at {path}. "
-                f"Lower train.lr or check the data.")
+            _stop_non_finite(acc, optimizer, scheduler, raw, ckpt_dir, step, spec, desc, bar, log)
         grad_norm = None
         if spec.max_grad_norm:
             gn = acc.clip_grad_norm_(module.parameters(), spec.max_grad_norm)
@@ -344,33 +230,20 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        for name, (s, c) in step_metrics.items():
-            w = window.setdefault(name, [0.0, 0.0])
-            w[0] += s
-            w[1] += c
+        window.add(step_metrics)
         if grad_norm is not None:
-            w = window.setdefault("grad_norm", [0.0, 0.0])
-            w[0] += grad_norm
-            w[1] += 1
+            window.add({"grad_norm": [grad_norm, 1]})
         done = step + 1
         if done % spec.log_every == 0 or done == total:
-            red = {}
-            for name, (s, c) in window.items():
-                t = acc.reduce(torch.tensor([s, c], device=acc.device), reduction="sum")
-                red[name] = float(t[0] / t[1]) if t[1] > 0 else float("nan")
-            dt = max(time.time() - window_t, 1e-9)
-            rec = {"step": done, "epoch": round(done / steps_per_epoch, 4),
-                   "lr": scheduler.get_last_lr()[0], **red,
-                   "tokens_per_s": window_tokens * world / dt,
-                   "elapsed_s": round(time.time() - t0, 2)}
+            rec = window.record(acc, done, sched, scheduler.get_last_lr()[0], t0, world)
             if log:
                 log.write(rec)
             last = rec
-            if on_step:
-                on_step(done, rec)
+            if hooks.on_step:
+                hooks.on_step(done, rec)
             bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items()
                              if k in ("loss", "reward_accuracy", "grad_norm")})
-            window, window_tokens, window_t = {}, 0, time.time()
+            window = _Window()
         bar.update(1)
         if spec.save_every and done % spec.save_every == 0 and done < total:
             acc.wait_for_everyone()
@@ -381,13 +254,22 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
     if log:
         log.close()
     acc.wait_for_everyone()
-    ran = (step + 1) if stop_after is None else min(total, start + stop_after)
+    ran = (step + 1) if hooks.stop_after is None else min(total, start + hooks.stop_after)
     return LoopResult(steps=ran, last_metrics=last, seconds=time.time() - t0)
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def _stop_non_finite(acc, optimizer, scheduler, raw, ckpt_dir, step, spec, desc, bar, log):
+    """A NaN/inf loss on any process: keep the weights of the last good step, save them,
+    and stop with one line that says where they are."""
+    optimizer.zero_grad(set_to_none=True)
+    path = None
+    if acc.is_main_process:
+        path = save_checkpoint(ckpt_dir, step, raw, optimizer, scheduler,
+                               {"reason": "non-finite loss"}, spec.keep_checkpoints)
+    bar.close()
+    if log:
+        log.close()
+    raise TrainingError(
+        f"{desc}: loss became NaN/inf at step {step + 1}; stopped before updating "
+        f"the weights. The last good state (after step {step}) is saved at {path}. "
+        f"Lower train.lr or check the data.")

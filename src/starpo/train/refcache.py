@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from starpo import fileio
+from starpo.data.prefbatch import collate_padding_free, collate_prefix_shared
+from starpo.model.layout import row_cap
+from starpo.model.logprobs import sequence_logprobs
+from starpo.runtime import Runtime
 from tqdm.auto import tqdm
 
 
@@ -97,21 +102,18 @@ def cache_key(ref_path: str, tokenizer, pairs: list, extra: dict | None = None) 
 
 
 @torch.no_grad()
-def compute_reference(model, pairs: list, *, batch_size: int = 16, chunk_size: int = 1024,
-                      prefix_sharing: bool = True, device=None, progress: bool = True,
-                      max_tokens_per_row: int | None = None
+def compute_reference(model, pairs: list, runtime: Runtime, *, batch_size: int = 16,
+                      chunk_size: int = 1024, prefix_sharing: bool = True,
+                      progress: bool = True, max_tokens_per_row: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of chosen and rejected responses under ``model`` (no grad).
+    """Summed log-probs of chosen and rejected responses under ``model`` (no grad), on the
+    runtime's device.
 
     Micro-batches are single rows (no cap, no dense mask) when the model's attention allows
-    it (:func:`starpo.attention.one_row_batches`), else rows of ``max_tokens_per_row``."""
-    from starpo.model.attention import one_row_batches
-    from starpo.model.logprobs import sequence_logprobs, unwrap_model
-    from starpo.data.prefbatch import collate_padding_free, collate_prefix_shared
-
+    it (:func:`starpo.model.layout.row_cap`), else rows of ``max_tokens_per_row``."""
     model.eval()
-    if one_row_batches(unwrap_model(model), prefix_shared=prefix_sharing):
-        max_tokens_per_row = None
+    max_tokens_per_row = row_cap(model, max_tokens_per_row, prefix_shared=prefix_sharing)
+    if max_tokens_per_row is None:
         collate = (lambda ps, cap: collate_prefix_shared(ps, cap, dense_mask=False)) \
             if prefix_sharing else collate_padding_free
     else:
@@ -120,9 +122,7 @@ def compute_reference(model, pairs: list, *, batch_size: int = 16, chunk_size: i
     for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs",
                   disable=not progress, leave=False):
         chunk = [p.as_dict() if hasattr(p, "as_dict") else p for p in pairs[s:s + batch_size]]
-        b = collate(chunk, max_tokens_per_row)
-        if device is not None:
-            b = b.to(device)
+        b = runtime.batch(collate(chunk, max_tokens_per_row))
         lp, _, _ = sequence_logprobs(model, b, chunk_size=chunk_size)
         lp = lp.float().cpu()
         ch[s:s + len(chunk)] = lp[0::2]
@@ -131,10 +131,11 @@ def compute_reference(model, pairs: list, *, batch_size: int = 16, chunk_size: i
 
 
 def reference_logps(ref_path: str, tokenizer, pairs: list, *, cache_dir: Path, load_model,
-                    batch_size: int = 16, chunk_size: int = 1024, prefix_sharing: bool = True,
-                    device=None, progress: bool = True, log=print,
+                    runtime: Runtime, batch_size: int = 16, chunk_size: int = 1024,
+                    prefix_sharing: bool = True, progress: bool = True, log=print,
                     max_tokens_per_row: int | None = None) -> RefLogps:
-    """Cached reference log-probs; ``load_model()`` is called only on a cache miss."""
+    """Cached reference log-probs; ``load_model()`` is called only on a cache miss, and the
+    model runs on the runtime's device (where the policy trains)."""
     from safetensors.torch import load_file, save_file
 
     key = cache_key(ref_path, tokenizer, pairs)
@@ -144,16 +145,12 @@ def reference_logps(ref_path: str, tokenizer, pairs: list, *, cache_dir: Path, l
         log(f"  reference log-probs: cache hit ({path.name}, {len(pairs)} pairs)")
         return RefLogps(t["chosen"], t["rejected"], key, True)
     log(f"  reference log-probs: computing for {len(pairs)} pairs with {ref_path}")
-    model = load_model()
-    if device is not None:
-        model.to(device)
-    ch, rj = compute_reference(model, pairs, batch_size=batch_size, chunk_size=chunk_size,
-                               prefix_sharing=prefix_sharing, device=device, progress=progress,
-                               max_tokens_per_row=max_tokens_per_row)
+    model = runtime.model(load_model())
+    ch, rj = compute_reference(model, pairs, runtime, batch_size=batch_size,
+                               chunk_size=chunk_size, prefix_sharing=prefix_sharing,
+                               progress=progress, max_tokens_per_row=max_tokens_per_row)
     del model
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"chosen": ch.contiguous(), "rejected": rj.contiguous()}, str(tmp),
-              metadata={"ref": str(ref_path), "pairs": str(len(pairs))})
-    os.replace(tmp, path)
+    fileio.write_with(path, lambda tmp: save_file(
+        {"chosen": ch.contiguous(), "rejected": rj.contiguous()}, str(tmp),
+        metadata={"ref": str(ref_path), "pairs": str(len(pairs))}))
     return RefLogps(ch, rj, key, False)

@@ -1,0 +1,74 @@
+"""The runtime: where this process computes, and which process it is.
+
+Created once per run (:func:`Runtime.create`, from accelerate's process state) and passed
+to every stage and component that places tensors, loads models or writes files, so that
+the device is decided in exactly one place. Everything that runs a forward puts the model
+there with :meth:`Runtime.model` and each batch with :meth:`Runtime.batch`: the reference
+pass, held-out evaluation, sampling and judging run where the policy trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    process_index: int = 0
+    num_processes: int = 1
+
+    @classmethod
+    def create(cls) -> "Runtime":
+        """This process's runtime under ``accelerate launch`` (or a plain single process)."""
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+        # the flag `accelerate launch --cpu` sets; Accelerator reads it the same way, and the
+        # shared state must be initialised as it would be (multi-process CPU included)
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        return cls(torch.device(state.device), state.process_index, state.num_processes)
+
+    @classmethod
+    def cpu(cls) -> "Runtime":
+        return cls(torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes files (run directories, checkpoints, caches)."""
+        return self.process_index == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_processes > 1
+
+    def model(self, model):
+        """``model`` on this runtime's device (in place for nn.Modules; returned)."""
+        return model.to(self.device)
+
+    def batch(self, batch):
+        """A batch (anything with ``.to(device)``) on this runtime's device."""
+        return batch.to(self.device)
+
+    def mixed_precision(self, requested: str) -> str:
+        """``auto`` → bf16 on a GPU that supports it, else no mixed precision."""
+        if requested != "auto":
+            return requested
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "no"
+
+    def accelerator(self, mixed_precision: str = "auto"):
+        """An accelerate ``Accelerator`` for one training loop on this runtime's device."""
+        from accelerate import Accelerator
+        acc = Accelerator(mixed_precision=self.mixed_precision(mixed_precision))
+        if acc.device.type != self.device.type:
+            raise RuntimeError(f"accelerate chose {acc.device}, the runtime says {self.device}")
+        return acc
+
+    def wait(self) -> None:
+        """Barrier across processes (a no-op in one process)."""
+        if self.distributed:
+            from accelerate import PartialState
+            PartialState().wait_for_everyone()

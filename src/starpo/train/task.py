@@ -1,0 +1,35 @@
+"""What a stage gives the training loop: a :class:`Task`, and the module the loop wraps."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from starpo.data.batch import TokenBatch
+from starpo.model.logprobs import sequence_logprobs
+
+Metrics = dict[str, tuple[float, float]]  # name -> (sum, count); averaged as sum/count
+
+
+class Task(Protocol):
+    def microbatches(self, epoch: int) -> list[TokenBatch]: ...
+    def units(self, batch: TokenBatch) -> float: ...
+    def loss(self, module: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, Metrics]: ...
+
+
+class TargetLogprobs(nn.Module):
+    """Wraps a causal LM so that ``forward`` returns per-sequence log-probs of the targets.
+
+    The wrapper is what accelerate prepares (DDP/FSDP hooks fire on its forward), and its
+    forward never materialises full-vocabulary logits (see :mod:`starpo.logprobs`).
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, batch: TokenBatch):
+        return sequence_logprobs(self.model, batch, chunk_size=self.chunk_size)
