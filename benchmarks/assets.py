@@ -103,7 +103,7 @@ def build_assets(work: Path, *, corpus_passes: int = 400, model: dict | None = N
     several tokens, and ``model`` overrides entries of ``MODEL``; the benchmark itself
     always uses the defaults."""
     from starpo.model import loading
-    from starpo.recipe.schema import TinyModelSpec
+    from starpo.recipe import TinyModelSpec
 
     target = work / "model"
     dims = {**MODEL, **(model or {})}

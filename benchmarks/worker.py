@@ -125,7 +125,7 @@ def run_matmul(cfg, rep: int) -> dict:
 # ----------------------------------------------------------------------------- starpo
 
 def _train_spec(cfg, **kw):
-    from starpo.recipe.schema import TrainSpec
+    from starpo.recipe import TrainSpec
     return TrainSpec(lr=cfg.get("lr", 1e-5), epochs=1, batch_size=cfg["batch_size"],
                      grad_accum=1, scheduler="cosine", warmup_ratio=0.0, log_every=1,
                      mixed_precision="no", max_grad_norm=1.0, **kw)
@@ -192,7 +192,7 @@ def run_sft_starpo(cfg, rep: int) -> dict:
 
 
 def _tokenize_pairs(tok, rows, cfg):
-    from starpo.recipe.schema import PreferenceSpec
+    from starpo.recipe import PreferenceSpec
     from starpo.stages.preference import tokenize_pairs
     spec = PreferenceSpec(loss="dpo", beta=0.1, max_length=cfg["max_length"],
                           max_prompt_length=cfg["max_length"] // 2,

@@ -159,7 +159,7 @@ def test_context_restores_implementation_and_rejects_misuse():
 
 def test_segments_recipe_option_reaches_the_model(tmp_path):
     from starpo.model import loading
-    from starpo.recipe.schema import ModelSpec
+    from starpo.recipe import ModelSpec
     from starpo.world import World
     spec = ModelSpec(tiny={"vocab_size": 320, "hidden_size": 32, "num_hidden_layers": 1,
                            "num_attention_heads": 2, "num_key_value_heads": 2,
@@ -213,7 +213,7 @@ def test_segment_plans_read_branches_from_positions():
 
 
 def test_dpo_stage_uses_one_row_batches_when_attention_allows(tmp_path):
-    from starpo.recipe.schema import DPOStage
+    from starpo.recipe import DPOStage
     from starpo.train.preference import one_row
     st = DPOStage(type="dpo", data={"sources": [{"path": "world:preference"}]})
     model = llama()

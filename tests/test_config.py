@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from starpo.recipe.schema import load_recipe, recipe_from_dict
+from starpo.recipe import load_recipe, recipe_from_dict
 from starpo.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent('''
     from pathlib import Path
     import torch
     import transformers as T
-    from starpo.recipe.schema import TrainSpec
+    from starpo.recipe import TrainSpec
     from starpo.data.packing import layout_sft
     from starpo.data.tokenize import TokenizedSFT
     from starpo.stages.sft import SFTTask

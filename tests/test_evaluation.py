@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from starpo.metrics import evaluation as E
-from starpo.recipe.schema import GenerationSpec, JudgeSpec, TinyModelSpec
+from starpo.recipe import GenerationSpec, JudgeSpec, TinyModelSpec
 from starpo.errors import StarpoError
-from starpo.judges.builtin import GoldJudge, PairwiseJudge, make_judge
+from starpo.judges.gold import GoldJudge
+from starpo.judges.base import PairwiseJudge
+from starpo.judges import make_judge
 
 SPEC = GenerationSpec(temperature=0.7, top_p=0.9, max_new_tokens=12, batch_size=4)
 TINY = TinyModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -307,7 +309,7 @@ def test_eval_stage_in_the_pipeline(ckpts, tmp_path):
     stage nor a policy stage not trained yet), writes eval/summary.json, marks itself
     complete, and the pipeline writes the report."""
     from starpo.run import pipeline
-    from starpo.recipe.schema import load_recipe
+    from starpo.recipe import load_recipe
     run = _write_run(ckpts, tmp_path / "run", eval_stage=True)
     recipe = load_recipe(run / "recipe.yaml")
     logs: list[str] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from starpo.recipe.schema import GenerationSpec
+from starpo.recipe import GenerationSpec
 from starpo.errors import StarpoError
 from starpo.generate.sampling import (
     Backend, Generations, HFBackend, generate, render_prompt, row_key, row_uniform,

@@ -11,12 +11,12 @@ import types
 import pytest
 import torch
 
-from starpo.recipe.schema import JudgeSpec, ModelSpec
+from starpo.recipe import JudgeSpec, ModelSpec
 from starpo.errors import StarpoError
-from starpo.judges.builtin import (
-    GoldJudge, GPTNeoXRewardModel, Judge, PairwiseJudge, PointwiseJudge, RewardModelJudge,
-    make_judge, openassistant_format, rank_groups, register_openassistant,
-)
+from starpo.judges.gold import GoldJudge
+from starpo.judges.reward_model import GPTNeoXRewardModel, RewardModelJudge, openassistant_format, register_openassistant
+from starpo.judges.base import Judge, PairwiseJudge, PointwiseJudge, rank_groups
+from starpo.judges import make_judge
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -322,7 +322,7 @@ def test_pairrm_adapter_with_a_fake_blender(monkeypatch):
 # --------------------------------------------------------------------------- gold / factory
 
 def test_gold_judge_uses_world_on_last_user_message(monkeypatch):
-    import starpo
+    import starpo.judges.gold
 
     seen = {}
 
@@ -332,8 +332,7 @@ def test_gold_judge_uses_world_on_last_user_message(monkeypatch):
 
     fake = types.ModuleType("starpo.world")
     fake.gold_rewards = gold_rewards
-    monkeypatch.setitem(sys.modules, "starpo.world", fake)
-    monkeypatch.setattr(starpo, "world", fake, raising=False)
+    monkeypatch.setattr(starpo.judges.gold, "world", fake)
     judge = make_judge(JudgeSpec(type="gold"))
     assert isinstance(judge, GoldJudge) and isinstance(judge, Judge)
     assert judge.score(PROMPTS[:3], ["a", "bb", "ccc"]) == [1.0, 2.0, 3.0]

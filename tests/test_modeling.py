@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from starpo.model import loading as M
-from starpo.recipe.schema import ModelSpec, TinyModelSpec
+from starpo.recipe import ModelSpec, TinyModelSpec
 from starpo.errors import StarpoError
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"

@@ -13,7 +13,7 @@ import torch
 from starpo import fileio
 from starpo.model import loading
 from starpo.stages import online_rounds as O
-from starpo.recipe.schema import GenerationSpec, TinyModelSpec, recipe_from_dict
+from starpo.recipe import GenerationSpec, TinyModelSpec, recipe_from_dict
 
 TINY = TinyModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=4, intermediate_size=128)
@@ -203,7 +203,7 @@ def test_online_stage_end_to_end_with_learned_judge_and_resume(base, tmp_path, m
     assert [r["round"] for r in stage["rounds"]] == [1, 2]
 
     # judge scores in samples.jsonl are the learned reward model's
-    from starpo.judges.builtin import RewardModelJudge
+    from starpo.judges.reward_model import RewardModelJudge
     s0 = fileio.read_jsonl(d / "round_1" / "samples.jsonl")[0]
     judge = RewardModelJudge(str(tmp_path / "reward" / "model"))
     assert judge.score([s0["prompt"]] * 3, [x["text"] for x in s0["samples"]]) == \
@@ -250,7 +250,7 @@ def oa_reward_model(tmp_path_factory):
     from transformers import PreTrainedTokenizerFast
 
     from starpo import world
-    from starpo.judges.builtin import GPTNeoXRewardConfig, GPTNeoXRewardModel
+    from starpo.judges.reward_model import GPTNeoXRewardConfig, GPTNeoXRewardModel
 
     d = tmp_path_factory.mktemp("oa-rm")
     specials = ["<|endoftext|>", "<|padding|>", "<|prompter|>", "<|assistant|>"]
@@ -279,7 +279,7 @@ def oa_reward_model(tmp_path_factory):
 
 def test_online_stage_with_an_openassistant_judge_and_fixed_reference(base, tmp_path,
                                                                      oa_reward_model):
-    from starpo.judges.builtin import RewardModelJudge, openassistant_format
+    from starpo.judges.reward_model import RewardModelJudge, openassistant_format
     from starpo.run.pipeline import run
     recipe = recipe_from_dict(_recipe(base["path"], {
         "rounds": 2, "prompts_per_round": 3, "reference_mode": "fixed",

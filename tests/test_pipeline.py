@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from starpo.run import pipeline
-from starpo.recipe.schema import recipe_from_dict
+from starpo.recipe import recipe_from_dict
 
 TINY = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 400}

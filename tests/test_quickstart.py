@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from starpo.run import pipeline
-from starpo.recipe.schema import load_recipe
+from starpo.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK = [

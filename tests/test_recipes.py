@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from starpo.run import pipeline
-from starpo.recipe.schema import load_recipe
+from starpo.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / "recipes").rglob("*.yaml"))

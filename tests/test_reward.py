@@ -13,7 +13,7 @@ import torch
 from starpo.model import loading
 from starpo.losses.reward import bradley_terry
 from starpo.runtime import Runtime
-from starpo.recipe.schema import RewardStage, TinyModelSpec, recipe_from_dict
+from starpo.recipe import RewardStage, TinyModelSpec, recipe_from_dict
 from starpo.stages.reward import (
     RewardTask, SequenceScores, collate_reward_pairs, evaluate_reward,
     reward_metrics, sequence_scores,
@@ -112,7 +112,7 @@ def test_loop_trains_the_reward_model_through_its_scoring_module(base, pairs, tm
     """``run_loop(module_factory=SequenceScores)`` trains the reward model: the same
     steps by hand (Adam on the summed Bradley–Terry loss / pairs) reach the same weights."""
     import starpo.train.loop as T
-    from starpo.recipe.schema import TrainSpec
+    from starpo.recipe import TrainSpec
     spec = TrainSpec(lr=1e-3, max_steps=3, batch_size=4, log_every=1, scheduler="constant",
                      warmup_ratio=0.0, max_grad_norm=None)
     start = loading.reward_model_from_causal(base["model"], seed=0)
@@ -146,7 +146,9 @@ def test_microbatches_are_seeded(pairs):
 
 
 def test_reward_stage_end_to_end_and_judge_loads_it(base, tmp_path):
-    from starpo.judges.builtin import JudgeSpec, RewardModelJudge, make_judge
+    from starpo.recipe import JudgeSpec
+    from starpo.judges.reward_model import RewardModelJudge
+    from starpo.judges import make_judge
     from starpo.run.pipeline import run
     from starpo.stages.preference import tokenize_pairs
     from starpo import world

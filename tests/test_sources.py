@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from starpo.recipe.schema import DataSpec, SourceSpec
+from starpo.recipe import DataSpec, SourceSpec
 from starpo.data import sources
 from starpo.data.sources import (FORMATS, MixtureStats, SourceStats, detect_format,
                                  load_mixture, load_source, split_eval)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from starpo.run import sweep as S
-from starpo.recipe.schema import load_recipe
+from starpo.recipe import load_recipe
 
 TINY = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 400}

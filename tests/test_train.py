@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from starpo.recipe.schema import TrainSpec
+from starpo.recipe import TrainSpec
 from starpo.data.packing import layout_sft
 from starpo.errors import TrainingError
 from starpo.stages.sft import SFTTask

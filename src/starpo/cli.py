@@ -63,7 +63,7 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """Run the stages of RECIPE in order; finished stages are skipped."""
     from starpo.run import pipeline
-    from starpo.recipe.schema import dump_recipe, load_recipe
+    from starpo.recipe import dump_recipe, load_recipe
 
     def go():
         rec = load_recipe(recipe, overrides or [])

@@ -92,3 +92,21 @@ def prompt_row(prompt: list[dict], *, chosen: list[dict] | None = None, id: str 
 def response_text(messages: list[dict]) -> str:
     """The text of a response given as assistant messages (joined if several)."""
     return "\n".join(m["content"] for m in messages)
+
+
+def as_messages(prompt: Any) -> list[dict]:
+    """A prompt as chat messages: a bare string is one user turn (the one conversion every
+    sampler, judge and evaluation uses)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return list(prompt)
+
+
+def last_user_text(prompt: Any) -> str:
+    """The text of the last user message (the prompt itself if it is a string)."""
+    if isinstance(prompt, str):
+        return prompt
+    for message in reversed(list(prompt)):
+        if message.get("role") == "user":
+            return message["content"]
+    raise DataError("a prompt has no user message", field="prompt")

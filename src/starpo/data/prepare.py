@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from starpo import fileio
 from pathlib import Path
 from typing import Any, Callable

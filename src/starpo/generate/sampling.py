@@ -72,7 +72,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from transformers import LogitsProcessor
 
-from starpo.recipe.schema import GenerationSpec
+from starpo.recipe import GenerationSpec
+from starpo.data.canonical import as_messages
 from starpo.errors import StarpoError
 
 logger = logging.getLogger(__name__)
@@ -118,12 +119,6 @@ class Generations(list):
 
 # --------------------------------------------------------------------------- prompts
 
-def _as_messages(prompt) -> Messages:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return list(prompt)
-
-
 def render_prompt(tokenizer, messages) -> list[int]:
     """Token ids of ``messages`` rendered for generation (chat template + assistant header).
 
@@ -134,7 +129,7 @@ def render_prompt(tokenizer, messages) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise StarpoError("the tokenizer has no chat template, so prompts cannot be rendered "
                           "for generation; set model.chat_template in the recipe")
-    text = tokenizer.apply_chat_template(_as_messages(messages), tokenize=False,
+    text = tokenizer.apply_chat_template(as_messages(messages), tokenize=False,
                                          add_generation_prompt=True)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:

@@ -1,0 +1,140 @@
+"""Judges score responses to prompts (higher is better); the online stage ranks samples
+with one, the eval stage scores every model with one.
+
+Built-in judges (the registry below; ``type:`` of a recipe's ``judge``):
+
+* ``gold`` (:class:`~starpo.judges.gold.GoldJudge`): the embedded world's known gold
+  reward, for the CPU quickstart and as the upper bound the other judges are measured by.
+* ``reward_model`` (:class:`~starpo.judges.reward_model.RewardModelJudge`): any
+  ``AutoModelForSequenceClassification`` checkpoint (a reward stage of the run, a local
+  directory or a hub id), rendered with its chat template or the OpenAssistant format.
+* ``pairwise`` (:class:`~starpo.judges.pairrm.PairRMJudge`): llm-blender's PairRM;
+  compares responses, so it ranks but cannot score.
+
+Any other ``type`` is an importable ``module:Class``: the class is called with the judge's
+``options`` as keyword arguments (plus ``path``, resolved like a built-in's, and
+``device`` when its constructor takes them) and must have ``rank(prompt, candidates)``;
+one with ``score(prompts, responses)`` also serves the eval stage. Subclassing
+:class:`~starpo.judges.base.PointwiseJudge` (implement ``score``) or
+:class:`~starpo.judges.base.PairwiseJudge` (implement ``prefer``) gives the rest.
+
+This module imports no torch: recipes validate judge names through it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from starpo.errors import RecipeError, StarpoError
+
+
+@dataclass(frozen=True)
+class JudgeKind:
+    name: str
+    pointwise: bool                       # has a score of its own (the eval stage needs one)
+    build: str                            # "module:function" making it from a spec
+
+
+BUILTIN = {k.name: k for k in (
+    JudgeKind("gold", True, "starpo.judges:_build_gold"),
+    JudgeKind("reward_model", True, "starpo.judges:_build_reward_model"),
+    JudgeKind("pairwise", False, "starpo.judges:_build_pairrm"),
+)}
+PAIRRM_NAMES = {"pairrm", "PairRM", "llm-blender/PairRM"}
+
+
+def _import(path: str, what: str):
+    mod_name, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise RecipeError(f"{what} {path!r}: cannot import it ({err}); the module must be "
+                          f"importable in this environment") from None
+
+
+def check_name(name: str) -> str:
+    """Recipe-time check of a judge ``type`` (imports a ``module:Class``)."""
+    if name in BUILTIN:
+        return name
+    if ":" in name:
+        cls = _import(name, "judge")
+        if not callable(getattr(cls, "rank", None)):
+            raise RecipeError(f"judge {name!r}: a judge class needs a rank(prompt, candidates) "
+                              f"method (subclass starpo.judges.base.PointwiseJudge or "
+                              f"PairwiseJudge)")
+        return name
+    raise RecipeError(f"unknown judge type {name!r}; expected one of {', '.join(BUILTIN)} or "
+                      f"an importable module:Class")
+
+
+def is_pointwise(name: str) -> bool:
+    """Whether the judge scores each response on its own (rather than only comparing)."""
+    if name in BUILTIN:
+        return BUILTIN[name].pointwise
+    cls = _import(name, "judge")
+    from starpo.judges.base import PairwiseJudge
+    if isinstance(cls, type) and issubclass(cls, PairwiseJudge):
+        return False
+    return callable(getattr(cls, "score", None))
+
+
+def make_judge(spec, *, resolve_path: Callable[[str], str | None] | None = None,
+               model_spec=None, device=None):
+    """The judge a recipe's :class:`~starpo.recipe.schema.JudgeSpec` asks for.
+
+    ``resolve_path`` maps ``spec.path`` (a stage name of the run, or a path / hub id) to a
+    checkpoint location; it may return ``None`` to mean "not a stage, use as is".
+    ``model_spec`` supplies dtype, attention implementation and ``trust_remote_code`` for a
+    reward model; ``device`` is the runtime's.
+    """
+    path = spec.path
+    if path and resolve_path is not None and path not in PAIRRM_NAMES:
+        path = resolve_path(path) or path
+    if spec.type in BUILTIN:
+        return _import(BUILTIN[spec.type].build, "judge")(spec, path, model_spec, device)
+    cls = _import(spec.type, "judge")
+    kwargs = dict(spec.options)
+    params = inspect.signature(cls).parameters
+    if "path" in params and path is not None:
+        kwargs.setdefault("path", str(path))
+    if "device" in params:
+        kwargs.setdefault("device", device)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise StarpoError(f"judge {spec.type}: {err} (judge.options are its keyword "
+                          f"arguments)") from None
+
+
+def _build_gold(spec, path, model_spec, device):
+    from starpo.judges.gold import GoldJudge
+    return GoldJudge()
+
+
+def _build_pairrm(spec, path, model_spec, device):
+    from starpo.judges.pairrm import PairRMJudge
+    target = path or "llm-blender/PairRM"
+    if target in PAIRRM_NAMES:
+        target = "llm-blender/PairRM"
+    return PairRMJudge(str(target), device=device, batch_size=spec.batch_size)
+
+
+def _build_reward_model(spec, path, model_spec, device):
+    from starpo.judges.reward_model import RewardModelJudge
+    if not path:
+        raise StarpoError("judge.path: a reward_model judge needs the path (or stage name) "
+                          "of a sequence-classification checkpoint")
+    kwargs = {}
+    if model_spec is not None:
+        kwargs["trust_remote_code"] = bool(getattr(model_spec, "trust_remote_code", False))
+        dtype = getattr(model_spec, "dtype", None)
+        if dtype and dtype != "auto":
+            kwargs["dtype"] = dtype
+        attn = getattr(model_spec, "attn_implementation", None)
+        if attn:
+            kwargs["attn_implementation"] = attn
+    return RewardModelJudge(str(path), input_format=spec.input_format,
+                            batch_size=spec.batch_size, device=device, **kwargs)

@@ -53,7 +53,6 @@ import gc
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +61,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from starpo.recipe.schema import GenerationSpec
+from starpo.recipe import GenerationSpec
+from starpo.data.canonical import as_messages
 from starpo.errors import StarpoError
 from starpo import fileio
 
@@ -419,7 +419,7 @@ def score_in_chunks(judge, prompts: Sequence, responses: Sequence[str], *, desc:
 
 
 def _check_judge(judge) -> None:
-    from starpo.judges.builtin import PairwiseJudge
+    from starpo.judges.base import PairwiseJudge
     if isinstance(judge, PairwiseJudge):
         raise StarpoError("evaluation needs a judge that scores each response (judge.type "
                           "gold or reward_model); a pairwise judge has no absolute score")
@@ -431,7 +431,7 @@ def _prompt_messages(rows: Sequence[dict]) -> list[list[dict]]:
         r = r if isinstance(r, dict) else {}
         p = r.get("prompt")
         if isinstance(p, str):
-            p = [{"role": "user", "content": p}]
+            p = as_messages(p)
         if not isinstance(p, list) or not p:
             raise StarpoError(f"evaluation prompt {i} ({r.get('source', '?')}, row "
                               f"{r.get('row', i)}) has no 'prompt' messages")
@@ -702,7 +702,7 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
                    out_dir: Path | None = None, device=None) -> EvalResult:
     """The eval stage's work on a :class:`~starpo.pipeline.RunContext` (also the CLI's)."""
     from starpo.data.sources import load_mixture
-    from starpo.judges.builtin import make_judge
+    from starpo.judges import make_judge
 
     recipe = ctx.recipe
     seed = ctx.seed_for(stage)
@@ -757,7 +757,7 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
 def default_eval_stage(n: int | None = None):
     """The evaluation used when a run's recipe has no eval stage: the world's held-out
     prompts (``world:eval``, 200 unless ``n``), gold judge, the issue's sampling defaults."""
-    from starpo.recipe.schema import DataSpec, EvalStage, SourceSpec
+    from starpo.recipe import DataSpec, EvalStage, SourceSpec
     return EvalStage(type="eval", name="eval",
                      data=DataSpec(sources=[SourceSpec(path="world:eval", n=n or 200)],
                                    shuffle=False))
@@ -774,7 +774,7 @@ def evaluate_run(run_dir: str | Path, models: list[str] | None = None, n: int | 
     checkpoint paths) defaults to every trained stage; ``n`` caps the prompts. Writes
     ``RUN_DIR/<eval stage>/`` (``eval`` by default) and, with ``report``, the report.
     """
-    from starpo.recipe.schema import load_recipe
+    from starpo.recipe import load_recipe
     from starpo.run.pipeline import RunContext
 
     run_dir = Path(run_dir)

@@ -29,8 +29,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -321,7 +319,7 @@ def build_or_load(spec, corpus_fn: Callable[[], list[str]], seed: int = 0,
 
 def _spec(spec):
     if spec is None:
-        from starpo.recipe.schema import ModelSpec
+        from starpo.recipe import ModelSpec
         return ModelSpec()
     return spec
 

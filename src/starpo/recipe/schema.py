@@ -1,20 +1,14 @@
-"""The recipe: a YAML file validated into typed objects.
-
-Unknown keys and wrong types fail with the key's dotted path (``stages.1.train.lr``).
-Command-line overrides ``key.path=value`` are applied to the raw YAML tree before
-validation, so they are checked exactly like keys written in the file. List items are
-addressed by index or, for stages, by name: ``stages.dpo.beta=0.3``.
-"""
+"""The recipe's typed schema. Every stage kind is one class here; what the rest of starpo
+needs to know about a kind (whether its model is a policy, whether it starts from a model,
+which of its fields name other stages) is declared on the class, once."""
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from starpo import judges, losses
 from starpo.errors import RecipeError
 
 
@@ -109,6 +103,11 @@ class PackingSpec(Strict):
 
 
 class StageBase(Strict):
+    # what the pipeline, evaluation and sweeps know of a kind (declared once, per class):
+    yields_policy: ClassVar[bool] = True     # its model/ is a causal-LM policy
+    starts_from_model: ClassVar[bool] = True  # trains a model given by `model`
+    refs: ClassVar[tuple[str, ...]] = ("model",)  # fields that may name another stage
+
     name: str | None = None
     model: str | None = None        # starting point: a stage name or a path (default: previous)
     data: DataSpec
@@ -124,7 +123,8 @@ class SFTStage(StageBase):
 class PreferenceSpec(Strict):
     """Shared by the offline (dpo) and online stages."""
 
-    loss: Literal["dpo", "ln_dpo", "simpo", "ipo"] = "dpo"
+    # a name of starpo.losses' registry, or an importable module:function
+    loss: str = "dpo"
     beta: float = Field(0.1, gt=0)
     gamma: float = Field(0.5, ge=0)        # SimPO target margin
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
@@ -135,14 +135,23 @@ class PreferenceSpec(Strict):
     reference: str | None = None            # stage name or path; default: the starting model
     reference_cache: bool = True
 
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        try:
+            return losses.check_name(v)
+        except RecipeError as err:
+            raise ValueError(str(err)) from None
+
     @model_validator(mode="after")
-    def _ipo_smoothing(self):
-        if self.loss == "ipo" and self.label_smoothing:
-            raise ValueError("label_smoothing: not defined for the ipo loss")
+    def _smoothing(self):
+        if self.label_smoothing and not losses.get(self.loss).takes_label_smoothing:
+            raise ValueError(f"label_smoothing: not defined for the {self.loss} loss")
         return self
 
 
 class DPOStage(StageBase, PreferenceSpec):
+    refs: ClassVar[tuple[str, ...]] = ("model", "reference")
     type: Literal["dpo"]
 
 
@@ -154,13 +163,24 @@ class GenerationSpec(Strict):
 
 
 class JudgeSpec(Strict):
-    type: Literal["reward_model", "pairwise", "gold"] = "reward_model"
+    # a name of starpo.judges' registry, or an importable module:Class
+    type: str = "reward_model"
     path: str | None = None          # stage name or checkpoint for reward_model / pairwise
     input_format: Literal["chat_template", "openassistant"] = "chat_template"
     batch_size: int = Field(16, gt=0)
+    options: dict[str, Any] = {}     # keyword arguments of a module:Class judge
+
+    @field_validator("type")
+    @classmethod
+    def _known_judge(cls, v: str) -> str:
+        try:
+            return judges.check_name(v)
+        except RecipeError as err:
+            raise ValueError(str(err)) from None
 
 
 class OnlineStage(StageBase, PreferenceSpec):
+    refs: ClassVar[tuple[str, ...]] = ("model", "reference", "judge.path")
     type: Literal["online"]
     rounds: int = Field(1, gt=0)
     n_samples: int = Field(4, ge=2)
@@ -172,6 +192,7 @@ class OnlineStage(StageBase, PreferenceSpec):
 
 
 class RewardStage(StageBase):
+    yields_policy: ClassVar[bool] = False     # a sequence classifier, not a policy
     type: Literal["reward"]
     max_length: int = Field(512, gt=8)
     max_prompt_length: int = Field(256, gt=0)
@@ -182,6 +203,9 @@ def _default_eval_data() -> DataSpec:
 
 
 class EvalStage(Strict):
+    yields_policy: ClassVar[bool] = False
+    starts_from_model: ClassVar[bool] = False
+    refs: ClassVar[tuple[str, ...]] = ("judge.path", "models", "sft")
     type: Literal["eval"]
     name: str | None = None
     data: DataSpec = Field(default_factory=_default_eval_data)
@@ -190,18 +214,33 @@ class EvalStage(Strict):
     judge: JudgeSpec = JudgeSpec(type="gold")
     generation: GenerationSpec = GenerationSpec(temperature=0.7, top_p=0.9, max_new_tokens=256)
 
-    @model_validator(mode="after")
-    def _pointwise(self) -> "EvalStage":
-        if self.judge.type == "pairwise":
-            raise ValueError("judge.type: the eval stage needs a pointwise judge (gold or "
-                             "reward_model); pairwise judges cannot give a score")
-        return self
     bootstrap: int = Field(1000, ge=0)
     seed: int | None = None
 
+    @model_validator(mode="after")
+    def _pointwise(self) -> "EvalStage":
+        if not judges.is_pointwise(self.judge.type):
+            raise ValueError(f"judge.type: the eval stage needs a pointwise judge (one that "
+                             f"scores each response); {self.judge.type} only compares pairs")
+        return self
 
-Stage = Annotated[Union[SFTStage, DPOStage, OnlineStage, RewardStage, EvalStage],
-                  Field(discriminator="type")]
+
+# every stage kind, in the order the README lists them; the stage registry
+# (starpo.stages) gives each its runner
+STAGE_SPECS = (SFTStage, DPOStage, RewardStage, OnlineStage, EvalStage)
+STAGE_TYPES: dict[str, type] = {cls.model_fields["type"].annotation.__args__[0]: cls
+                                for cls in STAGE_SPECS}
+
+Stage = Annotated[Union[STAGE_SPECS], Field(discriminator="type")]
+
+
+def stage_spec(type_name: str) -> type:
+    """The spec class of a stage kind (its traits: ``yields_policy``, ``refs`` …)."""
+    try:
+        return STAGE_TYPES[type_name]
+    except KeyError:
+        raise RecipeError(f"unknown stage type {type_name!r}; expected one of "
+                          f"{', '.join(STAGE_TYPES)}") from None
 
 
 class WorldSpec(Strict):
@@ -231,101 +270,3 @@ class Recipe(Strict):
             if st.name == name:
                 return st
         raise RecipeError(f"no stage named {name!r}; stages are {[s.name for s in self.stages]}")
-
-
-# --------------------------------------------------------------------------- loading
-
-def _parse_value(text: str) -> Any:
-    """Parse an override value with YAML rules (numbers, bools, lists, null)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_override(tree: dict, dotted: str, value: Any) -> None:
-    """Set ``tree[a][b][c] = value`` for ``a.b.c``; stages may be named instead of indexed."""
-    keys = dotted.split(".")
-    node: Any = tree
-    for depth, key in enumerate(keys):
-        last = depth == len(keys) - 1
-        path = ".".join(keys[: depth + 1])
-        if isinstance(node, list):
-            idx = None
-            if key.lstrip("-").isdigit():
-                idx = int(key)
-            else:  # address a stage (or any named list item) by its name or type
-                for j, item in enumerate(node):
-                    if isinstance(item, dict) and key in (item.get("name"), item.get("type")):
-                        idx = j
-                        break
-            if idx is None or not -len(node) <= idx < len(node):
-                raise RecipeError(f"override {dotted}: no list item {key!r} at {path}")
-            if last:
-                node[idx] = value
-            else:
-                node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[key] = value
-            else:
-                if node.get(key) is None:
-                    node[key] = {}
-                node = node[key]
-        else:
-            raise RecipeError(f"override {dotted}: {'.'.join(keys[:depth])} is not a mapping")
-
-
-def _format_validation(err: ValidationError, origin: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        # drop pydantic's discriminator tags ("sft", "dpo", ...) that follow a stage index
-        clean = []
-        for j, p in enumerate(loc):
-            if j > 0 and loc[j - 1].isdigit() and clean and clean[0] == "stages" and \
-                    p in ("sft", "dpo", "online", "reward", "eval"):
-                continue
-            clean.append(p)
-        where = ".".join(clean) or "(top level)"
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            msg = "unknown key"
-        else:
-            msg = e["msg"]
-        lines.append(f"{origin}: {where}: {msg}")
-    return "\n".join(lines)
-
-
-def recipe_from_dict(tree: dict, origin: str = "recipe",
-                     overrides: list[str] | None = None) -> Recipe:
-    tree = copy.deepcopy(tree)
-    for ov in overrides or []:
-        if "=" not in ov:
-            raise RecipeError(f"override {ov!r} must look like key.path=value")
-        key, value = ov.split("=", 1)
-        apply_override(tree, key.strip(), _parse_value(value))
-    try:
-        return Recipe.model_validate(tree)
-    except ValidationError as err:
-        raise RecipeError(_format_validation(err, origin)) from None
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(tree, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping with a 'stages' list")
-    recipe = recipe_from_dict(tree, origin=str(path), overrides=overrides)
-    if recipe.name is None:
-        recipe.name = path.stem
-    return recipe
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

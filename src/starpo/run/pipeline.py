@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from starpo.recipe.schema import Recipe, dump_recipe
+from starpo.recipe import Recipe, dump_recipe
 from starpo.errors import RecipeError, StarpoError
 from starpo.runtime import Runtime
 

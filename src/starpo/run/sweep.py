@@ -62,7 +62,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from starpo.recipe.schema import Recipe, apply_override, dump_recipe, recipe_from_dict
+from starpo.recipe import Recipe, apply_override, dump_recipe, recipe_from_dict
 from starpo.errors import RecipeError, StarpoError
 from starpo import fileio
 

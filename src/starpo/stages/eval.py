@@ -9,7 +9,7 @@ operation can time out during a long evaluation.
 
 from __future__ import annotations
 
-from starpo.recipe.schema import EvalStage
+from starpo.recipe import EvalStage
 
 
 def run_eval(ctx, stage: EvalStage) -> dict:

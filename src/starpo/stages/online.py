@@ -228,7 +228,7 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
 
 
 def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer):
-    from starpo.judges.builtin import make_judge
+    from starpo.judges import make_judge
 
     # the prompt permutation is the stage's (rounds take consecutive blocks of it); the
     # samples and the pair draws are the round's

@@ -38,13 +38,10 @@ Seeds
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 DROP_IDENTICAL = "identical"   # fewer than two distinct responses
@@ -156,7 +153,7 @@ def judge_groups(judge, prompts: Sequence[list[dict]], groups: Sequence[Sequence
     progress bar moves and a reward model sees batches of a bounded size)."""
     from tqdm.auto import tqdm
 
-    from starpo.judges.builtin import rank_groups
+    from starpo.judges.base import rank_groups
     out: list[list[float]] = []
     total = sum(len(g) for g in groups)
     bar = tqdm(total=total, desc=desc, unit="resp", disable=not progress, leave=False)

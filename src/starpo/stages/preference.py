@@ -15,7 +15,7 @@ from starpo.data.sources import load_mixture, split_eval
 from starpo.data.tokenize import PairStats, TokenizedPair, tokenize_pair
 from starpo.errors import BadRows, DataError
 from starpo.model import loading
-from starpo.recipe.schema import PreferenceSpec
+from starpo.recipe import PreferenceSpec
 from starpo.train.loop import run_loop
 from starpo.train.preference import PreferenceTask, evaluate_pairs, one_row, row_tokens
 from starpo.train.refcache import reference_logps, tokenizer_fingerprint

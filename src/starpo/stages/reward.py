@@ -43,7 +43,6 @@ from __future__ import annotations
 import random
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from starpo.data.batch import TokenBatch

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from starpo.data.batch import TokenBatch
 from starpo.losses.sft import nll_sum
 from starpo.model.layout import row_cap
-from starpo.recipe.schema import SFTStage
+from starpo.recipe import SFTStage
 from starpo.data.packing import SFTLayout, layout_sft, padding_fraction, sft_microbatches
 from starpo.data.tokenize import TokenizedSFT, tokenize_conversation
 from starpo.errors import BadRows, DataError

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from starpo.data.batch import TokenBatch
 from starpo.errors import TrainingError
-from starpo.recipe.schema import TrainSpec
+from starpo.recipe import TrainSpec
 from starpo.runtime import Runtime
 from starpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from starpo.train.metrics_log import MetricsLog

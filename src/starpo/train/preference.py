@@ -17,7 +17,7 @@ from starpo.data import prefbatch as PB
 from starpo.data.batch import TokenBatch
 from starpo.data.tokenize import TokenizedPair
 from starpo.model.layout import row_cap
-from starpo.recipe.schema import PreferenceSpec
+from starpo.recipe import PreferenceSpec
 from starpo.runtime import Runtime
 from starpo.train.task import TargetLogprobs
 
