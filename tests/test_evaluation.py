@@ -225,7 +225,7 @@ def test_gold_scores_and_outputs(evaluated, prompts):
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["sft", "dpo", "sft_copy"]
     for name, m in summary.items():
-        for k in E.METRICS:
+        for k in E.EVAL_METRICS:
             assert k in m and f"{k}_ci" in m
         assert m["n"] == len(prompts)
         recs = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
@@ -320,7 +320,7 @@ def test_eval_stage_in_the_pipeline(ckpts, tmp_path):
     assert summary["dpo"]["n"] == 5
     stage = json.loads((run / "eval" / "stage.json").read_text())
     assert stage["models"] == ["sft", "dpo"] and stage["reference"] == "sft"
-    assert set(stage["metrics"]["dpo"]) == set(E.METRICS)
+    assert set(stage["metrics"]["dpo"]) == set(E.EVAL_METRICS)
     assert (run / "report.html").is_file()
     assert any("dpo2: no trained model" in line for line in logs)
     assert not any("rm:" in line for line in logs)

@@ -191,7 +191,7 @@ def _fake_eval(tdir: Path, score: float, model: str = "dpo") -> None:
     """What a trial's eval stage leaves behind, written by hand."""
     d = tdir / "eval"
     d.mkdir(parents=True, exist_ok=True)
-    m = {k: 0.1 for k in S.METRICS}
+    m = {k: 0.1 for k in S.EVAL_METRICS}
     (d / "summary.json").write_text(json.dumps({"sft": {**m, "mean_score": -1.0},
                                                 model: {**m, "mean_score": score, "n": 2}}))
     (d / "meta.json").write_text(json.dumps({"reference": "sft",
@@ -230,7 +230,7 @@ def test_a_failed_trial_is_recorded_and_the_sweep_goes_on_then_resume_skips(tmp_
     assert by["simpo-gamma0.3"]["error"] == "RuntimeError: CUDA out of memory"
     assert by["simpo-gamma1"]["sft"]["mean_score"] == -1.0
     assert by["simpo-gamma1"]["eval_file"] == "trials/simpo-gamma1/eval/dpo.jsonl"
-    assert set(by["simpo-gamma1"]["metrics"]) == set(S.METRICS)
+    assert set(by["simpo-gamma1"]["metrics"]) == set(S.EVAL_METRICS)
     assert any("FAILED" in line and "dpo-beta0.5" in line for line in logs)
 
     # resume: nothing runs again; failed trials only with retry_failed
@@ -299,8 +299,8 @@ def test_every_trial_is_recorded_with_the_contract_metrics(swept):
                                        "simpo-gamma1"]
     for r in recs:
         assert r["status"] == "ok", r.get("error")
-        assert set(r["metrics"]) == set(S.METRICS)
-        assert all(isinstance(r["metrics"][k], float) for k in S.METRICS), r["metrics"]
+        assert set(r["metrics"]) == set(S.EVAL_METRICS)
+        assert all(isinstance(r["metrics"][k], float) for k in S.EVAL_METRICS), r["metrics"]
         assert r["seconds"] > 0 and r["method"] in ("dpo", "simpo")
         per_prompt = (plan.out / r["eval_file"]).read_text().splitlines()
         assert len(per_prompt) == r["n_prompts"] == 8

@@ -45,11 +45,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from starpo import fileio
+from starpo.metrics.names import EVAL_METRICS, HEADLINE_METRICS
 
-METRICS = ("mean_score", "win_vs_chosen", "win_vs_sft", "kl_vs_sft", "kl_vs_sft_per_token",
-           "mean_length")
-# metrics a method wants high; the others (KL, length) are descriptive, not goals
-HIGHER_IS_BETTER = ("mean_score", "win_vs_chosen", "win_vs_sft")
 # what the top-k runs are described by (the guide: length and KL of the top runs)
 TOPK_METRICS = ("mean_length", "kl_vs_sft", "kl_vs_sft_per_token")
 # per-prompt fields pooled over the top-k runs
@@ -119,7 +116,7 @@ def brief(rec: Mapping[str, Any] | None) -> dict | None:
         return None
     return {"id": rec.get("id"), "method": rec.get("method"),
             "params": dict(rec.get("params") or {}),
-            "metrics": {k: metric_of(rec, k) for k in METRICS}}
+            "metrics": {k: metric_of(rec, k) for k in EVAL_METRICS}}
 
 
 # =========================================================================== run selection
@@ -165,7 +162,7 @@ def top_runs(runs: Sequence[Mapping[str, Any]], k_percent: float,
 
 
 def expected_performance(runs: Sequence[Mapping[str, Any]],
-                         metrics: Sequence[str] = METRICS) -> dict[str, dict]:
+                         metrics: Sequence[str] = EVAL_METRICS) -> dict[str, dict]:
     """``{metric: describe(values over the ok runs)}`` for one method's grid."""
     ok = [r for r in runs if r.get("status") == "ok"]
     return {m: describe(metric_of(r, m) for r in ok) for m in metrics}
@@ -392,8 +389,8 @@ def analyze(records: Sequence[Mapping[str, Any]], *, baseline: Mapping[str, Any]
         reference_method: the method the best runs are compared with in percent (the
             guide compares with DPO); default ``dpo`` if present, else the first method.
     """
-    if metric not in HIGHER_IS_BETTER:
-        raise ValueError(f"analysis metric must be one of {HIGHER_IS_BETTER}, not {metric!r}")
+    if metric not in HEADLINE_METRICS:
+        raise ValueError(f"analysis metric must be one of {HEADLINE_METRICS}, not {metric!r}")
     by_method = group_by_method(records)
     if reference_method is None and by_method:
         reference_method = "dpo" if "dpo" in by_method else next(iter(by_method))
@@ -448,12 +445,12 @@ def sweep_baseline(sweep_dir: Path, info: Mapping[str, Any],
         summary = _read_json(Path(sweep_dir) / base["summary"])
         if isinstance(summary, dict) and isinstance(summary.get(base["model"]), dict):
             m = summary[base["model"]]
-            return {k: m.get(k) for k in METRICS}, str(base["summary"])
+            return {k: m.get(k) for k in EVAL_METRICS}, str(base["summary"])
     sft = [r.get("sft") for r in records if r.get("status") == "ok" and
            isinstance(r.get("sft"), dict)]
     if not sft:
         return None, None
-    vals = {k: [s.get(k) for s in sft if _finite(s.get(k))] for k in METRICS}
+    vals = {k: [s.get(k) for s in sft if _finite(s.get(k))] for k in EVAL_METRICS}
     return ({k: (float(np.mean(v)) if v else None) for k, v in vals.items()},
             "mean of the trials' own SFT evaluations")
 

@@ -65,11 +65,8 @@ from starpo.recipe import GenerationSpec
 from starpo.data.canonical import as_messages
 from starpo.errors import StarpoError
 from starpo import fileio
+from starpo.metrics.names import EVAL_METRICS
 
-METRICS = ("mean_score", "win_vs_chosen", "win_vs_sft", "kl_vs_sft", "kl_vs_sft_per_token",
-           "mean_length")
-# extra per-model values that also get an interval
-EXTRA_METRICS = ("tie_vs_chosen", "tie_vs_sft", "finished_rate")
 
 # =========================================================================== pure metrics
 
@@ -670,7 +667,7 @@ def default_models(recipe, out: Path, *, log: Callable[[str], None] = print) -> 
     """
     names = []
     for st in recipe.stages:
-        if st.type in ("eval", "reward"):
+        if not st.yields_policy:
             continue
         if _stage_model_exists(out, st.name):
             names.append(st.name)
@@ -804,5 +801,5 @@ def evaluate_run(run_dir: str | Path, models: list[str] | None = None, n: int | 
 
 def brief(summary: Mapping[str, dict]) -> dict[str, dict]:
     """The headline metrics of a summary (what a stage summary / log line shows)."""
-    return {name: {k: (None if m.get(k) is None else round(float(m[k]), 4)) for k in METRICS}
+    return {name: {k: (None if m.get(k) is None else round(float(m[k]), 4)) for k in EVAL_METRICS}
             for name, m in summary.items()}

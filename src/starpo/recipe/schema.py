@@ -107,6 +107,7 @@ class StageBase(Strict):
     yields_policy: ClassVar[bool] = True     # its model/ is a causal-LM policy
     starts_from_model: ClassVar[bool] = True  # trains a model given by `model`
     refs: ClassVar[tuple[str, ...]] = ("model",)  # fields that may name another stage
+    evaluates: ClassVar[bool] = False         # samples and scores models (writes summary.json)
 
     name: str | None = None
     model: str | None = None        # starting point: a stage name or a path (default: previous)
@@ -206,6 +207,7 @@ class EvalStage(Strict):
     yields_policy: ClassVar[bool] = False
     starts_from_model: ClassVar[bool] = False
     refs: ClassVar[tuple[str, ...]] = ("judge.path", "models", "sft")
+    evaluates: ClassVar[bool] = True
     type: Literal["eval"]
     name: str | None = None
     data: DataSpec = Field(default_factory=_default_eval_data)

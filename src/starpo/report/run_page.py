@@ -31,20 +31,19 @@ from typing import Any, Iterable, Sequence
 
 
 from starpo import fileio
+from starpo.metrics.names import EVAL_METRICS, HEADLINE_METRICS
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#edc948",
            "#ff9da7", "#9c755f", "#7f7f7f"]
 
-METRIC_COLUMNS = [
-    # key, header, tie key, higher is better (None: no "best" marking)
-    ("mean_score", "mean score", None, True),
-    ("win_vs_chosen", "win vs chosen", "tie_vs_chosen", True),
-    ("win_vs_sft", "win vs SFT", "tie_vs_sft", True),
-    ("kl_vs_sft", "KL vs SFT", None, None),
-    ("kl_vs_sft_per_token", "KL / token", None, None),
-    ("mean_length", "mean length", None, None),
-    ("finished_rate", "finished", None, None),   # share ending with end-of-turn (not cut)
-]
+_HEADERS = {"mean_score": "mean score", "win_vs_chosen": "win vs chosen",
+            "win_vs_sft": "win vs SFT", "kl_vs_sft": "KL vs SFT", "kl_vs_sft_per_token": "KL / token",
+            "mean_length": "mean length", "finished_rate": "finished"}
+_TIES = {"win_vs_chosen": "tie_vs_chosen", "win_vs_sft": "tie_vs_sft"}
+# key, header, tie key, higher is better (None: no "best" marking); finished_rate is the
+# share of responses ending with end-of-turn (not cut)
+METRIC_COLUMNS = [(k, _HEADERS[k], _TIES.get(k), True if k in HEADLINE_METRICS else None)
+                  for k in EVAL_METRICS + ("finished_rate",)]
 PERCENT_COLUMNS = {"finished_rate"}
 
 # curve keys drawn together in one chart, and the order charts appear in
@@ -973,18 +972,17 @@ def _sweep_summary(info: dict, res: dict, records: list[dict]) -> str:
 
 
 def _best_table(info: dict, res: dict, colors: dict[str, str]) -> str:
-    from starpo.metrics.analysis import METRICS
     ref = res.get("reference_method")
-    head = "".join(f"<th>{esc(h)}</th>" for k, h, _, _ in METRIC_COLUMNS if k in METRICS)
+    head = "".join(f"<th>{esc(h)}</th>" for k, h, _, _ in METRIC_COLUMNS if k in EVAL_METRICS)
     rows = []
     for m in res.get("methods", []):
         b = (res.get("best") or {}).get(m)
         if not b:
-            rows.append(f'<tr><th class="model">{esc(m)}</th><td colspan="{len(METRICS) + 3}" '
+            rows.append(f'<tr><th class="model">{esc(m)}</th><td colspan="{len(EVAL_METRICS) + 3}" '
                         f'class="note">no finished run</td></tr>')
             continue
         cells = "".join(f"<td>{fmt(b['metrics'].get(k))}</td>" for k, _, _, _ in METRIC_COLUMNS
-                        if k in METRICS)
+                        if k in EVAL_METRICS)
         vs = b.get("vs_sft") or {}
         vr = b.get("vs_reference") or {}
         d_sft = fmt(vs.get("mean_score")) if _finite(vs.get("mean_score")) else "—"
@@ -1008,7 +1006,7 @@ EXPECTED_CHARTS = [("mean_score", "mean gold score"), ("win_vs_sft", "win rate v
 
 
 def _expected_section(res: dict, records: list[dict], colors: dict[str, str]) -> str:
-    from starpo.metrics.analysis import METRICS, metric_of
+    from starpo.metrics.analysis import metric_of
     base = res.get("baseline") or {}
     charts = []
     for key, label in EXPECTED_CHARTS:
@@ -1020,12 +1018,12 @@ def _expected_section(res: dict, records: list[dict], colors: dict[str, str]) ->
                            "ids": [r.get("id") for r in ok], "color": colors.get(m)})
         bl = base.get(key) if key in ("mean_score", "mean_length") else None
         charts.append(box_chart(groups, title=label, baseline=bl, width=300))
-    head = "".join(f"<th>{esc(h)}</th>" for k, h, _, _ in METRIC_COLUMNS if k in METRICS)
+    head = "".join(f"<th>{esc(h)}</th>" for k, h, _, _ in METRIC_COLUMNS if k in EVAL_METRICS)
     rows = []
     for m in res.get("methods", []):
         cells = []
         for k, _, _, _ in METRIC_COLUMNS:
-            if k not in METRICS:
+            if k not in EVAL_METRICS:
                 continue
             s = res["expected"][m][k]
             if not s.get("n"):
@@ -1158,9 +1156,8 @@ def _scatter_trials(res: dict, records: list[dict], colors: dict[str, str]) -> s
 
 
 def _trials_table(info: dict, records: list[dict], colors: dict[str, str]) -> str:
-    from starpo.metrics.analysis import METRICS
     by_id = {r.get("id"): r for r in records}
-    head = "".join(f"<th>{esc(h)}</th>" for k, h, _, _ in METRIC_COLUMNS if k in METRICS)
+    head = "".join(f"<th>{esc(h)}</th>" for k, h, _, _ in METRIC_COLUMNS if k in EVAL_METRICS)
     rows = []
     for t in info.get("trials") or [{"id": r.get("id"), "method": r.get("method"),
                                      "params": r.get("params")} for r in records]:
@@ -1169,14 +1166,14 @@ def _trials_table(info: dict, records: list[dict], colors: dict[str, str]) -> st
         sw = f'<span class="swatch" style="background:{colors.get(m, "#888")}"></span>'
         if r is None:
             status, cells = '<td class="status not-run">not run</td>', \
-                f'<td colspan="{len(METRICS)}"></td>'
+                f'<td colspan="{len(EVAL_METRICS)}"></td>'
         elif r.get("status") != "ok":
             status = '<td class="status failed">failed</td>'
-            cells = f'<td colspan="{len(METRICS)}" class="err-msg">{esc(str(r.get("error")))}</td>'
+            cells = f'<td colspan="{len(EVAL_METRICS)}" class="err-msg">{esc(str(r.get("error")))}</td>'
         else:
             status = '<td class="status complete">ok</td>'
             cells = "".join(f"<td>{fmt((r.get('metrics') or {}).get(k))}</td>"
-                            for k, _, _, _ in METRIC_COLUMNS if k in METRICS)
+                            for k, _, _, _ in METRIC_COLUMNS if k in EVAL_METRICS)
         secs = fmt(r.get("seconds"), 1) if r is not None and _finite(r.get("seconds")) else "—"
         link = _trial_link(info, t.get("id")) if r is not None else esc(str(t.get("id")))
         rows.append(f'<tr><th class="model">{sw}{esc(str(m))}</th>'

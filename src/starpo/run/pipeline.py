@@ -116,7 +116,7 @@ class RunContext:
             for s in self.recipe.stages:
                 if s.name == before:
                     break
-                if s.type != "eval" and s.type != "reward":
+                if s.yields_policy:
                     prev = s.name
             ref = prev or "base"
         if ref == "base":

@@ -56,21 +56,40 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from starpo.recipe import Recipe, apply_override, dump_recipe, recipe_from_dict
+from starpo import losses
+from starpo.metrics.names import EVAL_METRICS, HEADLINE_METRICS
+from starpo.recipe import (STAGE_TYPES, PreferenceSpec, Recipe, apply_override, dump_recipe,
+                           recipe_from_dict, stage_spec)
 from starpo.errors import RecipeError, StarpoError
 from starpo import fileio
 
-METHODS = ("dpo", "ln_dpo", "simpo", "ipo")
-METRICS = ("mean_score", "win_vs_chosen", "win_vs_sft", "kl_vs_sft", "kl_vs_sft_per_token",
-           "mean_length")
-POLICY_TYPES = ("sft", "dpo", "online")      # stages whose model is a policy
-TRAINED_TYPES = ("sft", "dpo", "online", "reward")
+
+
+def _kind(st: dict):
+    """The spec class of a raw stage dict: its declared traits (starpo.recipe.schema)."""
+    return stage_spec(st["type"])
+
+
+def _policy(st: dict) -> bool:
+    return _kind(st).yields_policy
+
+
+def _starts(st: dict) -> bool:
+    return _kind(st).starts_from_model
+
+
+def _refs(st: dict, field: str) -> bool:
+    return field in _kind(st).refs
+
+
+def _is_eval(st: dict) -> bool:
+    return _kind(st).evaluates
 
 
 class SweepError(StarpoError):
@@ -85,7 +104,14 @@ class _Strict(BaseModel):
 
 
 class AnalysisSpec(_Strict):
-    metric: Literal["mean_score", "win_vs_chosen", "win_vs_sft"] = "mean_score"
+    metric: str = "mean_score"      # one of HEADLINE_METRICS
+
+    @field_validator("metric")
+    @classmethod
+    def _headline(cls, v: str) -> str:
+        if v not in HEADLINE_METRICS:
+            raise ValueError(f"analysis.metric: {v!r} is not one of {', '.join(HEADLINE_METRICS)}")
+        return v
     top_k_percent: float = Field(25.0, gt=0, le=100)
     reference_method: str | None = None   # best runs are compared with it in % (default dpo)
 
@@ -114,9 +140,10 @@ class SweepSpec(_Strict):
     @classmethod
     def _known_methods(cls, v: dict) -> dict:
         for name, grid in v.items():
-            if name not in METHODS:
+            if name not in losses.LOSSES and not losses.is_import_path(name):
                 raise ValueError(f"methods.{name}: unknown method {name!r}; a method is a "
-                                 f"preference loss: {', '.join(METHODS)}")
+                                 f"preference loss: {', '.join(losses.LOSSES)} or "
+                                 f"module:function")
             if grid is None:
                 v[name] = {}
         return v
@@ -251,14 +278,14 @@ def implicit_model(stages: list[dict], i: int) -> str:
     policy stage before it, else ``base`` (what the pipeline resolves)."""
     prev = "base"
     for st in stages[:i]:
-        if st["type"] not in ("eval", "reward"):
+        if _policy(st):
             prev = st["name"]
     return prev
 
 
 def default_eval_models(stages: list[dict]) -> list[str]:
     """An eval stage's default models: every policy stage of the recipe, in order."""
-    return [st["name"] for st in stages if st["type"] in POLICY_TYPES]
+    return [st["name"] for st in stages if _policy(st)]
 
 
 def eval_reference(stages: list[dict], ev: dict) -> str:
@@ -276,14 +303,14 @@ def stage_refs(stages: list[dict], i: int) -> list[tuple[str, str]]:
     st = stages[i]
     names = {s["name"] for s in stages}
     refs: list[tuple[str, str]] = []
-    if st["type"] in TRAINED_TYPES:
+    if _starts(st):
         refs.append(("model", st.get("model") or implicit_model(stages, i)))
-    if st["type"] in ("dpo", "online") and st.get("reference"):
+    if _refs(st, "reference") and st.get("reference"):
         refs.append(("reference", st["reference"]))
     judge = st.get("judge") or {}
-    if st["type"] in ("online", "eval") and judge.get("path"):
+    if _refs(st, "judge.path") and judge.get("path"):
         refs.append(("judge.path", judge["path"]))
-    if st["type"] == "eval":
+    if _is_eval(st):
         for m in st.get("models") or default_eval_models(stages):
             refs.append(("models", m))
         refs.append(("sft", eval_reference(stages, st)))
@@ -397,7 +424,7 @@ def _keep_stages(path: Path, spec: SweepSpec, tree: dict, recipe_name: str) -> l
         for fld, ref in _dangling_refs(kept, i, dropped):
             raise SweepError(f"{path}: stages: stage {st['name']!r} needs {ref!r} ({fld}), "
                              f"which the sweep leaves out")
-    if not any(st["type"] == "eval" for st in kept):
+    if not any(_is_eval(st) for st in kept):
         raise SweepError(f"{path}: the trials have no eval stage, so nothing would score "
                          f"them; add one to {recipe_name} (or to stages:)")
     return kept
@@ -408,13 +435,14 @@ def _preference_stage(path: Path, spec: SweepSpec, kept: list[dict]) -> str:
     stage must score it."""
     kinds = {st["name"]: st["type"] for st in kept}
     pref = spec.preference_stage or next((n for n, k in kinds.items() if k == "dpo"), None)
+    preference_kinds = [t for t, cls in STAGE_TYPES.items() if issubclass(cls, PreferenceSpec)]
     if pref is None:
         raise SweepError(f"{path}: preference_stage: the trials have no dpo stage; name the "
                          f"stage whose loss the methods set")
-    if kinds.get(pref) not in ("dpo", "online"):
-        raise SweepError(f"{path}: preference_stage: {pref!r} is not a dpo or online stage "
-                         f"of the trials ({list(kinds)})")
-    ev = next(st for st in kept if st["type"] == "eval")
+    if kinds.get(pref) not in preference_kinds:
+        raise SweepError(f"{path}: preference_stage: {pref!r} is not a "
+                         f"{' or '.join(preference_kinds)} stage of the trials ({list(kinds)})")
+    ev = next(st for st in kept if _is_eval(st))
     if ev.get("models") and pref not in ev["models"]:
         raise SweepError(f"{path}: the eval stage {ev['name']!r} lists models {ev['models']} "
                          f"without the preference stage {pref!r}, so no trial would be scored")
@@ -508,13 +536,13 @@ def _dangling_refs(stages: list[dict], i: int, dropped: set[str]) -> list[tuple[
     """References of stage ``i`` to stages the sweep dropped (``stages:``)."""
     st = stages[i]
     refs = []
-    if st["type"] in TRAINED_TYPES and st.get("model") in dropped:
+    if _starts(st) and st.get("model") in dropped:
         refs.append(("model", st["model"]))
     if st.get("reference") in dropped:
         refs.append(("reference", st["reference"]))
     if (st.get("judge") or {}).get("path") in dropped:
         refs.append(("judge.path", st["judge"]["path"]))
-    if st["type"] == "eval":
+    if _is_eval(st):
         for m in st.get("models") or []:
             if m in dropped:
                 refs.append(("models", m))
@@ -532,7 +560,7 @@ def _check_shared(path: Path, spec: SweepSpec, kept: list[dict], pref: str) -> N
             raise SweepError(f"{path}: shared: no stage named {n!r} among the trials' stages "
                              f"{names}")
         st = kept[names.index(n)]
-        if st["type"] == "eval":
+        if _is_eval(st):
             raise SweepError(f"{path}: shared: {n!r} is an eval stage; eval runs in every "
                              f"trial (the SFT baseline is evaluated once automatically)")
         if n == pref:
@@ -567,13 +595,13 @@ def trial_recipe_tree(tree: dict, shared: list[str], shared_dir: Path) -> dict:
         if st["name"] in sh:
             continue
         st = copy.deepcopy(st)
-        if st["type"] in TRAINED_TYPES:
+        if _starts(st):
             st["model"] = _point(st.get("model") or implicit_model(stages, i), sh, shared_dir)
-        if st["type"] in ("dpo", "online") and st.get("reference"):
+        if _refs(st, "reference") and st.get("reference"):
             st["reference"] = _point(st["reference"], sh, shared_dir)
-        if st["type"] in ("online", "eval") and (st.get("judge") or {}).get("path"):
+        if _refs(st, "judge.path") and (st.get("judge") or {}).get("path"):
             st["judge"]["path"] = _point(st["judge"]["path"], sh, shared_dir)
-        if st["type"] == "eval":
+        if _is_eval(st):
             ref = eval_reference(stages, st)
             models = list(st.get("models") or default_eval_models(stages))
             if ref in sh:
@@ -600,13 +628,13 @@ def shared_recipe_tree(tree: dict, shared: list[str]) -> dict | None:
         if st["name"] not in shared:
             continue
         st = copy.deepcopy(st)
-        if st["type"] in TRAINED_TYPES and not st.get("model"):
+        if _starts(st) and not st.get("model"):
             st["model"] = implicit_model(stages, i)
         out.append(st)
     # the SFT baseline is evaluated here only when the SFT reference is itself shared;
     # otherwise every trial evaluates its own and the analysis averages those
-    ev = next((st for st in stages if st["type"] == "eval"), None)
-    policies = [st["name"] for st in out if st["type"] in POLICY_TYPES]
+    ev = next((st for st in stages if _is_eval(st)), None)
+    policies = [st["name"] for st in out if _policy(st)]
     ref = eval_reference(stages, ev) if ev is not None else None
     names = {st["name"] for st in stages}
     judge = ((ev or {}).get("judge") or {}).get("path")
@@ -675,11 +703,11 @@ def read_trial_eval(tdir: Path, eval_stage: str, model: str, out: Path) -> dict:
     ref = meta.get("reference")
     files = meta.get("files") or {}
     fname = files.get(model) or f"{model}.jsonl"
-    res = {"metrics": {k: m.get(k) for k in METRICS},
-           "ci": {k: m.get(f"{k}_ci") for k in METRICS},
+    res = {"metrics": {k: m.get(k) for k in EVAL_METRICS},
+           "ci": {k: m.get(f"{k}_ci") for k in EVAL_METRICS},
            "n_prompts": m.get("n"),
            "eval_file": os.path.relpath(d / fname, out),
-           "sft": ({k: summary[ref].get(k) for k in METRICS}
+           "sft": ({k: summary[ref].get(k) for k in EVAL_METRICS}
                    if ref and isinstance(summary.get(ref), dict) else None)}
     return res
 
@@ -734,7 +762,7 @@ def share_caches(run_dir: Path, out: Path, stages: list[dict]) -> None:
     _link(out / "refcache", run_dir / "refcache")
     _link(out / "evalcache", run_dir / "evalcache")
     for st in stages:
-        if st["type"] in TRAINED_TYPES and not (run_dir / st["name"] / "stage.json").exists():
+        if _starts(st) and not (run_dir / st["name"] / "stage.json").exists():
             _link(out / "prepared" / st["name"], run_dir / st["name"] / "data")
 
 
@@ -752,7 +780,7 @@ class SweepPlan:
         return self.out / "shared"
 
     def eval_stage(self, recipe: Recipe) -> str:
-        return next(s.name for s in recipe.stages if s.type == "eval")
+        return next(s.name for s in recipe.stages if s.evaluates)
 
 
 def make_plan(sweep: Sweep, out: str | Path) -> SweepPlan:
@@ -878,7 +906,7 @@ def _baseline_info(plan: SweepPlan) -> dict | None:
     """Where the shared evaluation of the SFT reference is (``None`` without one)."""
     if plan.shared is None:
         return None
-    ev = next((s for s in plan.shared.stages if s.type == "eval"), None)
+    ev = next((s for s in plan.shared.stages if s.evaluates), None)
     if ev is None or not ev.sft:
         return None
     summary = plan.shared_dir / ev.name / "summary.json"
