@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from starpo.errors import RecipeError
+from starpo.trackers import LoggingSpec, is_default
 
 
 class Strict(BaseModel):
@@ -40,6 +41,9 @@ class SourceSpec(Strict):
     fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of this source's rows to keep
     n: int | None = Field(None, gt=0)             # cap on rows taken (after fraction)
     safety_filter: bool = True   # PKU-SafeRLHF: keep pairs where exactly one response is safe
+    # sft stages: train on prompt + chosen of preference data; left out of dumps when unset so
+    # recipes that do not use it keep their stage hashes and prepared-data keys
+    use: Literal["chosen"] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class DataSpec(Strict):
@@ -214,6 +218,8 @@ class Recipe(Strict):
     model: ModelSpec = ModelSpec()
     world: WorldSpec = WorldSpec()
     stages: list[Stage]
+    # experiment trackers (starpo.trackers); left out of dumps when default (stable hashes)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec, exclude_if=is_default)
 
     @model_validator(mode="after")
     def _names(self) -> "Recipe":

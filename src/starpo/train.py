@@ -191,7 +191,10 @@ class MetricsLog:
                     keep.append(line)
             self.path.write_text("".join(l + "\n" for l in keep))
         self.tb = None
-        if tensorboard:
+        # inside a pipeline its trackers (starpo.trackers) take the metrics, TensorBoard too
+        from starpo.trackers import current
+        self.trackers = current()
+        if tensorboard and self.trackers is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
@@ -205,6 +208,8 @@ class MetricsLog:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, rec["step"])
+        if self.trackers is not None:
+            self.trackers.log(rec, self.path.parent)
 
     def close(self) -> None:
         if self.tb is not None:
