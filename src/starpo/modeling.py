@@ -473,9 +473,16 @@ def align_model_to_tokenizer(model, tokenizer, seed: int = 0) -> None:
     model.config.pad_token_id = pad
     if tokenizer.eos_token_id is not None:
         model.config.eos_token_id = tokenizer.eos_token_id
+    # a base config built for another vocabulary (Llama's bos 1, Gemma's 2) must not name a
+    # different token than the tokenizer's bos
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        model.config.bos_token_id = bos
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.pad_token_id = pad
+        if bos is not None:
+            gen.bos_token_id = bos
         # stop at the template's end of turn and eos, keeping the checkpoint's own stops
         old = gen.eos_token_id
         old = [] if old is None else ([old] if isinstance(old, int) else list(old))
