@@ -8,7 +8,8 @@ recipe chooses them (top-level key ``logging``)::
       run_per: stage          # stage: one tracker run per stage | pipeline: one run, keys
                               # prefixed with the stage name (sft/loss, dpo/loss, ...)
       project: my-project     # wandb project / MLflow experiment (default: the recipe name)
-      mlflow_tracking_uri: …  # default $MLFLOW_TRACKING_URI, else DIR/mlruns (a local store)
+      mlflow_tracking_uri: …  # default $MLFLOW_TRACKING_URI, else DIR/mlruns (a local file
+                              # store; MLFLOW_ALLOW_FILE_STORE is set for it)
       init_kwargs: {wandb: {entity: me, tags: [a]}, mlflow: {tags: {team: x}}}
 
 Each run's configuration is the resolved recipe (nested for wandb; flattened to dotted keys
@@ -223,8 +224,12 @@ class Tracking:
             tracker.store_init_configuration(self.config)
             return tracker
         import mlflow
-        uri = (self.spec.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-               or (self.out / "mlruns").resolve().as_uri())
+        uri = self.spec.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            # the local default needs no server and no database package (mlflow-skinny has
+            # none); MLflow 3 refuses file stores unless this opt-in is set
+            uri = (self.out / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         tags = {"starpo.run": self.name, **({"starpo.stage": stage} if stage else {}),
                 **extra.pop("tags", {})}
