@@ -111,3 +111,48 @@ def test_base_tokenizer_gets_chatml_and_the_checkpoint_agrees(tmp_path, one_thre
     labels = torch.tensor([t3.labels])
     loss = model3(input_ids=ids, labels=labels).loss
     assert torch.isfinite(loss)
+
+
+def test_pipeline_on_a_base_tokenizer_trains_every_assistant_token(tmp_path, one_thread):
+    """SFT (prompt + chosen of the real HH-RLHF rows) then DPO from a base GPT-NeoX-style
+    checkpoint (GPT-2 BPE with trimmed offsets, no template): ChatML is installed, and every
+    conversation and both responses of every pair are trained on exactly their text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from starpo import pipeline
+    from starpo.config import SourceSpec, recipe_from_dict
+    from starpo.data.sources import load_source
+    base = _base_checkpoint(tmp_path, "gpt_neox", trim_offsets=True)
+    hh = str(realdata("hh_rlhf.jsonl"))
+    fast = {"max_steps": 1, "batch_size": 4, "warmup_ratio": 0.0, "log_every": 1}
+    rec = recipe_from_dict({
+        "name": "base-tok", "model": {"name_or_path": str(base)},
+        "stages": [
+            {"type": "sft", "data": {"sources": [{"path": hh, "use": "chosen"}]},
+             "packing": {"max_length": 2048}, "train": fast},
+            {"type": "dpo", "max_length": 2048, "max_prompt_length": 1536,
+             "data": {"sources": [{"path": hh}]}, "train": fast}]})
+    out = tmp_path / "run"
+    pipeline.run(rec, out, log=lambda m: None, progress=False, report=False)
+
+    tok = AutoTokenizer.from_pretrained(str(out / "sft" / "model"))
+    eot = "<|im_end|>"
+    trained = lambda ids, labels: tok.decode(  # noqa: E731
+        [i for i, lab in zip(ids, labels) if lab != IGNORE])
+    pairs = {r["row"]: r for r in load_source(SourceSpec(path=hh), "preference")}
+    docs = json.loads(next((out / "sft" / "data").glob("sft-*.json")).read_text())
+    assert sorted(d[3] for d in docs) == sorted(pairs)
+    for ids, labels, _, row in docs:
+        assert trained(ids, labels) == pairs[row]["chosen"][0]["content"] + eot
+    prepared = json.loads(next((out / "dpo" / "data").glob("pairs-*.json")).read_text())
+    assert len(prepared["train"]) == len(pairs)
+    for p in prepared["train"]:
+        for side in ("chosen", "rejected"):
+            assert trained(p[f"{side}_ids"], p[f"{side}_labels"]) == \
+                pairs[p["row"]][side][0]["content"] + eot
+    for stage in ("sft", "dpo"):
+        cfg = json.loads((out / stage / "model" / "config.json").read_text())
+        t = AutoTokenizer.from_pretrained(str(out / stage / "model"))
+        m = AutoModelForCausalLM.from_pretrained(str(out / stage / "model"))
+        assert cfg["vocab_size"] == len(t) == m.get_input_embeddings().num_embeddings == 50259
+        assert (cfg["eos_token_id"], cfg["pad_token_id"]) == (t.eos_token_id, t.pad_token_id)
+        assert t.eos_token == eot and t.chat_template is not None
