@@ -60,7 +60,7 @@ def load(cfg):
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32,
                                                  attn_implementation="sdpa")
     model.config.use_cache = False
-    # starpo's segment-local attention (starpo.attention); off for the ablation
+    # starpo's segment-local attention (starpo.model.attention); off for the ablation
     model.starpo_segment_attention = cfg.get("segments", True)
     return tok, model
 

@@ -1,4 +1,4 @@
-"""The sweep's robustness analysis (starpo.analysis) on hand-built trial records, with the
+"""The sweep's robustness analysis (starpo.metrics.analysis) on hand-built trial records, with the
 expected numbers worked out by hand; and the sweep report rendered from a hand-built
 sweep directory (no model is trained here)."""
 

@@ -1,4 +1,4 @@
-"""Segment-local attention (starpo.attention) equals transformers' whole-row attention,
+"""Segment-local attention (starpo.model.attention) equals transformers' whole-row attention,
 and one-row SFT micro-batches equal the multi-row ones."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def pairs(n: int = 5, seed: int = 1) -> list[dict]:
 
 
 class Calls:
-    """Counts calls of starpo.attention.segment_sdpa (to prove the fast path ran)."""
+    """Counts calls of starpo.model.attention.segment_sdpa (to prove the fast path ran)."""
 
     def __init__(self, monkeypatch):
         self.n = 0

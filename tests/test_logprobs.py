@@ -1,4 +1,4 @@
-"""starpo.logprobs: the chunked LM-head path equals the plain full-logits path."""
+"""starpo.model.logprobs: the chunked LM-head path equals the plain full-logits path."""
 
 from __future__ import annotations
 

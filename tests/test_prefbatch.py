@@ -1,4 +1,4 @@
-"""starpo.prefbatch: layouts by hand, and log-prob equality with the padded computation."""
+"""starpo.data.prefbatch: layouts by hand, and log-prob equality with the padded computation."""
 
 from __future__ import annotations
 

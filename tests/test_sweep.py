@@ -1,4 +1,4 @@
-"""Sweeps (starpo.sweep): the sweep file's schema and one-line errors, grid expansion,
+"""Sweeps (starpo.run.sweep): the sweep file's schema and one-line errors, grid expansion,
 the trial recipes that point at the shared stages, the executor's failure handling and
 resume (with a stand-in runner), and one microscopic sweep end to end: 2 methods × 2
 values on a tiny model, shared SFT trained once, reference cache shared, resumed, the

@@ -128,7 +128,7 @@ def collate_rows(rows: list[list[Segment]], *, pad_id: int, padded: bool,
     of a shorter row is filled with pad tokens forming their own dummy document.
     ``flat`` (pack/concat only): the rows are laid end to end as one row, so nothing is
     padded. Only for attention that costs ``Σ document²`` whatever the row length
-    (flash-attention varlen, :mod:`starpo.attention`); whole-row attention would pay
+    (flash-attention varlen, :mod:`starpo.model.attention`); whole-row attention would pay
     ``(rows × length)²``.
     """
     if flat and not padded:

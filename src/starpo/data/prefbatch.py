@@ -11,7 +11,7 @@ Input: tokenized pairs, dicts (or objects with the same attributes, e.g.
 
 Output: one ``TokenBatch`` in which sequence ``2i`` is pair i's chosen response and
 ``2i + 1`` its rejected one, whatever the layout. So for per-sequence values ``v`` (e.g.
-the sums of ``starpo.logprobs.sequence_logprobs``) ``v[0::2]`` is chosen and ``v[1::2]``
+the sums of ``starpo.model.logprobs.sequence_logprobs``) ``v[0::2]`` is chosen and ``v[1::2]``
 rejected (:func:`split_pairs`). ``meta`` holds ``layout``, ``num_pairs``, ``pair_index``
 (pair of each sequence), ``chosen_seq``/``rejected_seq`` (index tensors) and
 ``tokens_real`` (non-pad tokens).
@@ -182,7 +182,7 @@ def collate_padding_free(pairs: Sequence[Any], max_tokens_per_row: int | None = 
     Documents (prompt + response) are placed in rows best-fit; ``position_ids`` restart at
     0 for each document. Rows are right-padded to the longest row only; the padding of a
     row is one more "document" (positions restart at 0) that no target reads.
-    Requires ``use_cache=False`` in the forward (``starpo.logprobs`` always does).
+    Requires ``use_cache=False`` in the forward (``starpo.model.logprobs`` always does).
     """
     ps = _check_pairs(pairs)
     docs = []
@@ -227,13 +227,13 @@ def collate_prefix_shared(pairs: Sequence[Any], max_tokens_per_row: int | None =
     Segments are block-diagonal (never see each other); several fill a row best-fit.
     Row-end padding attends only to itself (a fully masked query row would give NaN in
     sdpa, and NaN × 0 gradients still poison the weights). ``attention_mask`` is
-    ``[B, 1, L, L]`` bool, True = attend; ``starpo.logprobs`` adapts it to the model's
+    ``[B, 1, L, L]`` bool, True = attend; ``starpo.model.logprobs`` adapts it to the model's
     attention kernel (sdpa as is, eager as an additive mask, sliding windows applied).
 
     ``dense_mask=False``: no mask at all (``attention_mask`` None, ``meta["implicit_prefix"]``
     True). The positions alone say where each rejected response branches off its prompt,
-    and :mod:`starpo.attention`'s segment attention reads them (any other kernel would let
-    rejected tokens see the chosen ones, so :mod:`starpo.logprobs` refuses such a batch
+    and :mod:`starpo.model.attention`'s segment attention reads them (any other kernel would let
+    rejected tokens see the chosen ones, so :mod:`starpo.model.logprobs` refuses such a batch
     without it). This is what lets a micro-batch of pairs be one row of any length.
     """
     ps = _check_pairs(pairs)

@@ -37,9 +37,15 @@ Decisions worth knowing (also in the format docs below):
 * Preference pairs given as two full conversations (UltraFeedback, implicit prompt): the
   prompt is their longest common prefix of messages, moved back to end on a non-assistant
   message, and each response is what follows (assistant messages only).
+* SFT on preference data (``use: chosen`` on a source of an SFT stage, never implied):
+  any preference format is read and each pair becomes the conversation prompt + chosen;
+  only the chosen response is trained (assistant turns inside the prompt are context,
+  listed in ``"untrained"``). The rejected side is not used, so its problems (empty,
+  identical to chosen, an HH-RLHF transcript whose history differs) do not make a bad row.
 * Bad rows (missing field, wrong type, identical chosen and rejected, empty response) raise
-  :class:`~starpo.errors.DataError` naming file, row and field, or with
-  ``on_bad_rows="skip"`` are dropped and counted.
+  :class:`~starpo.errors.DataError` naming file, row and field, and saying how to go on; with
+  ``on_bad_rows="skip"`` they are dropped, counted in the log and written with their reasons
+  to the stage's ``bad_rows.jsonl`` (:func:`starpo.errors.bad_rows_to`).
 
 Counts are reported through ``log`` (a callable taking one line of text) and, when a
 :class:`SourceStats` / :class:`MixtureStats` object is passed as ``stats=``, filled in there.
@@ -57,7 +63,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from starpo.data.canonical import check_messages, msg, preference_row, prompt_row, sft_row
-from starpo.errors import DataError
+from starpo.errors import DataError, current_bad_rows, record_bad_row, skip_hint
 
 KINDS = ("sft", "preference", "prompt")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
@@ -73,6 +79,7 @@ class _Where:
     source: str
     row: int
     safety_filter: bool = True
+    chosen_only: bool = False   # ``use: chosen``: the rejected side is not read
 
     def error(self, message: str, field: str | None = None) -> DataError:
         return DataError(message, source=self.source, row=self.row, field=field)
@@ -133,8 +140,20 @@ def _sft(messages: list[dict], w: _Where, untrained: list[int] | None = None) ->
     return out
 
 
-def _pref(prompt: list[dict], chosen: list[dict], rejected: list[dict], w: _Where) -> dict:
-    """A validated preference row: non-empty, different responses."""
+def _pref(prompt: list[dict], chosen: list[dict], rejected: list[dict] | None,
+          w: _Where) -> dict:
+    """A validated preference row: non-empty, different responses.
+
+    With ``w.chosen_only`` only prompt and chosen are checked and kept (``rejected`` None).
+    """
+    if w.chosen_only:
+        out = {"prompt": check_messages(prompt, source=w.source, row=w.row, field="prompt"),
+               "chosen": check_messages(chosen, source=w.source, row=w.row, field="chosen",
+                                        only_assistant=True),
+               "rejected": None, "source": w.source, "row": w.row}
+        if not _nonempty(out["chosen"]):
+            raise w.error("empty response", "chosen")
+        return out
     out = preference_row(prompt, chosen, rejected, source=w.source, row=w.row)
     for name in ("chosen", "rejected"):
         if not _nonempty(out[name]):
@@ -151,6 +170,17 @@ def _split_conversations(chosen: Any, rejected: Any, w: _Where) -> tuple[list, l
     user/system message (the responses start with the first differing assistant turn).
     """
     c = _messages(chosen, w, "chosen")
+    if w.chosen_only:
+        # the chosen conversation alone: its trailing assistant messages are the response
+        k = len(c)
+        while k > 0 and c[k - 1]["role"] == "assistant":
+            k -= 1
+        if k == len(c):
+            raise w.error("conversation ends with a non-assistant message; no response",
+                          "chosen")
+        if k == 0:
+            raise w.error("no prompt: the conversation holds only assistant messages", "chosen")
+        return c[:k], c[k:], None
     r = _messages(rejected, w, "rejected")
     if c == r:
         raise w.error("chosen and rejected are identical", "rejected")
@@ -307,6 +337,10 @@ def _hh_split(text: str, w: _Where, name: str) -> tuple[list[dict], list[dict]]:
 
 def _conv_hh(r: dict, w: _Where) -> dict:
     pc, chosen = _hh_split(_get(r, "chosen", str, w), w, "chosen")
+    if w.chosen_only:
+        if not pc:
+            raise w.error("no Human turn before the last Assistant turn", "chosen")
+        return _pref(pc, chosen, None, w)
     pr, rejected = _hh_split(_get(r, "rejected", str, w), w, "rejected")
     if not pc:
         raise w.error("no Human turn before the last Assistant turn", "chosen")
@@ -318,15 +352,16 @@ def _conv_hh(r: dict, w: _Where) -> dict:
 
 def _conv_ultrafeedback(r: dict, w: _Where) -> dict:
     chosen = _get(r, "chosen", list, w)
-    rejected = _get(r, "rejected", list, w)
+    rejected = _get(r, "rejected", list, w, optional=w.chosen_only)
     prompt, c, rj = _split_conversations(chosen, rejected, w)
     return _pref(prompt, c, rj, w)
 
 
 def _conv_trl_preference(r: dict, w: _Where) -> dict:
     chosen = _get(r, "chosen", (str, list), w)
-    rejected = _get(r, "rejected", (str, list), w)
-    full = (isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected
+    rejected = _get(r, "rejected", (str, list), w, optional=w.chosen_only)
+    full = (isinstance(chosen, list) and chosen
+            and (w.chosen_only or (isinstance(rejected, list) and rejected))
             and all(isinstance(m, dict) for m in chosen)
             and any(m.get("role") != "assistant" for m in chosen))
     if full:   # chosen/rejected repeat the prompt (UltraFeedback style): split them
@@ -334,16 +369,16 @@ def _conv_trl_preference(r: dict, w: _Where) -> dict:
         return _pref(prompt, c, rj, w)
     prompt = _prompt_messages(_get(r, "prompt", (str, list), w), w)
     c = _response(chosen, w, "chosen")
-    rj = _response(rejected, w, "rejected")
+    rj = None if w.chosen_only else _response(rejected, w, "rejected")
     return _pref(prompt, c, rj, w)
 
 
 def _conv_tldr(r: dict, w: _Where) -> dict:
     prompt = _get(r, "prompt", str, w)
     chosen = _get(r, "chosen", str, w)
-    rejected = _get(r, "rejected", str, w)
+    rejected = _get(r, "rejected", str, w, optional=w.chosen_only)
     return _pref(_prompt_messages(prompt, w), _response_from_string(chosen),
-                 _response_from_string(rejected), w)
+                 None if rejected is None else _response_from_string(rejected), w)
 
 
 def _string_prompt_split(c: str, r: str, w: _Where) -> tuple[str, str, str]:
@@ -538,6 +573,8 @@ def detect_format(columns: Iterable[str], kind: str, *, sample: dict | None = No
                                           ("preference", _detect_preference(cols, sample)))
                  if k != kind and found_other]
         hint = f" (they look like {other[0]} data)" if other and kind != "prompt" else ""
+        if other == ["preference"] and kind == "sft":
+            hint = f" (they look like preference data: {_USE_CHOSEN_HINT})"
         names = ", ".join(n for n, f in FORMATS.items() if _usable(f.kind, kind))
         raise DataError(f"cannot tell the format of columns [{shown}] for {kind} data"
                         f"{hint}; set the source's `format:` to one of: {names}",
@@ -545,9 +582,14 @@ def detect_format(columns: Iterable[str], kind: str, *, sample: dict | None = No
     return found[0]
 
 
-def _usable(produced: str, wanted: str) -> bool:
-    """Rows of kind ``produced`` can feed a ``wanted`` stage (prompts derive from both)."""
-    return produced == wanted or wanted == "prompt"
+def _usable(produced: str, wanted: str, chosen: bool = False) -> bool:
+    """Rows of kind ``produced`` can feed a ``wanted`` stage (prompts derive from both;
+    preference rows feed an SFT stage through ``use: chosen``, ``chosen``)."""
+    return produced == wanted or wanted == "prompt" or (
+        chosen and produced == "preference" and wanted == "sft")
+
+
+_USE_CHOSEN_HINT = "set the source's `use: chosen` to train on prompt + chosen"
 
 
 # --------------------------------------------------------------------------- kind changes
@@ -555,6 +597,11 @@ def _usable(produced: str, wanted: str) -> bool:
 def _to_kind(row: dict, produced: str, wanted: str, raw: dict | None, w: _Where) -> dict:
     if produced == wanted:
         return row
+    if wanted == "sft" and produced == "preference" and w.chosen_only:
+        # prompt + chosen; assistant turns of the prompt are context (nobody judged them)
+        prompt = row["prompt"]
+        return _sft(prompt + row["chosen"], w,
+                    [i for i, m in enumerate(prompt) if m["role"] == "assistant"])
     if wanted == "prompt" and produced == "preference":
         return prompt_row(row["prompt"], chosen=row["chosen"], id=_row_id(raw or {}),
                           source=w.source, row=w.row)
@@ -764,9 +811,30 @@ def load_source(spec, kind: str, *, world_seed: int = 0, seed: int = 0,
         if st.filtered:
             parts.append(f"{st.filtered} removed by the safety filter")
         if st.bad:
-            parts.append(f"{st.bad} bad rows skipped (first: {st.first_error})")
+            sink = current_bad_rows()
+            parts.append(f"{st.bad} bad rows skipped (first: {st.first_error})"
+                         + (f", all written to {sink.path}" if sink is not None else ""))
         log(f"  data {st.source}: " + "; ".join(parts))
     return out
+
+
+def _use_chosen(spec, kind: str, produced: str | None, where: str) -> bool:
+    """Whether ``spec`` asks for prompt + chosen (``use: chosen``), checked to make sense:
+    only an SFT stage takes it, and only from preference data (``produced``, when known)."""
+    use = getattr(spec, "use", None)
+    if use is None:
+        return False
+    if use != "chosen":
+        raise DataError(f"use: {use!r} is not known; the one value is 'chosen'", source=where,
+                        field="use")
+    if kind != "sft":
+        raise DataError(f"use: chosen makes SFT conversations from preference pairs; a {kind} "
+                        "stage reads its data as it is: remove `use` from this source",
+                        source=where, field="use")
+    if produced is not None and produced != "preference":
+        raise DataError(f"use: chosen takes preference data, but this source gives {produced} "
+                        "rows: remove `use` from this source", source=where, field="use")
+    return True
 
 
 def _load_world(spec, kind: str, world_seed: int, st: SourceStats) -> list[dict]:
@@ -779,14 +847,16 @@ def _load_world(spec, kind: str, world_seed: int, st: SourceStats) -> list[dict]
     if produced is None:
         raise DataError(f"unknown world data {spec.path!r}; expected world:sft, "
                         "world:preference, world:eval or world:prompt", source=spec.path)
-    if not _usable(produced, kind):
+    chosen = _use_chosen(spec, kind, produced, spec.path)
+    if not _usable(produced, kind, chosen):
+        hint = f", or {_USE_CHOSEN_HINT}" if produced == "preference" and kind == "sft" else ""
         raise DataError(f"gives {produced} rows, but a {kind} stage needs {kind} data "
-                        f"(use world:{kind})", source=spec.path)
+                        f"(use world:{kind}{hint})", source=spec.path)
     rows = world.rows(wkind, n=spec.n or WORLD_DEFAULT_N, seed=world_seed)
     st.read = len(rows)
     out = []
     for r in rows:
-        w = _Where(r.get("source", spec.path), r.get("row", len(out)))
+        w = _Where(r.get("source", spec.path), r.get("row", len(out)), chosen_only=chosen)
         out.append(_to_kind(r, produced, kind, r, w))
     return out
 
@@ -806,9 +876,14 @@ def _load_table(spec, kind: str, on_bad_rows: str, st: SourceStats) -> list[dict
     if not table.rows:
         raise DataError("no rows", source=where)
 
+    chosen = _use_chosen(spec, kind, None, where)
     if spec.format == "auto":
         sample = next((r for _, _, r in table.rows if isinstance(r, dict)), None)
-        fmt_name = detect_format(table.columns, kind, sample=sample, source=where)
+        if chosen and not _detect_preference(table.columns, sample) and \
+                _detect_sft(table.columns):
+            _use_chosen(spec, kind, "sft", where)    # the clearer error: not preference data
+        fmt_name = detect_format(table.columns, "preference" if chosen else kind,
+                                 sample=sample, source=where)
     elif spec.format in FORMATS:
         fmt_name = spec.format
     else:
@@ -816,9 +891,12 @@ def _load_table(spec, kind: str, on_bad_rows: str, st: SourceStats) -> list[dict
                         f"{', '.join(FORMATS)}", source=where)
     fmt = FORMATS[fmt_name]
     st.format = fmt_name
-    if not _usable(fmt.kind, kind):
+    if chosen:
+        _use_chosen(spec, kind, fmt.kind, where)
+    if not _usable(fmt.kind, kind, chosen):
+        hint = f"; {_USE_CHOSEN_HINT}" if fmt.kind == "preference" and kind == "sft" else ""
         raise DataError(f"format {fmt_name!r} gives {fmt.kind} rows, but a {kind} stage "
-                        f"needs {kind} data", source=where)
+                        f"needs {kind} data{hint}", source=where)
     missing = [c for c in fmt.columns if c not in table.columns]
     if missing:
         raise DataError(f"format {fmt_name!r} needs column(s) {', '.join(missing)}; the "
@@ -827,7 +905,7 @@ def _load_table(spec, kind: str, on_bad_rows: str, st: SourceStats) -> list[dict
 
     out = []
     for src, i, raw in table.rows:
-        w = _Where(src, i, safety_filter=spec.safety_filter)
+        w = _Where(src, i, safety_filter=spec.safety_filter, chosen_only=chosen)
         try:
             if not isinstance(raw, dict):
                 raise w.error(f"row is {type(raw).__name__}, expected an object")
@@ -838,10 +916,11 @@ def _load_table(spec, kind: str, on_bad_rows: str, st: SourceStats) -> list[dict
             out.append(_to_kind(row, fmt.kind, kind, raw, w))
         except DataError as err:
             if on_bad_rows == "error":
-                raise
+                raise err.with_hint(skip_hint()) from None
             st.bad += 1
             if st.first_error is None:
                 st.first_error = str(err)
+            record_bad_row(err, phase="read", data=raw)
     return out
 
 
@@ -873,6 +952,8 @@ def load_mixture(data, kind: str, *, world_seed: int = 0, seed: int = 0,
     ``stats``.
     """
     ms = stats if stats is not None else MixtureStats()
+    if current_bad_rows() is not None:
+        current_bad_rows().begin()   # this preparation's skipped rows replace older ones
     rows: list[dict] = []
     for spec in data.sources:
         st = SourceStats()

@@ -15,10 +15,27 @@ markers, so transformers cannot return an assistant mask for them. Instead we
 Step 4 is where BPE merges across the prompt/response boundary are handled: a token that
 straddles the boundary is kept whole and trained, never split or dropped; we never search
 decoded text for strings.
+
+Offsets are read as the characters each token covers, whatever convention the tokenizer
+reports them in:
+
+* ByteLevel post-processors with ``trim_offsets: true`` (the GPT-NeoX/Pythia family,
+  Roberta) cut whitespace out of the reported spans, so a token made of spaces reports
+  ``(a, a)`` and ``" return"`` reports only ``return``. Called with
+  ``add_special_tokens=False`` a post-processor adds no token, so :func:`encode` runs the
+  one tokenization without it: same ids, full spans (:func:`_untrimmed`).
+* A zero-width token that is left (other conventions) is placed between its neighbours:
+  it stands for the text from the end of the tokens before it to its own position and is
+  trained when that text overlaps an assistant span; with no text there it is a point,
+  trained when ``start <= position < end`` (:func:`_labels_from_offsets`).
 """
 
 from __future__ import annotations
 
+import bisect
+import json
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from starpo.errors import DataError
@@ -69,18 +86,75 @@ def _generation_prefix(tokenizer, messages: list[dict]) -> str:
 
 def _labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]],
                          spans: list[tuple[int, int]]) -> list[int]:
+    """Labels: ``ids[k]`` where token k lies inside an assistant span, IGNORE elsewhere.
+
+    ``spans`` are sorted, disjoint ``(start, end)`` character spans. A token with a width
+    is inside when its span overlaps one (so a token straddling a boundary is trained
+    whole). A zero-width token ``(a, a)`` stands for the characters between the end of the
+    tokens before it and ``a`` (where trimming tokenizers leave the whitespace they cut):
+    it is inside when those characters overlap a span; when there are none it is a point,
+    inside a span that starts at or before ``a`` and ends after it.
+    """
     labels = [IGNORE] * len(ids)
-    j = 0
+    ends = [e for _, e in spans]
+    covered = 0   # end of the text the tokens so far account for
     for k, (a, b) in enumerate(offsets):
-        while j < len(spans) and spans[j][1] <= a:
-            j += 1
-        if j < len(spans) and b > spans[j][0] and a < spans[j][1] and b > a:
-            labels[k] = ids[k]
+        lo, hi = (a, b) if b > a else (min(covered, a), a)
+        # spans are disjoint and sorted: the first one ending after lo is the only candidate
+        j = bisect.bisect_right(ends, lo)
+        if j < len(spans):
+            s, e = spans[j]
+            if (hi > s) if hi > lo else (s <= lo < e):
+                labels[k] = ids[k]
+        covered = max(covered, b)
     return labels
 
 
+# Swapping the post-processor out for one encode must not interleave with another thread
+# doing the same on the same tokenizer: the swaps of this module take turns.
+_SWAP = threading.Lock()
+
+
+def _trims_offsets(state) -> bool:
+    """Whether a post-processor's JSON state trims offsets (nested ones included)."""
+    if isinstance(state, dict):
+        return state.get("trim_offsets") is True or any(_trims_offsets(v)
+                                                        for v in state.values())
+    if isinstance(state, list):
+        return any(_trims_offsets(v) for v in state)
+    return False
+
+
+@contextmanager
+def _untrimmed(tokenizer):
+    """Within the block the tokenizer reports full offsets (no post-processor trimming).
+
+    Only offsets change: encoding with ``add_special_tokens=False``, no post-processor adds
+    or removes a token (Template, Roberta and Bert processing add special tokens only when
+    asked, ByteLevel only trims offsets), so the ids are those of the tokenizer as it is.
+    Tokenizers whose post-processor does not trim are left untouched.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    post = getattr(backend, "post_processor", None) if backend is not None else None
+    try:
+        trims = post is not None and _trims_offsets(json.loads(post.__getstate__()))
+    except Exception:  # noqa: BLE001 - a state we cannot read: leave the tokenizer alone
+        trims = False
+    if not trims:
+        yield
+        return
+    with _SWAP:
+        backend.post_processor = None
+        try:
+            yield
+        finally:
+            backend.post_processor = post
+
+
 def encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    """Token ids of ``text`` (no special tokens added) and each token's full character span."""
+    with _untrimmed(tokenizer):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 

@@ -18,7 +18,7 @@ Notation (docs/losses.md), all tensors ``[P]``:
 Label smoothing ε (conservative DPO, Mitchell 2023) replaces ``L(h) = −log σ(h)`` by
 ``(1 − ε)·L(h) + ε·L(−h)``: the label is assumed flipped with probability ε.
 
-Log-probs should be float32 (``starpo.logprobs`` returns float32 whatever the model dtype).
+Log-probs should be float32 (``starpo.model.logprobs`` returns float32 whatever the model dtype).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A sweep gives many runs of each method (one per grid point). Reporting only the best run
 of each method hides how hard that run was to find, so the guide also looks at the whole
 grid. Everything here is computed from the sweep's trial records (``trials.jsonl``, one
-dict per trial, see :mod:`starpo.sweep`) and, for the per-prompt analyses, from the
+dict per trial, see :mod:`starpo.run.sweep`) and, for the per-prompt analyses, from the
 per-prompt evaluation records of a few selected runs::
 
     best            the best run of each method (highest ``metric``, mean_score by default)
@@ -378,7 +378,7 @@ def analyze(records: Sequence[Mapping[str, Any]], *, baseline: Mapping[str, Any]
     """The whole robustness analysis of a sweep's (latest) trial records.
 
     Args:
-        records: one record per trial (see :mod:`starpo.sweep`); failed ones included.
+        records: one record per trial (see :mod:`starpo.run.sweep`); failed ones included.
         baseline: the SFT model's metrics (``{metric: value}``) for ``robustness`` and the
             best runs' ``vs_sft``; ``None`` leaves those out.
         load: per-prompt records of a run (head-to-head and pooled top-k distributions);

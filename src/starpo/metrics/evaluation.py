@@ -244,7 +244,7 @@ def response_logprobs(model, prompt_ids: Sequence[Sequence[int]],
 
     Each sequence is ``prompt_ids + response_ids``, its targets the response tokens. The
     sequences are sorted by length and run as right-padded rows (``[B, L]`` padding mask,
-    positions from 0) through :func:`starpo.logprobs.sequence_logprobs`, which works for
+    positions from 0) through :func:`starpo.model.logprobs.sequence_logprobs`, which works for
     every attention implementation; tests check it equals a plain forward.
     """
     from tqdm.auto import tqdm
@@ -697,7 +697,7 @@ def _display_name(ref: str) -> str:
 
 def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None = None,
                    out_dir: Path | None = None, device=None) -> EvalResult:
-    """The eval stage's work on a :class:`~starpo.pipeline.RunContext` (also the CLI's)."""
+    """The eval stage's work on a :class:`~starpo.run.pipeline.RunContext` (also the CLI's)."""
     from starpo.data.sources import load_mixture
     from starpo.judges import make_judge
 

@@ -224,7 +224,7 @@ def load_tokenizer(name_or_path: str, spec=None, *, chat: bool = True,
 def build_tiny_model(spec, tokenizer, seed: int = 0, *, attn_implementation: str = "sdpa"):
     """A small ``LlamaForCausalLM`` (about a million parameters by default) for ``tokenizer``.
 
-    ``spec`` is a :class:`starpo.config.TinyModelSpec`. The vocabulary is
+    ``spec`` is a :class:`starpo.recipe.TinyModelSpec`. The vocabulary is
     ``len(tokenizer)``; eos is ``<|im_end|>``, pad and bos ``<|endoftext|>`` (as Qwen does;
     the tokenizer itself never adds a BOS). Initialisation draws from a private RNG seeded
     with ``seed``: the same seed gives identical weights, and the global RNG is untouched.
@@ -445,7 +445,7 @@ def load_model(name_or_path: str, spec=None, *, for_training: bool = True, devic
     if device is not None:
         model = model.to(device)
     _set_mode(model, for_training)
-    model.starpo_segment_attention = spec.segment_attention   # read by starpo.attention
+    model.starpo_segment_attention = spec.segment_attention   # read by starpo.model.attention
     if for_training and spec.lora and lora:
         model = apply_lora(model, spec.lora, task_type="SEQ_CLS" if kind == "reward"
                            else "CAUSAL_LM")
@@ -472,9 +472,16 @@ def align_model_to_tokenizer(model, tokenizer, seed: int = 0) -> None:
     model.config.pad_token_id = pad
     if tokenizer.eos_token_id is not None:
         model.config.eos_token_id = tokenizer.eos_token_id
+    # a base config built for another vocabulary (Llama's bos 1, Gemma's 2) must not name a
+    # different token than the tokenizer's bos
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        model.config.bos_token_id = bos
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.pad_token_id = pad
+        if bos is not None:
+            gen.bos_token_id = bos
         # stop at the template's end of turn and eos, keeping the checkpoint's own stops
         old = gen.eos_token_id
         old = [] if old is None else ([old] if isinstance(old, int) else list(old))

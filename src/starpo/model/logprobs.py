@@ -54,7 +54,7 @@ custom 4D mask, the window is applied here on ``position_ids`` distances (a per-
 dict of masks when the model mixes full and sliding layers, as Gemma-2 does).
 
 With sdpa/eager attention, packed and prefix-shared rows (no mask or a 4D bool mask) run
-their attention per document segment (:mod:`starpo.attention`) instead of over the whole
+their attention per document segment (:mod:`starpo.model.attention`) instead of over the whole
 row; :func:`plain_sequence_logprobs` keeps transformers' own whole-row path as reference.
 """
 
@@ -317,7 +317,7 @@ def body_hidden_states(core: nn.Module, body: nn.Module, batch: TokenBatch) -> T
     """Last hidden states ``[B, L, H]`` of the transformer ``body`` of ``core`` (an
     unwrapped HF model) on ``batch``, with ``use_cache=False`` (a cache object would make
     transformers ignore the packed layout) and attention per packed document where
-    :func:`starpo.attention.segments_apply` says so (``Σ segment²`` instead of ``L²``)."""
+    :func:`starpo.model.attention.segments_apply` says so (``Σ segment²`` instead of ``L²``)."""
     segments = segments_apply(core, batch.attention_mask)
     _check_implicit_prefix(batch, segments)
     if segments:
@@ -418,5 +418,5 @@ def verify_logit_head(model: nn.Module, *, length: int = 8, atol: float = 1e-3) 
     if diff > atol:
         raise ValueError(f"{type(core).__name__}: chunked log-probs differ from the model's own "
                          f"by {diff:.3g} (> {atol}); its head applies a transform "
-                         f"starpo.logprobs does not know (see logit_transform)")
+                         f"starpo.model.logprobs does not know (see logit_transform)")
     return diff

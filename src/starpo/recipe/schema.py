@@ -4,7 +4,7 @@ which of its fields name other stages) is declared on the class, once."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,6 +34,9 @@ class SourceSpec(Strict):
     fraction: float = Field(1.0, gt=0.0, le=1.0)  # share of this source's rows to keep
     n: int | None = Field(None, gt=0)             # cap on rows taken (after fraction)
     safety_filter: bool = True   # PKU-SafeRLHF: keep pairs where exactly one response is safe
+    # sft stages: train on prompt + chosen of preference data; left out of dumps when unset so
+    # recipes that do not use it keep their stage hashes and prepared-data keys
+    use: Literal["chosen"] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class DataSpec(Strict):
@@ -64,7 +67,7 @@ class ModelSpec(Strict):
     tiny: TinyModelSpec = TinyModelSpec()
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = "sdpa"
-    # sdpa/eager: attention of packed rows per document (starpo.attention); false = the
+    # sdpa/eager: attention of packed rows per document (starpo.model.attention); false = the
     # kernel over whole rows with a block mask (slower, for comparison)
     segment_attention: bool = True
     trust_remote_code: bool = False
@@ -245,6 +248,34 @@ def stage_spec(type_name: str) -> type:
                           f"{', '.join(STAGE_TYPES)}") from None
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+TRACKERS = get_args(Tracker)
+
+
+class LoggingSpec(Strict):
+    """The recipe's ``logging`` section: experiment trackers (:mod:`starpo.train.trackers`)."""
+
+    trackers: list[Tracker] = ["tensorboard"]
+    run_per: Literal["stage", "pipeline"] = "stage"
+    project: str | None = None
+    mlflow_tracking_uri: str | None = None
+    init_kwargs: dict[Tracker, dict[str, Any]] = Field(
+        default_factory=dict)
+
+    @field_validator("trackers")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({t for t in v if v.count(t) > 1})
+        if dup:
+            raise ValueError(f"listed twice: {', '.join(dup)}")
+        return v
+
+
+def is_default(spec: LoggingSpec) -> bool:
+    """True for the default section (left out of recipe dumps, so hashes stay as they were)."""
+    return spec == LoggingSpec()
+
+
 class WorldSpec(Strict):
     seed: int = 0
 
@@ -255,6 +286,8 @@ class Recipe(Strict):
     model: ModelSpec = ModelSpec()
     world: WorldSpec = WorldSpec()
     stages: list[Stage]
+    # experiment trackers (starpo.train.trackers); left out of dumps when default (stable hashes)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec, exclude_if=is_default)
 
     @model_validator(mode="after")
     def _names(self) -> "Recipe":

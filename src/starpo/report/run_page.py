@@ -11,7 +11,7 @@ Contents, each part present when its data exists:
   against ``step``; an online stage's per-round ``metrics.jsonl`` files each get theirs).
 
 A sweep directory (``sweep.json``, from ``starpo sweep``) gets a different page instead:
-the robustness analysis of :mod:`starpo.analysis` (best run per method, expected
+the robustness analysis of :mod:`starpo.metrics.analysis` (best run per method, expected
 performance over the grid, runs worse than SFT, head-to-head win rates, length and KL of
 the top-k% runs, sensitivity to each hyperparameter) and every trial linked to its own
 report (see :func:`write_sweep_report`).
@@ -775,7 +775,7 @@ def write_report(run_dir: Path) -> Path:
 #
 # ``starpo report DIR`` on a sweep directory (one with ``sweep.json``, written by
 # ``starpo sweep``) renders the sweep page instead: the robustness analysis of
-# :mod:`starpo.analysis` as tables and charts, and every trial linked to its own report.
+# :mod:`starpo.metrics.analysis` as tables and charts, and every trial linked to its own report.
 
 
 def is_sweep_dir(path: str | Path) -> bool:
@@ -787,7 +787,7 @@ def box_chart(groups: Sequence[dict], *, title: str, ylabel: str = "",
               baseline: float | None = None, baseline_label: str = "SFT",
               width: int = 380, height: int = 250) -> str:
     """One box per group ``{label, stats, points, color, ids}``: whiskers min–max, box
-    q25–q75, a line at the median (``stats`` from :func:`starpo.analysis.describe`), and
+    q25–q75, a line at the median (``stats`` from :func:`starpo.metrics.analysis.describe`), and
     every value of ``points`` as a dot (hover: its id). A dashed line marks ``baseline``."""
     groups = [g for g in groups if g.get("stats") and g["stats"].get("n")]
     ys: list[float] = []
@@ -1205,7 +1205,7 @@ svg .dot { fill-opacity: 0.8; }
 
 def render_sweep_report(sweep_dir: str | Path, res: dict | None = None) -> str:
     """The sweep page of ``sweep_dir`` as an HTML string (``res``: its analysis, computed
-    with :func:`starpo.analysis.analyze_dir` when not given)."""
+    with :func:`starpo.metrics.analysis.analyze_dir` when not given)."""
     from starpo.metrics.analysis import analyze_dir, latest_records
     sweep_dir = Path(sweep_dir)
     info = _read_json(sweep_dir / "sweep.json")

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Callable
 
 from starpo.recipe import Recipe, dump_recipe
-from starpo.errors import RecipeError, StarpoError
+from starpo.errors import RecipeError, StarpoError, bad_rows_to
 from starpo.runtime import Runtime
+from starpo.train.trackers import Tracking
 
 
 def _default_log(msg: str) -> None:
@@ -45,7 +46,7 @@ class RunContext:
     # trials of a sweep) can share one directory safely.
     refcache_dir: Path | None = None
     # evaluation samples of checkpoints, keyed by everything they depend on
-    # (starpo.evaluation.sample_cache_key); default DIR/evalcache, shareable like refcache
+    # (starpo.metrics.evaluation.sample_cache_key); default DIR/evalcache, shareable like refcache
     sample_cache_dir: Path | None = None
     # where this process computes and whether it writes files: one per run
     runtime: Runtime = field(default_factory=Runtime.create)
@@ -172,6 +173,7 @@ def run(recipe: Recipe, out: Path, *, only: list[str] | None = None, restart: bo
     (out / "recipe.yaml").write_text(dump_recipe(recipe))
     ctx = RunContext(recipe, out, restart=restart, log=log, progress=progress,
                      refcache_dir=refcache_dir, runtime=runtime or Runtime.create())
+    tracking = Tracking(recipe, out)   # checks the trackers are installed; starts nothing yet
     for name, kind, status in plan(recipe, out, only):
         if status.startswith("complete"):
             st_hash = json.loads((out / name / "stage.json").read_text()).get("config_hash")
@@ -186,10 +188,12 @@ def run(recipe: Recipe, out: Path, *, only: list[str] | None = None, restart: bo
         log(f"[{name}] {kind} stage → {out / name}")
         t0 = time.time()
         (out / name).mkdir(parents=True, exist_ok=True)
-        summary = _runner(kind)(ctx, recipe.stage(name)) or {}
+        with tracking.stage(name), bad_rows_to(out / name / "bad_rows.jsonl", stage=name):
+            summary = _runner(kind)(ctx, recipe.stage(name)) or {}
         summary["seconds"] = round(time.time() - t0, 1)
         ctx.mark_complete(name, summary)
         log(f"[{name}] done in {summary['seconds']} s")
+    tracking.finish()
     if report:
         try:
             from starpo.report.run_page import write_report

@@ -30,7 +30,7 @@ Sweep directory::
     DIR/evalcache/           evaluation samples shared by every trial (the SFT model's, once)
     DIR/prepared/<stage>/    tokenized data shared by every trial (trial <stage>/data links)
     DIR/trials.jsonl         one record per finished trial (see :func:`trial_record`)
-    DIR/analysis.json        :mod:`starpo.analysis` of the records
+    DIR/analysis.json        :mod:`starpo.metrics.analysis` of the records
     DIR/report.html          the sweep report
 
 Resume: a trial with a record in ``trials.jsonl`` and a directory is finished and

@@ -1,6 +1,6 @@
 """The eval stage: sample every model of the run once per evaluation prompt, judge the
 responses, and write ``DIR/<stage>/summary.json`` and ``DIR/<stage>/<model>.jsonl``
-(``DIR/eval/`` for the default stage name). The metrics are :mod:`starpo.evaluation`'s.
+(``DIR/eval/`` for the default stage name). The metrics are :mod:`starpo.metrics.evaluation`'s.
 
 Under ``accelerate launch`` with several processes only the main process evaluates (on
 its own device); the others skip the stage without waiting for it, so no collective

@@ -31,7 +31,7 @@ Prompts of a round (:func:`round_prompt_indices`)
 Seeds
     The prompt permutation is seeded by the stage seed (so rounds take disjoint blocks of
     one permutation). :func:`round_seed` derives one integer per (stage seed, round); it
-    seeds the sampling streams (:mod:`starpo.generation` is deterministic given the seed
+    seeds the sampling streams (:mod:`starpo.generate.sampling` is deterministic given the seed
     and the prompt order), ``best_random`` and the round's training shuffle.
 """
 
@@ -139,7 +139,7 @@ def select_pairs(groups: Sequence[Sequence[str]], scores: Sequence[Sequence[floa
 
 def sample_responses(model, tokenizer, prompts: Sequence[list[dict]], spec, *, n: int,
                      seed: int, progress: bool = True, desc: str = "sampling"):
-    """``n`` samples per prompt (a :class:`starpo.generation.Generations`); deterministic
+    """``n`` samples per prompt (a :class:`starpo.generate.sampling.Generations`); deterministic
     given ``seed`` and the prompt order."""
     from starpo.generate.sampling import generate
     return generate(model, tokenizer, list(prompts), spec, n=n, seed=seed,

@@ -12,13 +12,13 @@ Scoring, padding-free
     Pairs are tokenized exactly as for DPO (:func:`starpo.stages.dpo.tokenize_pairs`:
     chat template rendered once, then tokenized once). ``prompt + chosen`` and
     ``prompt + rejected`` are packed as separate documents with restarting
-    ``position_ids`` (:func:`starpo.prefbatch.collate_padding_free`): one row per
-    micro-batch when the attention is per document (:func:`starpo.attention.one_row_batches`),
+    ``position_ids`` (:func:`starpo.data.prefbatch.collate_padding_free`): one row per
+    micro-batch when the attention is per document (:func:`starpo.model.attention.one_row_batches`),
     else rows of at most ``max_length`` tokens (every document fits: tokenization truncates
     to it; whole-row attention makes long rows expensive — on this CPU one 5265-token row
     took 5.7 s forward+backward with whole-row sdpa, the same documents in 256-token rows
     0.4 s). The body runs once with ``use_cache=False`` and
-    attention per document (:func:`starpo.logprobs.body_hidden_states`), and the head
+    attention per document (:func:`starpo.model.logprobs.body_hidden_states`), and the head
     reads the hidden state of each document's *last* token. That is the token
     ``RewardModelJudge`` scores at inference (the last non-pad token of the same rendered
     text, e.g. the newline after ``<|im_end|>`` for ChatML), so training and judging score

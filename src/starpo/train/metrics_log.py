@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from starpo.train.trackers import current
+
 
 class MetricsLog:
     """``metrics.jsonl`` (one JSON object per logged step) plus TensorBoard scalars."""
@@ -25,7 +27,10 @@ class MetricsLog:
                     keep.append(line)
             self.path.write_text("".join(l + "\n" for l in keep))
         self.tb = None
-        if tensorboard:
+        # inside a pipeline its trackers (starpo.train.trackers) take the metrics, TensorBoard
+        # too
+        self.trackers = current()
+        if tensorboard and self.trackers is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
@@ -39,6 +44,8 @@ class MetricsLog:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, rec["step"])
+        if self.trackers is not None:
+            self.trackers.log(rec, self.path.parent)
 
     def close(self) -> None:
         if self.tb is not None:

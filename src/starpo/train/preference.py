@@ -33,7 +33,7 @@ def row_tokens(spec: PreferenceSpec) -> int:
 def collate_pairs(pairs: list[TokenizedPair], spec: PreferenceSpec, pad_id: int, *,
                   one_row: bool = False) -> TokenBatch:
     """A micro-batch of pairs in the spec's layout. ``one_row``
-    (:func:`starpo.attention.one_row_batches`): no row cap, so no padding, and for prefix
+    (:func:`starpo.model.attention.one_row_batches`): no row cap, so no padding, and for prefix
     sharing no dense mask."""
     dicts = [p.as_dict() for p in pairs]
     cap = None if one_row else row_tokens(spec)

@@ -23,7 +23,7 @@ class TargetLogprobs(nn.Module):
     """Wraps a causal LM so that ``forward`` returns per-sequence log-probs of the targets.
 
     The wrapper is what accelerate prepares (DDP/FSDP hooks fire on its forward), and its
-    forward never materialises full-vocabulary logits (see :mod:`starpo.logprobs`).
+    forward never materialises full-vocabulary logits (see :mod:`starpo.model.logprobs`).
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024):
