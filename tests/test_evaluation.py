@@ -12,7 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from starpo import fileio
 from starpo.metrics import evaluation as E
+from starpo.metrics import samples as SM
+from starpo.metrics import stats as ST
+from starpo.run import pipeline
 from starpo.recipe import GenerationSpec, JudgeSpec, TinyModelSpec
 from starpo.errors import StarpoError
 from starpo.judges.gold import GoldJudge
@@ -69,23 +73,23 @@ def evaluated(ckpts, prompts, tmp_path_factory):
 def test_win_rate_counts_ties_as_half():
     a = [1.0, 0.0, 0.5, 2.0, -1.0]
     b = [0.0, 0.0, 1.0, 2.0, -3.0]
-    assert E.win_outcomes(a, b).tolist() == [1.0, 0.5, 0.0, 0.5, 1.0]
-    win, tie = E.win_rate(a, b)
+    assert ST.win_outcomes(a, b).tolist() == [1.0, 0.5, 0.0, 0.5, 1.0]
+    win, tie = ST.win_rate(a, b)
     assert win == pytest.approx((1 + 0.5 + 0 + 0.5 + 1) / 5)
     assert tie == pytest.approx(2 / 5)
     # the same response text is a tie whatever round-off did to its two scores
-    w = E.win_outcomes([0.30000001, 0.2], [0.3, 0.1], same=[True, False])
+    w = ST.win_outcomes([0.30000001, 0.2], [0.3, 0.1], same=[True, False])
     assert w.tolist() == [0.5, 1.0]
-    assert E.win_outcomes([0.31], [0.3], tol=0.05).tolist() == [0.5]
+    assert ST.win_outcomes([0.31], [0.3], tol=0.05).tolist() == [0.5]
     # a against itself: exactly one half
     x = np.random.default_rng(0).normal(size=50)
-    assert E.win_rate(x, x) == (0.5, 1.0)
+    assert ST.win_rate(x, x) == (0.5, 1.0)
 
 
 def test_kl_terms_and_per_token():
-    kl = E.kl_terms([-10.0, -4.0, -6.0], [-12.0, -4.0, -5.0])
+    kl = ST.kl_terms([-10.0, -4.0, -6.0], [-12.0, -4.0, -5.0])
     assert kl.tolist() == [2.0, 0.0, -1.0]
-    m = E.summarize_model([0.0, 0.0, 0.0], lengths=[3, 1, 0], n_tokens=[4, 2, 1], kl=kl,
+    m = ST.summarize_model([0.0, 0.0, 0.0], lengths=[3, 1, 0], n_tokens=[4, 2, 1], kl=kl,
                           n_boot=0)
     assert m["kl_vs_sft"] == pytest.approx(1.0 / 3)
     assert m["kl_vs_sft_per_token"] == pytest.approx((2 / 4 + 0 / 2 - 1 / 1) / 3)
@@ -95,21 +99,21 @@ def test_kl_terms_and_per_token():
 
 def test_bootstrap_ci_by_hand():
     v = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
-    idx = E.bootstrap_indices(len(v), 500, seed=7)
-    lo, hi = E.bootstrap_ci(v, indices=idx)
+    idx = ST.bootstrap_indices(len(v), 500, seed=7)
+    lo, hi = ST.bootstrap_ci(v, indices=idx)
     means = np.sort([v[row].mean() for row in idx])
     # numpy's default (linear) percentile of the resampled means
     assert lo == pytest.approx(np.quantile(means, 0.025))
     assert hi == pytest.approx(np.quantile(means, 0.975))
     assert lo <= v.mean() <= hi
     # seeded: same seed, same interval; constant values: a zero-width interval
-    assert E.bootstrap_ci(v, n_boot=500, seed=7) == (lo, hi)
-    assert E.bootstrap_ci([0.25] * 10, n_boot=100, seed=0) == (0.25, 0.25)
-    assert E.bootstrap_ci([], n_boot=100) is None
-    assert E.bootstrap_ci(v, n_boot=0) is None
+    assert ST.bootstrap_ci(v, n_boot=500, seed=7) == (lo, hi)
+    assert ST.bootstrap_ci([0.25] * 10, n_boot=100, seed=0) == (0.25, 0.25)
+    assert ST.bootstrap_ci([], n_boot=100) is None
+    assert ST.bootstrap_ci(v, n_boot=0) is None
     # more data, narrower interval (same spread)
-    wide = E.bootstrap_ci(np.tile([0.0, 1.0], 10), n_boot=400, seed=1)
-    narrow = E.bootstrap_ci(np.tile([0.0, 1.0], 1000), n_boot=400, seed=1)
+    wide = ST.bootstrap_ci(np.tile([0.0, 1.0], 10), n_boot=400, seed=1)
+    narrow = ST.bootstrap_ci(np.tile([0.0, 1.0], 1000), n_boot=400, seed=1)
     assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 4
 
 
@@ -117,7 +121,7 @@ def test_summarize_model_by_hand():
     scores = [1.0, 0.2, -0.6, 1.0]
     chosen = [0.2, None, -0.6, 1.0]      # prompt 1 has no reference response
     sft = [1.0, 1.0, -1.0, 0.2]
-    m = E.summarize_model(scores, lengths=[5, 7, 9, 3], n_tokens=[6, 8, 10, 4],
+    m = ST.summarize_model(scores, lengths=[5, 7, 9, 3], n_tokens=[6, 8, 10, 4],
                           finished=[True, True, True, False], chosen_scores=chosen,
                           same_as_chosen=[False, False, False, True], sft_scores=sft,
                           same_as_sft=[True, False, False, False], n_boot=300, seed=0)
@@ -140,7 +144,7 @@ def test_summarize_model_by_hand():
 
 
 def test_lengths_exclude_the_end_of_turn_token():
-    ms = E.ModelSamples(name="m", source="x", responses=["a", "b", ""],
+    ms = SM.ModelSamples(name="m", source="x", responses=["a", "b", ""],
                         tokens=[[5, 6, 2], [5, 6, 7], [2]], prompt_ids=[[1]] * 3,
                         finished=[True, False, True])
     assert ms.lengths == [2, 3, 0]
@@ -166,11 +170,11 @@ def test_response_logprobs_equal_plain_forward(ckpts):
     V = model.config.vocab_size
     prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7)]
     responses = [torch.randint(0, V, (n,), generator=g).tolist() for n in (4, 1, 11, 6, 2)]
-    got = E.response_logprobs(model, prompts, responses, pad_id=0, batch_size=3)
+    got = SM.response_logprobs(model, prompts, responses, pad_id=0, batch_size=3)
     want = [_plain_logprob(model, p, r) for p, r in zip(prompts, responses)]
     assert got.tolist() == pytest.approx(want, abs=1e-4)
     # an empty response has log-prob 0 (nothing was sampled)
-    assert E.response_logprobs(model, [[1, 2]], [[]], pad_id=0).tolist() == [0.0]
+    assert SM.response_logprobs(model, [[1, 2]], [[]], pad_id=0).tolist() == [0.0]
 
 
 def test_kl_logprobs_equal_a_direct_forward_on_the_sampled_tokens(evaluated, ckpts, prompts):
@@ -236,7 +240,7 @@ def test_gold_scores_and_outputs(evaluated, prompts):
             assert r["score"] == world.gold_reward(text, r["response"])
             ch = response_text(row["chosen"])
             assert r["chosen"] == ch and r["chosen_score"] == world.gold_reward(text, ch)
-            assert r["win_vs_chosen"] == E.win_outcomes([r["score"]], [r["chosen_score"]],
+            assert r["win_vs_chosen"] == ST.win_outcomes([r["score"]], [r["chosen_score"]],
                                                         same=[r["response"] == ch])[0]
             for key in ("length", "n_tokens", "logp_policy", "logp_sft", "kl", "sft_score",
                         "win_vs_sft", "finished"):
@@ -330,25 +334,25 @@ def test_evaluate_run_models_and_n(ckpts, tmp_path):
     """``starpo eval RUN --models dpo --n 3`` on a run without an eval stage: default
     world prompts and gold judge; the SFT reference is sampled too."""
     run = _write_run(ckpts, tmp_path / "run", eval_stage=False)
-    res = E.evaluate_run(run, models=["dpo"], n=3, progress=False, log=lambda m: None,
+    res = pipeline.evaluate_run(run, models=["dpo"], n=3, progress=False, log=lambda m: None,
                          report=False)
     assert list(res.summary) == ["sft", "dpo"] and res.reference == "sft"
     assert res.summary["dpo"]["n"] == 3
     assert (run / "eval" / "dpo.jsonl").read_text().count("\n") == 3
     # a checkpoint path is named after its stage directory
-    res2 = E.evaluate_run(run, models=[str(run / "dpo" / "model")], n=2, progress=False,
+    res2 = pipeline.evaluate_run(run, models=[str(run / "dpo" / "model")], n=2, progress=False,
                           log=lambda m: None, report=True)
     assert "dpo" in res2.summary and (run / "report.html").is_file()
     with pytest.raises(StarpoError, match="recipe.yaml"):
-        E.evaluate_run(tmp_path / "nowhere", progress=False)
+        pipeline.evaluate_run(tmp_path / "nowhere", progress=False)
 
 
 def test_brief_and_safe_name():
     s = {"a": {"mean_score": 0.123456, "win_vs_sft": None}}
     b = E.brief(s)
     assert b["a"]["mean_score"] == 0.1235 and b["a"]["win_vs_sft"] is None
-    assert E.safe_name("dpo/round 1") == "dpo_round_1" and E.safe_name("..") == "model"
-    assert not math.isnan(E.win_rate([1], [0])[0])
+    assert fileio.safe_name("dpo/round 1") == "dpo_round_1" and fileio.safe_name("..") == "model"
+    assert not math.isnan(ST.win_rate([1], [0])[0])
 
 
 # =========================================================================== sample cache
@@ -374,23 +378,24 @@ def test_sample_cache_reuses_samples_and_keys_on_what_they_depend_on(ckpts, prom
 
     logs.clear()
     calls = []
-    real = E._load
+    real = SM.load_for_sampling
 
     def counted(ref, *a, **k):
         calls.append(ref)
         return real(ref, *a, **k)
-    monkeypatch.setattr(E, "_load", counted)
+    monkeypatch.setattr(SM, "load_for_sampling", counted)   # sampling
+    monkeypatch.setattr(E, "load_for_sampling", counted)    # the SFT model for KL
     again = E.evaluate_models(models, prompts, GoldJudge(), SPEC, **kw)
     assert sum("cache hit" in m for m in logs) == 3
     assert calls == [ckpts["sft"]]          # loaded once, only to score dpo's samples (KL)
     for name in models:
         assert again.records[name] == first.records[name]
 
-    k = lambda **o: E.sample_cache_key(ckpts["sft"], E._prompt_messages(prompts),  # noqa: E731
+    k = lambda **o: SM.sample_cache_key(ckpts["sft"], E._prompt_messages(prompts),  # noqa: E731
                                        o.get("spec", SPEC), seed=o.get("seed", 3))
     assert k() == k()
     assert k(seed=4) != k()
     assert k(spec=SPEC.model_copy(update={"temperature": 1.0})) != k()
-    assert E.sample_cache_key(ckpts["dpo"], E._prompt_messages(prompts), SPEC, seed=3) != k()
-    assert E.sample_cache_key(("model", "tok"), [], SPEC, seed=3) is None
-    assert E.sample_cache_key("org/hub-model", [], SPEC, seed=3) is None
+    assert SM.sample_cache_key(ckpts["dpo"], E._prompt_messages(prompts), SPEC, seed=3) != k()
+    assert SM.sample_cache_key(("model", "tok"), [], SPEC, seed=3) is None
+    assert SM.sample_cache_key("org/hub-model", [], SPEC, seed=3) is None

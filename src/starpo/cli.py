@@ -94,7 +94,7 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="A run directory."),
              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """Evaluate the models of RUN_DIR: gold score, win rates, KL to SFT, length."""
     def go():
-        from starpo.metrics.evaluation import evaluate_run
+        from starpo.run.pipeline import evaluate_run
         evaluate_run(run_dir, models=[m.strip() for m in models.split(",")] if models else None,
                      n=n, stage=stage, progress=not quiet, report=not no_report)
     _guard(go)
@@ -149,10 +149,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run or sweep directory.")
 
 
 def main() -> None:
-    try:
-        app()
-    except SystemExit:
-        raise
+    app()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -145,3 +146,9 @@ def write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a model or stage name (``eval/<name>.jsonl``)."""
+    s = re.sub(r"[^\w.\-]+", "_", name).strip("._")
+    return s or "model"

@@ -72,3 +72,16 @@ class Runtime:
         if self.distributed:
             from accelerate import PartialState
             PartialState().wait_for_everyone()
+
+
+def default_device() -> torch.device:
+    """For library calls made without a runtime: CUDA when present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def release_memory() -> None:
+    """Give freed model memory back (call after dropping the last reference to a model)."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

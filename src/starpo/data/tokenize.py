@@ -304,8 +304,3 @@ def tokenize_pair(tokenizer, row: dict, *, max_length: int, max_prompt_length: i
     if stats is not None:
         stats.kept += 1
     return pair
-
-
-def tokenize_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a prompt ready for generation (template + generation prompt, no extra BOS)."""
-    return encode(tokenizer, render(tokenizer, messages, add_generation_prompt=True))[0]

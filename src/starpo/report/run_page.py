@@ -624,10 +624,9 @@ def _eval_section(run_dir: Path, d: Path) -> str:
     meta = meta if isinstance(meta, dict) else {}
     files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
     reference = meta.get("reference")
-    from starpo.metrics.evaluation import safe_name
     records = {}
     for name in summary:
-        f = d / str(files.get(name) or f"{safe_name(name)}.jsonl")
+        f = d / str(files.get(name) or f"{fileio.safe_name(name)}.jsonl")
         records[name] = fileio.read_jsonl(f) if f.is_file() else []
     colors = _model_colors(list(summary))
     gen = meta.get("generation") if isinstance(meta.get("generation"), dict) else {}

@@ -26,6 +26,10 @@ from typing import Callable
 
 from starpo.recipe import Recipe, dump_recipe
 from starpo.errors import RecipeError, StarpoError, bad_rows_to
+from starpo import stages
+from starpo.recipe import load_recipe
+from starpo.stages import eval as eval_stage
+from starpo.report.run_page import write_report
 from starpo.runtime import Runtime
 from starpo.train.trackers import Tracking
 
@@ -64,9 +68,6 @@ class RunContext:
     def sample_cache(self) -> Path:
         return Path(self.sample_cache_dir) if self.sample_cache_dir is not None else \
             self.out / "evalcache"
-
-    def is_complete(self, name: str) -> bool:
-        return (self.stage_dir(name) / "stage.json").is_file()
 
     def mark_complete(self, name: str, summary: dict) -> None:
         d = self.stage_dir(name)
@@ -132,18 +133,6 @@ class RunContext:
         return ref  # a local path or a hub id
 
 
-STAGE_RUNNERS: dict[str, Callable] = {}
-
-
-def _runner(kind: str) -> Callable:
-    if not STAGE_RUNNERS:
-        from starpo.stages import register_all
-        register_all(STAGE_RUNNERS)
-    if kind not in STAGE_RUNNERS:
-        raise RecipeError(f"stage type {kind!r} is not available in this version of starpo")
-    return STAGE_RUNNERS[kind]
-
-
 def plan(recipe: Recipe, out: Path, only: list[str] | None) -> list[tuple[str, str, str]]:
     """(stage name, type, status) for every stage that the run would touch."""
     names = [s.name for s in recipe.stages]
@@ -189,18 +178,46 @@ def run(recipe: Recipe, out: Path, *, only: list[str] | None = None, restart: bo
         t0 = time.time()
         (out / name).mkdir(parents=True, exist_ok=True)
         with tracking.stage(name), bad_rows_to(out / name / "bad_rows.jsonl", stage=name):
-            summary = _runner(kind)(ctx, recipe.stage(name)) or {}
+            summary = stages.runner(kind)(ctx, recipe.stage(name)) or {}
         summary["seconds"] = round(time.time() - t0, 1)
         ctx.mark_complete(name, summary)
         log(f"[{name}] done in {summary['seconds']} s")
     tracking.finish()
-    if report:
-        try:
-            from starpo.report.run_page import write_report
-        except ImportError:
-            write_report = None
-        if write_report is not None and any((out / s.name / "stage.json").is_file()
-                                            for s in recipe.stages):
-            path = write_report(out)
-            log(f"report → {path}")
+    if report and any((out / s.name / "stage.json").is_file() for s in recipe.stages):
+        log(f"report → {write_report(out)}")
     return ctx
+
+
+def evaluate_run(run_dir: str | Path, models: list[str] | None = None, n: int | None = None, *,
+                 stage: str | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print, report: bool = True):
+    """Evaluate the models of the run in ``run_dir`` (``starpo eval RUN_DIR``).
+
+    Uses the run's resolved recipe (``RUN_DIR/recipe.yaml``): its eval stage (``stage``
+    names one when there are several) for data, judge, sampling and bootstrap, or
+    :func:`starpo.stages.eval.default_eval_stage` when it has none. ``models`` (stage names, ``base`` or
+    checkpoint paths) defaults to every trained stage; ``n`` caps the prompts. Writes
+    ``RUN_DIR/<eval stage>/`` (``eval`` by default) and, with ``report``, the report.
+    """
+    run_dir = Path(run_dir)
+    rpath = run_dir / "recipe.yaml"
+    if not rpath.is_file():
+        raise StarpoError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    recipe = load_recipe(rpath)
+    evals = [s for s in recipe.stages if s.evaluates]
+    if stage is not None:
+        chosen = [s for s in evals if s.name == stage]
+        if not chosen:
+            raise StarpoError(f"{rpath}: no eval stage named {stage!r}; eval stages: "
+                              f"{[s.name for s in evals]}")
+        st = chosen[0]
+    elif evals:
+        st = evals[0]
+    else:
+        st = eval_stage.default_eval_stage(n)
+    ctx = RunContext(recipe, run_dir, log=log, progress=progress)
+    log(f"[{st.name}] eval → {run_dir / st.name}")
+    res = eval_stage.run_evaluation(ctx, st, models=models, n=n, out_dir=run_dir / st.name)
+    if report:
+        log(f"report → {write_report(run_dir)}")
+    return res

@@ -2,6 +2,9 @@
 responses, and write ``DIR/<stage>/summary.json`` and ``DIR/<stage>/<model>.jsonl``
 (``DIR/eval/`` for the default stage name). The metrics are :mod:`starpo.metrics.evaluation`'s.
 
+``starpo eval RUN_DIR`` (:func:`starpo.run.pipeline.evaluate_run`) runs the same on an
+existing run directory.
+
 Under ``accelerate launch`` with several processes only the main process evaluates (on
 its own device); the others skip the stage without waiting for it, so no collective
 operation can time out during a long evaluation.
@@ -9,19 +12,127 @@ operation can time out during a long evaluation.
 
 from __future__ import annotations
 
-from starpo.recipe import EvalStage
+from pathlib import Path
+from typing import Callable
+
+from starpo import fileio
+from starpo.data.sources import load_mixture
+from starpo.errors import StarpoError
+from starpo.judges import make_judge
+from starpo.metrics.evaluation import EvalResult, brief, evaluate_models
+from starpo.recipe import DataSpec, EvalStage, SourceSpec
 
 
 def run_eval(ctx, stage: EvalStage) -> dict:
-    from starpo.metrics.evaluation import brief, run_evaluation
-
     rt = ctx.runtime
     if not rt.is_main:
         return {"skipped": f"process {rt.process_index}: the main process evaluates"}
-    res = run_evaluation(ctx, stage, device=rt.device)
+    res = run_evaluation(ctx, stage)
     headline = brief(res.summary)
     for name, m in headline.items():
         parts = [f"{k} {v:.3f}" for k, v in m.items() if v is not None]
         ctx.log(f"  {name}: " + ", ".join(parts))
     return {"models": list(res.summary), "reference": res.reference,
             "prompts": res.meta["prompts"], "metrics": headline}
+
+
+def _stage_model_exists(out: Path, name: str) -> bool:
+    return (out / name / "model" / "config.json").is_file()
+
+
+def default_models(recipe, out: Path, *, log: Callable[[str], None] = print) -> list[str]:
+    """Every trained (policy) stage of the run in recipe order: sft, dpo, online, ….
+
+    Reward and eval stages are not policies. A stage whose model has not been written yet
+    is left out (with a message).
+    """
+    names = []
+    for st in recipe.stages:
+        if not st.yields_policy:
+            continue
+        if _stage_model_exists(out, st.name):
+            names.append(st.name)
+        else:
+            log(f"  {st.name}: no trained model at {out / st.name / 'model'}; not evaluated")
+    return names
+
+
+def reference_name(recipe, stage=None) -> str:
+    """The SFT reference: ``stage.sft`` when the eval stage has that field and it is set,
+    else the first stage of type ``sft``, else ``"base"`` (the recipe's starting model)."""
+    explicit = getattr(stage, "sft", None) if stage is not None else None
+    if explicit:
+        return explicit
+    for st in recipe.stages:
+        if st.type == "sft":
+            return st.name
+    return "base"
+
+
+def _display_name(ref: str) -> str:
+    p = Path(ref)
+    if p.name == "model" and p.parent.name:
+        return p.parent.name
+    return p.name or ref
+
+
+def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None = None,
+                   out_dir: Path | None = None) -> EvalResult:
+    """The eval stage's work on a :class:`~starpo.run.pipeline.RunContext` (also the CLI's)."""
+    recipe = ctx.recipe
+    seed = ctx.seed_for(stage)
+    names = models or stage.models or default_models(recipe, ctx.out, log=ctx.log)
+    if not names:
+        raise StarpoError("eval: no trained model to evaluate in this run; train a stage "
+                          "first or list models (a stage name, 'base' or a checkpoint path)")
+    stage_names = {s.name for s in recipe.stages}
+    resolved: dict[str, str] = {}
+    for ref in names:
+        path = ctx.resolve_model(ref, before=stage.name)
+        key = ref if (ref in stage_names or ref == "base") else _display_name(ref)
+        if key in resolved:
+            key = fileio.safe_name(ref)
+        resolved[key] = path
+    sft = reference_name(recipe, stage)
+    if sft not in resolved:
+        try:
+            sft_path = ctx.resolve_model(sft, before=stage.name)
+        except StarpoError as err:
+            ctx.log(f"  no SFT reference ({err}); win_vs_sft and kl_vs_sft are left out")
+            sft = None
+        else:
+            ctx.log(f"  {sft} is the SFT reference: it is sampled too")
+            resolved = {sft: sft_path, **resolved}
+
+    rows = load_mixture(stage.data, "prompt", world_seed=recipe.world.seed, seed=seed,
+                        log=ctx.log)
+    if n is not None:
+        if len(rows) < n:
+            ctx.log(f"  only {len(rows)} evaluation prompts available (asked for {n})")
+        rows = rows[:n]
+    if not rows:
+        raise StarpoError("eval: the evaluation data gave no prompt")
+
+    def resolve_judge(path: str):
+        if path in stage_names:
+            return str(ctx.stage_dir(path) / "model")
+        return None
+
+    judge = make_judge(stage.judge, resolve_path=resolve_judge, model_spec=recipe.model,
+                       device=ctx.runtime.device)
+    out_dir = out_dir or ctx.stage_dir(stage.name)
+    ctx.log(f"  models {list(resolved)}; SFT reference {sft}; {len(rows)} prompts; judge "
+            f"{stage.judge.type}")
+    return evaluate_models(resolved, rows, judge, stage.generation, sft=sft, seed=seed,
+                           bootstrap=stage.bootstrap, model_spec=recipe.model,
+                           out_dir=out_dir, device=ctx.runtime.device, progress=ctx.progress,
+                           log=ctx.log, meta={"stage": stage.name},
+                           sample_cache=ctx.sample_cache)
+
+
+def default_eval_stage(n: int | None = None):
+    """The evaluation used when a run's recipe has no eval stage: the world's held-out
+    prompts (``world:eval``, 200 unless ``n``), gold judge, the issue's sampling defaults."""
+    return EvalStage(type="eval", name="eval",
+                     data=DataSpec(sources=[SourceSpec(path="world:eval", n=n or 200)],
+                                   shuffle=False))
