@@ -46,6 +46,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from starpo.data.batch import TokenBatch, new_targets, targets_to_tensors
+from starpo.data.packing import best_fit_decreasing
 
 IGNORE = -100
 
@@ -115,7 +116,6 @@ def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _best_fit(lengths: Sequence[int], capacity: int | None) -> list[list[int]]:
     """Assign items (by index) to rows of ``capacity`` tokens: best-fit decreasing (the
     same packer as SFT). ``capacity=None`` puts everything into one row in input order."""
-    from starpo.data.packing import best_fit_decreasing
     if capacity is None:
         return [list(range(len(lengths)))]
     rows = best_fit_decreasing(list(lengths), capacity)

@@ -64,6 +64,7 @@ from typing import Any, Callable, Iterable
 
 from starpo.data.canonical import check_messages, msg, preference_row, prompt_row, sft_row
 from starpo.errors import DataError, current_bad_rows, record_bad_row, skip_hint
+from starpo import world
 
 KINDS = ("sft", "preference", "prompt")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
@@ -838,7 +839,6 @@ def _use_chosen(spec, kind: str, produced: str | None, where: str) -> bool:
 
 
 def _load_world(spec, kind: str, world_seed: int, st: SourceStats) -> list[dict]:
-    from starpo import world
 
     wkind = spec.path.split(":", 1)[1]
     produced = {"sft": "sft", "preference": "preference", "eval": "prompt",

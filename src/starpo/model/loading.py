@@ -36,6 +36,7 @@ import torch
 
 from starpo.errors import StarpoError
 from starpo import fileio
+from starpo.recipe import ModelSpec
 
 __all__ = [
     "CHATML_TEMPLATE", "CHATML_SPECIAL_TOKENS", "EOS_TOKEN", "PAD_TOKEN",
@@ -319,7 +320,6 @@ def build_or_load(spec, corpus_fn: Callable[[], list[str]], seed: int = 0,
 
 def _spec(spec):
     if spec is None:
-        from starpo.recipe import ModelSpec
         return ModelSpec()
     return spec
 

@@ -32,6 +32,10 @@ from typing import Any, Iterable, Sequence
 
 from starpo import fileio
 from starpo.metrics.names import EVAL_METRICS, HEADLINE_METRICS
+from starpo.errors import StarpoError
+from starpo.metrics.analysis import analyze_dir
+from starpo.metrics.analysis import latest_records
+from starpo.metrics.analysis import metric_of
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#edc948",
            "#ff9da7", "#9c755f", "#7f7f7f"]
@@ -762,7 +766,6 @@ def write_report(run_dir: Path) -> Path:
     """Write ``run_dir/report.html`` (atomically) and return its path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        from starpo.errors import StarpoError
         raise StarpoError(f"{run_dir}: no such run directory")
     if is_sweep_dir(run_dir):   # a sweep directory gets the sweep page
         return write_sweep_report(run_dir)
@@ -1005,7 +1008,6 @@ EXPECTED_CHARTS = [("mean_score", "mean gold score"), ("win_vs_sft", "win rate v
 
 
 def _expected_section(res: dict, records: list[dict], colors: dict[str, str]) -> str:
-    from starpo.metrics.analysis import metric_of
     base = res.get("baseline") or {}
     charts = []
     for key, label in EXPECTED_CHARTS:
@@ -1138,7 +1140,6 @@ def _sensitivity_section(res: dict, colors: dict[str, str]) -> str:
 
 
 def _scatter_trials(res: dict, records: list[dict], colors: dict[str, str]) -> str:
-    from starpo.metrics.analysis import metric_of
     pts = []
     for r in records:
         x, y = metric_of(r, "kl_vs_sft"), metric_of(r, res.get("metric", "mean_score"))
@@ -1205,7 +1206,6 @@ svg .dot { fill-opacity: 0.8; }
 def render_sweep_report(sweep_dir: str | Path, res: dict | None = None) -> str:
     """The sweep page of ``sweep_dir`` as an HTML string (``res``: its analysis, computed
     with :func:`starpo.metrics.analysis.analyze_dir` when not given)."""
-    from starpo.metrics.analysis import analyze_dir, latest_records
     sweep_dir = Path(sweep_dir)
     info = _read_json(sweep_dir / "sweep.json")
     info = info if isinstance(info, dict) else {}
@@ -1275,10 +1275,8 @@ def render_sweep_report(sweep_dir: str | Path, res: dict | None = None) -> str:
 def write_sweep_report(sweep_dir: str | Path) -> Path:
     """Analyse a sweep directory and write ``analysis.json`` and ``report.html`` (both
     atomically, from the same analysis); returns the report's path."""
-    from starpo.metrics.analysis import analyze_dir
     sweep_dir = Path(sweep_dir)
     if not is_sweep_dir(sweep_dir):
-        from starpo.errors import StarpoError
         raise StarpoError(f"{sweep_dir}: not a sweep directory (no sweep.json)")
     res = analyze_dir(sweep_dir)
     fileio.write_json(sweep_dir / "analysis.json", res)

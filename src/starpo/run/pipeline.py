@@ -32,6 +32,8 @@ from starpo.stages import eval as eval_stage
 from starpo.report.run_page import write_report
 from starpo.runtime import Runtime
 from starpo.train.trackers import Tracking
+from starpo.model import loading
+from starpo.world import World
 
 
 def _default_log(msg: str) -> None:
@@ -84,7 +86,6 @@ class RunContext:
     @property
     def world(self):
         if self._world is None:
-            from starpo.world import World
             self._world = World(self.recipe.world.seed)
         return self._world
 
@@ -99,7 +100,6 @@ class RunContext:
             return spec.name_or_path
         path = self.out / "base" / "model"
         if not (path / "config.json").is_file():
-            from starpo.model import loading
             self.log(f"building the tiny default model and training its tokenizer → {path}")
             model, tok = loading.build_or_load(
                 spec, lambda: self.world.corpus(), seed=self.recipe.seed, cache_dir=None)

@@ -68,6 +68,8 @@ from starpo.recipe import (STAGE_TYPES, PreferenceSpec, Recipe, apply_override, 
                            recipe_from_dict, stage_spec)
 from starpo.errors import RecipeError, StarpoError
 from starpo import fileio
+from starpo.report.run_page import write_sweep_report
+from starpo.run import pipeline
 
 
 
@@ -811,7 +813,6 @@ def trial_status(plan: SweepPlan, latest: dict[str, dict], trial: Trial) -> str:
 
 def describe_plan(plan: SweepPlan) -> list[str]:
     """The lines ``--dry-run`` prints: the shared run and every trial with its status."""
-    from starpo.run import pipeline
     latest = ResultStore(plan.out / "trials.jsonl").latest()
     lines = [f"# sweep {plan.sweep.name}: {len(plan.trials)} trials → {plan.out}"]
     if plan.shared is not None:
@@ -844,7 +845,6 @@ def _one_line(err: BaseException) -> str:
 
 def run_trial_in_process(recipe: Recipe, tdir: Path, *, progress: bool) -> None:
     """Run a trial's recipe with the normal pipeline, its log lines into ``log.txt``."""
-    from starpo.run import pipeline
     with (tdir / "log.txt").open("a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} starting\n")
 
@@ -932,7 +932,6 @@ def write_sweep_info(plan: SweepPlan) -> None:
 
 def run_shared(plan: SweepPlan, *, log: Callable[[str], None], progress: bool) -> None:
     """The shared stages and the SFT baseline's evaluation, once (skipped when done)."""
-    from starpo.run import pipeline
     if plan.shared is None:
         return
     names = ", ".join(s.name for s in plan.shared.stages)
@@ -1073,7 +1072,6 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, retry_failed: bool = False,
 def finalize(out: Path, *, log: Callable[[str], None] = print) -> Path:
     """Write ``analysis.json`` and ``report.html`` of a sweep directory (one analysis for
     both); returns the report's path."""
-    from starpo.report.run_page import write_sweep_report
     report = write_sweep_report(out)
     log(f"analysis → {Path(out) / 'analysis.json'}")
     log(f"report → {report}")

@@ -44,6 +44,11 @@ from pathlib import Path
 from starpo.stages import online_rounds as O
 from starpo.errors import StarpoError
 from starpo import fileio
+from starpo.data.sources import load_mixture
+from starpo.data.sources import split_eval
+from starpo.judges import make_judge
+from starpo.model import loading
+from starpo.stages.preference import tokenize_pairs, train_preference
 
 
 def _release_memory() -> None:
@@ -97,7 +102,6 @@ def _combined_metrics(stage_dir: Path, rounds: int) -> list[dict]:
 
 
 def run_online(ctx, stage) -> dict:
-    from starpo.data.sources import load_mixture
 
     seed = ctx.seed_for(stage)
     stage_dir = ctx.stage_dir(stage.name)
@@ -154,8 +158,6 @@ def run_online(ctx, stage) -> dict:
 def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: str,
               rdir: Path, *, seed: int) -> dict:
     """One round: sample, judge, select, train; returns the round's summary."""
-    from starpo.model import loading
-    from starpo.stages.preference import tokenize_pairs, train_preference
 
     rseed = O.round_seed(seed, k)
     timer = O.Timer()
@@ -193,7 +195,6 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
     pref_rows = O.preference_rows(pairs, source=f"{stage.name}/round_{k}")
     train_pairs, _ = tokenize_pairs(tok, pref_rows, stage, on_bad_rows="skip",
                                     progress=ctx.progress, log=ctx.log)
-    from starpo.data.sources import split_eval
     train_pairs, eval_pairs = split_eval(train_pairs, stage.data.eval_fraction, rseed)
     summary = {"round": k, "seed": rseed, "policy": policy_path, "reference": ref_path,
                **stats, "dropped_tokenize": len(pairs) - len(train_pairs) - len(eval_pairs),
@@ -228,7 +229,6 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
 
 
 def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer):
-    from starpo.judges import make_judge
 
     # the prompt permutation is the stage's (rounds take consecutive blocks of it); the
     # samples and the pair draws are the round's

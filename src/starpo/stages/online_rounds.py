@@ -43,6 +43,9 @@ import random
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
+from starpo.data.canonical import msg, preference_row
+from starpo.generate.sampling import generate
+from starpo.judges.base import rank_groups
 
 DROP_IDENTICAL = "identical"   # fewer than two distinct responses
 DROP_TIE = "tie"               # best and worst (or every worse) score within the tolerance
@@ -141,7 +144,6 @@ def sample_responses(model, tokenizer, prompts: Sequence[list[dict]], spec, *, n
                      seed: int, progress: bool = True, desc: str = "sampling"):
     """``n`` samples per prompt (a :class:`starpo.generate.sampling.Generations`); deterministic
     given ``seed`` and the prompt order."""
-    from starpo.generate.sampling import generate
     return generate(model, tokenizer, list(prompts), spec, n=n, seed=seed,
                     progress=progress, desc=desc)
 
@@ -153,7 +155,6 @@ def judge_groups(judge, prompts: Sequence[list[dict]], groups: Sequence[Sequence
     progress bar moves and a reward model sees batches of a bounded size)."""
     from tqdm.auto import tqdm
 
-    from starpo.judges.base import rank_groups
     out: list[list[float]] = []
     total = sum(len(g) for g in groups)
     bar = tqdm(total=total, desc=desc, unit="resp", disable=not progress, leave=False)
@@ -212,7 +213,6 @@ def pair_records(samples: Sequence[dict]) -> list[dict]:
 def preference_rows(pairs: Sequence[dict], *, source: str) -> list[dict]:
     """Canonical preference rows (:mod:`starpo.data.canonical`) of :func:`pair_records`;
     ``row`` is the prompt's index in the round, so tokenization problems name it."""
-    from starpo.data.canonical import msg, preference_row
     return [preference_row(p["prompt"], [msg("assistant", p["chosen"])],
                            [msg("assistant", p["rejected"])], source=source, row=p["index"])
             for p in pairs]

@@ -50,6 +50,11 @@ from starpo.losses.reward import bradley_terry
 from starpo.model.layout import row_cap
 from starpo.runtime import Runtime
 from starpo.errors import StarpoError
+from starpo.data.prefbatch import collate_padding_free
+from starpo.model import loading
+from starpo.model.logprobs import body_hidden_states, unwrap_model
+from starpo.stages.preference import prepare_pairs
+from starpo.train.loop import run_loop
 
 TRAIN_PROBE = 256   # training pairs scored before/after (accuracy on what it fits)
 
@@ -59,7 +64,6 @@ TRAIN_PROBE = 256   # training pairs scored before/after (accuracy on what it fi
 def collate_reward_pairs(pairs, max_tokens_per_row: int | None = None) -> TokenBatch:
     """Padding-free batch of pairs (sequence 2i = chosen, 2i+1 = rejected) with the
     location of every document's last token in ``meta["last_row"]``/``meta["last_pos"]``."""
-    from starpo.data.prefbatch import collate_padding_free
 
     dicts = [p.as_dict() if hasattr(p, "as_dict") else p for p in pairs]
     b = collate_padding_free(dicts, max_tokens_per_row)
@@ -102,7 +106,6 @@ def sequence_scores(model: nn.Module, batch: TokenBatch) -> Tensor:
     their ``position_ids``), the head sees only the last token of each document.
     Differentiable; ``batch`` must be on the model's device.
     """
-    from starpo.model.logprobs import body_hidden_states, unwrap_model
     core = unwrap_model(model)
     hidden = body_hidden_states(core, getattr(core, core.base_model_prefix), batch)
     dev = hidden.device
@@ -196,7 +199,6 @@ def evaluate_reward(model: nn.Module, pairs, runtime: Runtime, *, batch_size: in
 def build_reward_model(start: str, tok, model_spec, *, seed: int, device=None):
     """A reward model from the causal-LM checkpoint ``start``: same body, fresh head
     (seeded), LoRA applied when the recipe asks for it."""
-    from starpo.model import loading
     causal = loading.load_model(start, model_spec, for_training=False, tokenizer=tok,
                                  lora=False, device=device)
     rm = loading.reward_model_from_causal(causal, pad_token_id=tok.pad_token_id, seed=seed)
@@ -209,9 +211,6 @@ def build_reward_model(start: str, tok, model_spec, *, seed: int, device=None):
 
 
 def run_reward(ctx, stage) -> dict:
-    from starpo.model import loading
-    from starpo.stages.preference import prepare_pairs
-    from starpo.train.loop import run_loop
 
     seed = ctx.seed_for(stage)
     start = ctx.resolve_model(stage.model, before=stage.name)

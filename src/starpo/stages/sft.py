@@ -12,6 +12,11 @@ from starpo.recipe import SFTStage
 from starpo.data.packing import SFTLayout, layout_sft, padding_fraction, sft_microbatches
 from starpo.data.tokenize import TokenizedSFT, tokenize_conversation
 from starpo.errors import BadRows, DataError
+from starpo.data.prepare import fingerprint, prepared
+from starpo.data.sources import load_mixture
+from starpo.model import loading
+from starpo.train.loop import run_loop
+from starpo.train.refcache import tokenizer_fingerprint
 
 
 class SFTTask:
@@ -52,16 +57,11 @@ def tokenize_sft_rows(tokenizer, rows: list[dict], *, on_bad_rows: str = "error"
 
 
 def run_sft(ctx, stage: SFTStage) -> dict:
-    from starpo.model import loading
-    from starpo.data.sources import load_mixture
-    from starpo.train.loop import run_loop
 
     seed = ctx.seed_for(stage)
     start = ctx.resolve_model(stage.model, before=stage.name)
     tok = loading.load_tokenizer(start, ctx.recipe.model)
     model = ctx.runtime.model(loading.load_model(start, ctx.recipe.model))
-    from starpo.data.prepare import fingerprint, prepared
-    from starpo.train.refcache import tokenizer_fingerprint
 
     def build():
         rows = load_mixture(stage.data, "sft", world_seed=ctx.recipe.world.seed, seed=seed,
