@@ -289,7 +289,7 @@ def test_analyze_dir_reads_records_baseline_and_per_prompt_files(tmp_path):
 
 
 def test_sweep_report_renders_every_section(tmp_path):
-    from starpo.report import run_page as R
+    from starpo import report as R
     d = make_sweep_dir(tmp_path / "s")
     out = R.write_report(d)                      # a sweep directory gets the sweep page
     html = out.read_text()

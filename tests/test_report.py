@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from starpo.report import run_page as R
+from starpo import report as R
+from starpo.report import charts as C
+from starpo.report import run_page as RP
 
 MODELS = ["sft", "dpo", "simpo"]
 
@@ -184,20 +186,20 @@ def test_missing_run_dir(tmp_path):
 
 
 def test_nice_ticks_and_bins():
-    assert R.nice_ticks(0, 1) == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
-    t = R.nice_ticks(-0.37, 0.82)
+    assert C.nice_ticks(0, 1) == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
+    t = C.nice_ticks(-0.37, 0.82)
     assert t[0] <= -0.37 and t[-1] >= 0.82 and len(t) <= 8
     steps = {round(b - a, 9) for a, b in zip(t, t[1:])}
     assert len(steps) == 1
-    t = R.nice_ticks(5, 5)
+    t = C.nice_ticks(5, 5)
     assert t[0] < 5 < t[-1]
-    assert R.nice_ticks(float("nan"), 1) == [0.0, 1.0]
-    edges = R.length_bins([0, 3, 17, 250])
+    assert C.nice_ticks(float("nan"), 1) == [0.0, 1.0]
+    edges = C.length_bins([0, 3, 17, 250])
     assert edges[0] <= 0 and edges[-1] > 250 and len(edges) - 1 <= 30
     widths = {b - a for a, b in zip(edges, edges[1:])}
     assert len(widths) == 1 and widths.pop() == int(edges[1] - edges[0])
-    assert R.fmt(None) == "—" and R.fmt(float("nan")) == "—" and R.fmt(0.12345) == "0.123"
-    assert R.pick_sample_prompts({"a": [{"score": 0}, {"score": 1}, {"score": 0}],
+    assert C.fmt(None) == "—" and C.fmt(float("nan")) == "—" and C.fmt(0.12345) == "0.123"
+    assert RP.pick_sample_prompts({"a": [{"score": 0}, {"score": 1}, {"score": 0}],
                                   "b": [{"score": 0}, {"score": 0}, {"score": 0}]}, k=2) == [0, 1]
 
 
@@ -251,7 +253,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
         return any(abs(r - x) + abs(g - y) + abs(b - z) <= 6 for x, y, z in present)
 
     # the models' colours reach the screen (scatter points, histogram bars, swatches)
-    assert all(near(c) for c in R.PALETTE[:len(MODELS)])
+    assert all(near(c) for c in C.PALETTE[:len(MODELS)])
     # the top of the page is not all background: the metrics table sits there
     top = img.crop((0, 0, 1400, 900)).getcolors(maxcolors=1 << 20)
     assert top is not None and len(top) > 100

@@ -143,7 +143,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run or sweep directory.")
     """Write RUN_DIR/report.html from the run's metrics and evaluation; for a sweep
     directory, the sweep's analysis.json and report.html."""
     def go():
-        from starpo.report.run_page import write_report
+        from starpo.report import write_report
         typer.echo(str(write_report(run_dir)))
     _guard(go)
 

@@ -29,7 +29,7 @@ from starpo.errors import RecipeError, StarpoError, bad_rows_to
 from starpo import stages
 from starpo.recipe import load_recipe
 from starpo.stages import eval as eval_stage
-from starpo.report.run_page import write_report
+from starpo.report import write_report
 from starpo.runtime import Runtime
 from starpo.train.trackers import Tracking
 from starpo.model import loading

@@ -68,7 +68,7 @@ from starpo.recipe import (STAGE_TYPES, PreferenceSpec, Recipe, apply_override, 
                            recipe_from_dict, stage_spec)
 from starpo.errors import RecipeError, StarpoError
 from starpo import fileio
-from starpo.report.run_page import write_sweep_report
+from starpo.report.sweep_page import write_sweep_report
 from starpo.run import pipeline
 
 
