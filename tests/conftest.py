@@ -62,3 +62,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+# a micro tiny model and training settings for pipeline tests (seconds per stage)
+TINY = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 400}
+FAST = {"max_steps": 3, "batch_size": 4, "log_every": 1, "warmup_ratio": 0.0}
+
+
+def quiet(msg):
+    """A pipeline ``log`` that prints nothing."""
+
+
+def random_docs(n=12, vocab=100, seed=0, lo=5, hi=40):
+    """Tokenized SFT documents of random ids: a prompt part (untrained) and a response."""
+    import random
+
+    from starpo.data.tokenize import IGNORE, TokenizedSFT
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        L = rng.randint(lo, hi)
+        ids = [rng.randrange(3, vocab) for _ in range(L)]
+        k = rng.randint(1, L - 2)  # prompt length
+        labels = [IGNORE] * k + ids[k:]
+        out.append(TokenizedSFT(ids, labels, "mem", i))
+    return out

@@ -75,6 +75,7 @@ from transformers import LogitsProcessor
 from starpo.recipe import GenerationSpec
 from starpo.data.canonical import as_messages
 from starpo.errors import StarpoError
+from starpo.model.chat import stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -135,58 +136,6 @@ def render_prompt(tokenizer, messages) -> list[int]:
     if not ids:
         raise StarpoError("the chat template rendered an empty prompt")
     return ids
-
-
-def end_of_turn_token_id(tokenizer) -> int | None:
-    """The special token the chat template writes right after an assistant message.
-
-    Found by rendering a two-message conversation and tokenizing what follows the
-    assistant's content; only a special (added) token counts. ``None`` if there is none.
-    """
-    marker = "starpo0marker"
-    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-    try:
-        text = tokenizer.apply_chat_template(conv, tokenize=False)
-    except Exception:  # a template that refuses this conversation: fall back below
-        text = ""
-    pos = text.rfind(marker)
-    if pos >= 0:
-        after = text[pos + len(marker):].lstrip()  # some templates write " </s>"
-        ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-        if ids and ids[0] in _special_ids(tokenizer):
-            return int(ids[0])
-    vocab = tokenizer.get_vocab()
-    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        if tok in vocab:
-            return int(vocab[tok])
-    return None
-
-
-def _special_ids(tokenizer) -> set[int]:
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for idx, tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
-        if getattr(tok, "special", False):
-            ids.add(int(idx))
-    return ids
-
-
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """End-of-turn token, ``tokenizer.eos_token_id`` and ``generation_config.eos_token_id``."""
-    ids: list[int] = []
-    eot = end_of_turn_token_id(tokenizer)
-    if eot is not None:
-        ids.append(eot)
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    gen_cfg = getattr(model, "generation_config", None)
-    extra = getattr(gen_cfg, "eos_token_id", None)
-    if extra is not None:
-        ids.extend(int(i) for i in (extra if isinstance(extra, (list, tuple)) else [extra]))
-    out = list(dict.fromkeys(ids))  # dedupe, keep order
-    if not out:
-        raise StarpoError("cannot tell where a response ends: the tokenizer has no eos token "
-                          "and its chat template no end-of-turn token")
-    return out
 
 
 # --------------------------------------------------------------------------- sampling
@@ -291,6 +240,9 @@ class HFBackend:
         model, tok = self.model, self.tokenizer
         encoded = [render_prompt(tok, p) for p in prompts]
         stops = stop_token_ids(tok, model)
+        if not stops:
+            raise StarpoError("cannot tell where a response ends: the tokenizer has no eos "
+                              "token and its chat template no end-of-turn token")
         stop_set = set(stops)
         pad = tok.pad_token_id if tok.pad_token_id is not None else stops[-1]
         device = _model_device(model)

@@ -12,8 +12,13 @@ import numpy as np
 from starpo.errors import StarpoError
 
 
+# Judge scores tie only when equal: the judges score each text deterministically, and the
+# one source of round-off (batching the same text differently) is covered by ``same``.
+SCORE_TIE = 0.0
+
+
 def win_outcomes(a: Sequence[float], b: Sequence[float], *, same: Sequence[bool] | None = None,
-                 tol: float = 0.0) -> np.ndarray:
+                 tol: float = SCORE_TIE) -> np.ndarray:
     """Per-pair outcome of ``a`` against ``b``: 1.0 win, 0.5 tie, 0.0 loss.
 
     A tie is ``|a − b| <= tol``, or ``same[i]`` true (the two responses are the same text:
@@ -31,7 +36,7 @@ def win_outcomes(a: Sequence[float], b: Sequence[float], *, same: Sequence[bool]
 
 
 def win_rate(a: Sequence[float], b: Sequence[float], *, same: Sequence[bool] | None = None,
-             tol: float = 0.0) -> tuple[float, float]:
+             tol: float = SCORE_TIE) -> tuple[float, float]:
     """``(win rate with ties counted ½, tie rate)`` of scores ``a`` against ``b``."""
     w = win_outcomes(a, b, same=same, tol=tol)
     if w.size == 0:

@@ -36,6 +36,7 @@ import torch
 
 from starpo.errors import StarpoError
 from starpo import fileio
+from starpo.model.chat import end_of_turn_token, stop_token_ids, template_text
 from starpo.recipe import ModelSpec
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "train_tokenizer", "build_tiny_model", "build_or_load",
     "load_tokenizer", "load_model", "load_reward_model", "reward_model_from_causal",
     "save_pretrained", "align_model_to_tokenizer", "apply_lora",
-    "end_of_turn_token", "stop_token_ids", "resolve_dtype", "count_parameters",
+    "resolve_dtype", "count_parameters",
 ]
 
 IM_START, IM_END, PAD_TOKEN = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -117,54 +118,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, seed: int = 0, *,
     return tok
 
 
-def _template_text(tok) -> str | None:
-    tpl = getattr(tok, "chat_template", None)
-    if isinstance(tpl, dict):  # several named templates: the default one matters here
-        tpl = tpl.get("default") or next(iter(tpl.values()), None)
-    return tpl or None
-
-
-def end_of_turn_token(tokenizer) -> str | None:
-    """The special token the chat template writes right after an assistant's content.
-
-    ChatML → ``<|im_end|>``, Gemma → ``<end_of_turn>``, Llama-3 → ``<|eot_id|>``. Found by
-    rendering a probe conversation and encoding what follows the probe answer; None when
-    the template writes no special token there.
-    """
-    if _template_text(tokenizer) is None:
-        return None
-    answer = "starpoprobeanswer"
-    msgs = [{"role": "user", "content": "starpoprobequestion"},
-            {"role": "assistant", "content": answer}]
-    try:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False)
-    except Exception:
-        return None
-    at = text.rfind(answer)
-    if at < 0:
-        return None
-    rest = text[at + len(answer):].lstrip()
-    if not rest:
-        return None
-    ids = tokenizer(rest, add_special_tokens=False)["input_ids"]
-    if not ids:
-        return None
-    special = set(tokenizer.all_special_ids) | {
-        i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return tokenizer.convert_ids_to_tokens(ids[0]) if ids[0] in special else None
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end a generated answer: the template's end of turn, then eos."""
-    out: list[int] = []
-    eot = end_of_turn_token(tokenizer)
-    if eot is not None:
-        out.append(tokenizer.convert_tokens_to_ids(eot))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in out:
-        out.append(tokenizer.eos_token_id)
-    return out
-
-
 def load_tokenizer(name_or_path: str, spec=None, *, chat: bool = True,
                    what: str = "model.name_or_path", cache_dir: str | None = None):
     """Load a tokenizer through ``AutoTokenizer`` and make it ready for chat training.
@@ -197,7 +150,7 @@ def load_tokenizer(name_or_path: str, spec=None, *, chat: bool = True,
         raise _load_error(name_or_path, what, err, "tokenizer") from err
     old_eos = tok.eos_token
     if chat:
-        had_template = _template_text(tok) is not None
+        had_template = template_text(tok) is not None
         installed = spec.chat_template if spec.chat_template is not None else (
             None if had_template else CHATML_TEMPLATE)
         if installed is not None:

@@ -165,8 +165,8 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
     rdir.mkdir(parents=True, exist_ok=True)
     tok = loading.load_tokenizer(policy_path, ctx.recipe.model)
     # on the process's device from the start: sampling comes before the loop moves it
-    model = loading.load_model(policy_path, ctx.recipe.model, device=rt.device,
-                                tokenizer=tok)
+    model = rt.model(loading.load_model(policy_path, ctx.recipe.model, device=rt.device,
+                                        tokenizer=tok))
 
     judged = rdir / "judged.json"
     if judged.is_file() and (rdir / "pairs.jsonl").is_file() and \

@@ -50,6 +50,8 @@ from starpo.judges.base import rank_groups
 DROP_IDENTICAL = "identical"   # fewer than two distinct responses
 DROP_TIE = "tie"               # best and worst (or every worse) score within the tolerance
 DROP_TOKENIZE = "tokenize"     # the pair did not survive tokenization / truncation
+# judge scores within this are no preference: a pair made of them would train on noise
+# (reward models in bf16 round scores of near-identical samples to a few ulps)
 TIE_TOLERANCE = 1e-6
 
 

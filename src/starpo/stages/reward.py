@@ -129,13 +129,20 @@ class SequenceScores(nn.Module):
 
 # --------------------------------------------------------------------------- loss, task
 
+# A reward model's two scores tie only when equal: unlike the implicit DPO reward (zero
+# margin at step 0, see starpo.train.preference.TIE) a fresh scalar head already tells
+# chosen from rejected, so equality is the only "no preference".
+REWARD_TIE = 0.0
+
+
 def reward_metrics(chosen: Tensor, rejected: Tensor, losses: Tensor) -> dict:
     """Sums (with counts) of the logged metrics for a micro-batch of pairs."""
     n = float(chosen.numel())
     s = lambda t: float(t.detach().float().sum())  # noqa: E731
     d = (chosen - rejected).detach()
     return {"loss": (s(losses), n),
-            "reward_accuracy": (s((d > 0).float() + 0.5 * (d == 0).float()), n),
+            "reward_accuracy": (s((d > REWARD_TIE).float() + 0.5 * (d.abs() <= REWARD_TIE).float()),
+                                n),
             "reward_margin": (s(d), n),
             "reward_chosen": (s(chosen), n),
             "reward_rejected": (s(rejected), n)}
@@ -220,7 +227,7 @@ def run_reward(ctx, stage) -> dict:
             f"{len(eval_pairs)} held out; Bradley–Terry loss")
 
     rt = ctx.runtime
-    rm = build_reward_model(start, tok, ctx.recipe.model, seed=seed, device=rt.device)
+    rm = rt.model(build_reward_model(start, tok, ctx.recipe.model, seed=seed))
     cap = row_cap(rm, stage.max_length, prefix_shared=False,
                   checkpointing=stage.train.gradient_checkpointing)
     evaluate = lambda ps: evaluate_reward(rm, ps, rt, max_tokens_per_row=cap)  # noqa

@@ -138,13 +138,13 @@ class _Window:
                 "elapsed_s": round(time.time() - t_start, 2)}
 
 
-def _accumulate(acc, module, task: Task, mbs: list[TokenBatch], units: torch.Tensor,
-                world: int, window: _Window) -> tuple[dict[str, list[float]], bool]:
+def _accumulate(acc, runtime: Runtime, module, task: Task, mbs: list[TokenBatch],
+                units: torch.Tensor, world: int, window: _Window) -> tuple[dict[str, list[float]], bool]:
     """Forward and backward over one step's micro-batches. Returns the step's metric sums
     and whether every loss was finite (a non-finite one stops before its backward)."""
     step_metrics: dict[str, list[float]] = {}
     for k, mb in enumerate(mbs):
-        mb = mb.to(acc.device)
+        mb = runtime.batch(mb)
         sync = k == len(mbs) - 1
         ctx = acc.no_sync(module) if not sync and world > 1 else contextlib.nullcontext()
         with ctx:
@@ -219,7 +219,8 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
         units = acc.reduce(units, reduction="sum")
         if units.item() <= 0:
             raise TrainingError(f"{desc}: step {step + 1} has no trainable units")
-        step_metrics, finite = _accumulate(acc, module, task, mbs, units, world, window)
+        step_metrics, finite = _accumulate(acc, runtime, module, task, mbs, units,
+                                             world, window)
         flag = torch.tensor(0.0 if finite else 1.0, device=acc.device)
         if acc.reduce(flag, reduction="sum").item() > 0:
             _stop_non_finite(acc, optimizer, scheduler, raw, ckpt_dir, step, spec, desc, bar, log)

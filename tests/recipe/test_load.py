@@ -9,7 +9,7 @@ import pytest
 from starpo.recipe import load_recipe, recipe_from_dict
 from starpo.errors import RecipeError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = {"stages": [{"type": "sft", "data": {"sources": [{"path": "world:sft"}]}},
                    {"type": "dpo", "data": {"sources": [{"path": "world:preference"}]}}]}
 

@@ -12,7 +12,7 @@ import yaml
 from starpo.run import pipeline
 from starpo.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FILES = sorted((ROOT / "recipes").rglob("*.yaml"))
 SWEEPS = [p for p in FILES if "methods" in (yaml.safe_load(p.read_text()) or {})]
 RECIPES = [p for p in FILES if p not in SWEEPS]

@@ -401,7 +401,7 @@ def test_a_deleted_trial_reruns_in_a_child_process_with_jobs(swept):
 # =========================================================================== shipped sweeps
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "hitchhiker").glob("*.yaml")),

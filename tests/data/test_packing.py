@@ -7,22 +7,10 @@ import random
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import random_docs, tiny_llama
 from starpo.data.packing import (best_fit_decreasing, collate_rows, layout_sft,
                                  padding_fraction, sft_microbatches)
 from starpo.data.tokenize import IGNORE, TokenizedSFT
-
-
-def _docs(n=12, vocab=100, seed=0, lo=5, hi=40):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        L = rng.randint(lo, hi)
-        ids = [rng.randrange(3, vocab) for _ in range(L)]
-        k = rng.randint(1, L - 2)  # prompt length
-        labels = [IGNORE] * k + ids[k:]
-        out.append(TokenizedSFT(ids, labels, "mem", i))
-    return out
 
 
 def _target_logps(model, b):
@@ -46,7 +34,7 @@ def test_bfd_fills_bins_and_keeps_every_item():
 def test_packed_row_logits_equal_each_document_alone():
     torch.manual_seed(0)
     model = tiny_llama(100)
-    docs = _docs(6)
+    docs = random_docs(6)
     rows = [[(d.input_ids, d.labels) for d in docs[:3]], [(d.input_ids, d.labels) for d in docs[3:]]]
     b = collate_rows(rows, pad_id=0, padded=False)
     with torch.no_grad():
@@ -64,7 +52,7 @@ def test_packed_row_logits_equal_each_document_alone():
 def test_kv_cache_object_breaks_packing_so_we_never_use_it():
     """The fact we rely on: with the default use_cache the second document leaks."""
     model = tiny_llama(100)
-    docs = _docs(2, lo=10, hi=12)
+    docs = random_docs(2, lo=10, hi=12)
     b = collate_rows([[(d.input_ids, d.labels) for d in docs]], pad_id=0, padded=False)
     n0 = len(docs[0].input_ids)
     with torch.no_grad():
@@ -78,7 +66,7 @@ def test_kv_cache_object_breaks_packing_so_we_never_use_it():
 @pytest.mark.parametrize("masking", [True, False])
 def test_packed_loss_equals_padded_token_weighted_loss(masking):
     model = tiny_llama(100)
-    docs = _docs(10)
+    docs = random_docs(10)
     packed = layout_sft(docs, mode="pack", loss_masking=masking, max_length=64)
     padded = layout_sft(docs, mode="pad", loss_masking=masking, max_length=64)
     bp = sft_microbatches(packed, batch_size=100, pad_id=0, seed=0, epoch=0)
@@ -97,15 +85,15 @@ def test_packed_loss_equals_padded_token_weighted_loss(masking):
     assert padding_fraction(bp) < padding_fraction(bd)
 
 
-def test_pack_rows_respect_max_length_and_truncate_long_docs():
-    docs = _docs(20, lo=5, hi=90)
+def test_pack_rows_respect_max_length_and_truncate_longrandom_docs():
+    docs = random_docs(20, lo=5, hi=90)
     lay = layout_sft(docs, mode="pack", loss_masking=True, max_length=64)
     assert all(sum(len(s[0]) for s in row) <= 64 for row in lay.rows)
     assert lay.truncated == sum(1 for d in docs if len(d.input_ids) > 64)
 
 
 def test_concat_and_cut_rows_are_full_and_drop_mostly_masked():
-    docs = _docs(30, lo=10, hi=50)
+    docs = random_docs(30, lo=10, hi=50)
     lay = layout_sft(docs, mode="concat", loss_masking=True, max_length=32)
     full = [r for r in lay.rows[:-1]]
     assert all(sum(len(s[0]) for s in row) == 32 for row in full)
@@ -117,14 +105,14 @@ def test_concat_and_cut_rows_are_full_and_drop_mostly_masked():
 
 
 def test_targets_point_to_the_previous_position():
-    docs = _docs(3)
+    docs = random_docs(3)
     b = collate_rows([[(d.input_ids, d.labels) for d in docs]], pad_id=0, padded=False)
     assert torch.equal(b.input_ids[b.tgt_row, b.tgt_pos + 1], b.tgt_ids)
     assert b.num_seqs == 3
 
 
 def test_microbatch_order_is_seeded_per_epoch():
-    docs = _docs(40)
+    docs = random_docs(40)
     lay = layout_sft(docs, mode="pack", loss_masking=True, max_length=64)
     a = sft_microbatches(lay, batch_size=2, pad_id=0, seed=3, epoch=0)
     b = sft_microbatches(lay, batch_size=2, pad_id=0, seed=3, epoch=0)

@@ -7,18 +7,17 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import random_docs, tiny_llama
 from starpo.recipe import TrainSpec
 from starpo.data.packing import layout_sft
 from starpo.errors import TrainingError
 from starpo.stages.sft import SFTTask
 from starpo.train.checkpoint import latest_checkpoint
 from starpo.train.loop import LoopHooks, run_loop
-from test_packing import _docs
 
 
 def _task(batch_size, n=32, seed=0):
-    lay = layout_sft(_docs(n, lo=8, hi=30, seed=seed), mode="pad", loss_masking=True,
+    lay = layout_sft(random_docs(n, lo=8, hi=30, seed=seed), mode="pad", loss_masking=True,
                      max_length=64)
     return SFTTask(lay, batch_size=batch_size, pad_id=0, seed=0)
 

@@ -14,8 +14,8 @@ from starpo.data.sources import (FORMATS, MixtureStats, SourceStats, detect_form
                                  load_mixture, load_source, split_eval)
 from starpo.errors import DataError
 
-FIX = Path(__file__).resolve().parent / "fixtures"
-REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
+REAL = Path(__file__).resolve().parents[3] / "shared" / "realdata"
 
 
 def U(text):

@@ -11,7 +11,7 @@ import pytest
 from starpo.run import pipeline
 from starpo.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHRINK = [
     "model.tiny.hidden_size=64", "model.tiny.num_hidden_layers=2",
     "model.tiny.num_attention_heads=4", "model.tiny.num_key_value_heads=4",

@@ -10,15 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST, TINY, quiet
 import torch
 import yaml
 
 from starpo.run import pipeline
 from starpo.recipe import recipe_from_dict
 
-TINY = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 400}
-FAST = {"max_steps": 3, "batch_size": 4, "log_every": 1, "warmup_ratio": 0.0}
 
 
 def _recipe(**dpo):
@@ -33,14 +31,10 @@ def _recipe(**dpo):
         ]}
 
 
-def _quiet(msg):
-    pass
-
-
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    pipeline.run(recipe_from_dict(_recipe()), out, only=["sft"], log=_quiet, progress=False,
+    pipeline.run(recipe_from_dict(_recipe()), out, only=["sft"], log=quiet, progress=False,
                  report=False)
     return out
 
@@ -70,7 +64,7 @@ def test_sft_stage_writes_the_contracted_run_directory(sft_run):
 def test_every_preference_loss_trains(sft_run, tmp_path, loss):
     _copy_sft(sft_run, tmp_path)
     before = {k: v.clone() for k, v in _load(tmp_path / "sft" / "model").items()}
-    pipeline.run(recipe_from_dict(_recipe(loss=loss)), tmp_path, log=_quiet, progress=False,
+    pipeline.run(recipe_from_dict(_recipe(loss=loss)), tmp_path, log=quiet, progress=False,
                  report=False)
     d = tmp_path / "dpo"
     rec = json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])
@@ -109,12 +103,12 @@ def test_reference_cache_hits_on_rerun_and_misses_on_change(sft_run, tmp_path):
     shutil.rmtree(tmp_path / "dpo")
     r = _recipe()
     r["stages"][1]["data"]["sources"][0]["n"] = 50
-    pipeline.run(recipe_from_dict(r), tmp_path, log=_quiet, progress=False, report=False)
+    pipeline.run(recipe_from_dict(r), tmp_path, log=quiet, progress=False, report=False)
     assert len(list((tmp_path / "refcache").glob("ref-*.safetensors"))) == 2
     # different reference weights → miss
     shutil.rmtree(tmp_path / "dpo")
     r = _recipe(reference="base")
-    pipeline.run(recipe_from_dict(r), tmp_path, log=_quiet, progress=False, report=False)
+    pipeline.run(recipe_from_dict(r), tmp_path, log=quiet, progress=False, report=False)
     assert len(list((tmp_path / "refcache").glob("ref-*.safetensors"))) == 3
 
 
@@ -142,14 +136,14 @@ def test_cached_reference_equals_a_fresh_forward(sft_run, tmp_path):
     from starpo.stages.preference import tokenize_pairs
     _copy_sft(sft_run, tmp_path)
     rec = recipe_from_dict(_recipe())
-    pipeline.run(rec, tmp_path, log=_quiet, progress=False, report=False)
+    pipeline.run(rec, tmp_path, log=quiet, progress=False, report=False)
     st = rec.stage("dpo")
     path = str(tmp_path / "sft" / "model")
     tok = loading.load_tokenizer(path)
     rows = load_mixture(st.data, "preference", seed=0)
     tr, ev = split_eval(rows, st.data.eval_fraction, 0)
-    pairs = tokenize_pairs(tok, tr, st, on_bad_rows="error", progress=False, log=_quiet)[0] + \
-        tokenize_pairs(tok, ev, st, on_bad_rows="error", progress=False, log=_quiet)[0]
+    pairs = tokenize_pairs(tok, tr, st, on_bad_rows="error", progress=False, log=quiet)[0] + \
+        tokenize_pairs(tok, ev, st, on_bad_rows="error", progress=False, log=quiet)[0]
     cached = load_file(str(next((tmp_path / "refcache").glob("ref-*.safetensors"))))
     model = loading.load_model(path, for_training=False)
     with torch.no_grad():

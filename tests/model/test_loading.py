@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from starpo.model import chat
 from starpo.model import loading as M
 from starpo.recipe import ModelSpec, TinyModelSpec
 from starpo.errors import StarpoError
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+REALDATA = Path(__file__).resolve().parents[3] / "shared" / "realdata"
 
 
 def _realdata(*parts: str) -> Path:
@@ -126,7 +127,7 @@ def test_special_tokens(tok):
     assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == 0
     assert tok.bos_token is None
     assert tok.model_max_length == 1024
-    assert M.end_of_turn_token(tok) == "<|im_end|>" and M.stop_token_ids(tok) == [2]
+    assert chat.end_of_turn_token(tok) == "<|im_end|>" and chat.stop_token_ids(tok) == [2]
 
 
 def test_any_text_round_trips(tok):
@@ -399,7 +400,7 @@ def test_gpt2_tokenizer_gets_chatml():
     ids = tok(text)["input_ids"]
     assert ids[0] == start and ids.count(start) == 2 and ids.count(end) == 2  # no BOS added
     assert tok.decode(ids) == text
-    assert M.stop_token_ids(tok) == [end]
+    assert chat.stop_token_ids(tok) == [end]
     raw = M.load_tokenizer(str(path), ModelSpec(), chat=False)  # judges: left as it was
     assert raw.chat_template is None and len(raw) == 50257 and raw.eos_token == "<|endoftext|>"
     assert raw.pad_token is not None
@@ -426,8 +427,8 @@ def test_stop_tokens_of_a_gemma_style_template(corpus):
     tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
                            replace_extra_special_tokens=False)
     tok.chat_template = cfg["chat_template"]
-    assert M.end_of_turn_token(tok) == "<end_of_turn>"
-    assert M.stop_token_ids(tok) == [tok.convert_tokens_to_ids("<end_of_turn>"), tok.eos_token_id]
+    assert chat.end_of_turn_token(tok) == "<end_of_turn>"
+    assert chat.stop_token_ids(tok) == [tok.convert_tokens_to_ids("<end_of_turn>"), tok.eos_token_id]
 
 
 @pytest.mark.parametrize("name", ["qwen2_5", "gemma"])
