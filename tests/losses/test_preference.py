@@ -229,7 +229,7 @@ def test_parity_with_trl_dpo_trainer(trl_dpo, loss_type, ours, beta, layout):
     losses, cr, rj = L.preference_loss(ours, pc, pr, rc, rr, nc, nr, beta=beta)
     assert losses.mean().item() == pytest.approx(trl_loss.item(), abs=1e-5)
     if ours == "ln_dpo":
-        # TRL logs β·r(y) for every loss type; REFERENCE.md's LN-DPO reward is β·r(y)/|y|
+        # TRL logs β·r(y) for every loss type; the LN-DPO reward of docs/losses.md is β·r(y)/|y|
         torch.testing.assert_close(cr, beta * (pc - rc).detach() / nc)
         cr, rj = beta * (pc - rc), beta * (pr - rr)
     assert cr.mean().item() == pytest.approx(metrics["rewards/chosen"][-1], abs=1e-5)

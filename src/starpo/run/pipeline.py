@@ -1,6 +1,6 @@
 """Runs the stages of a recipe in order inside one run directory.
 
-Run directory (the contract in DESIGN.md)::
+Run directory (the contract: README "Run directory")::
 
     DIR/recipe.yaml              the resolved recipe of the last invocation
     DIR/base/model/              the starting checkpoint when model.name_or_path is "tiny"
