@@ -90,3 +90,25 @@ def random_docs(n=12, vocab=100, seed=0, lo=5, hi=40):
         labels = [IGNORE] * k + ids[k:]
         out.append(TokenizedSFT(ids, labels, "mem", i))
     return out
+
+
+# the tiny default model of the stage tests (reward, online)
+def _stage_tiny():
+    from starpo.recipe import TinyModelSpec
+    return TinyModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=128)
+
+
+STAGE_TINY = _stage_tiny()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The stage tests' tiny model and its world tokenizer, also saved as a checkpoint."""
+    from starpo import world
+    from starpo.model import loading
+    tok = loading.train_tokenizer(world.World(0).corpus(500), 400)
+    model = loading.build_tiny_model(STAGE_TINY, tok, seed=0)
+    path = tmp_path_factory.mktemp("base") / "model"
+    loading.save_pretrained(model, tok, path)
+    return {"tok": tok, "model": model, "path": str(path)}

@@ -12,19 +12,10 @@ import pytest
 import torch
 
 from starpo.model import chat
+from conftest import realdata
 from starpo.model import loading as M
 from starpo.recipe import ModelSpec, TinyModelSpec
 from starpo.errors import StarpoError
-
-REALDATA = Path(__file__).resolve().parents[3] / "shared" / "realdata"
-
-
-def _realdata(*parts: str) -> Path:
-    p = REALDATA.joinpath(*parts)
-    if not p.exists():
-        pytest.skip(f"{p} not present")
-    return p
-
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -388,7 +379,7 @@ def test_base_checkpoint_gets_chatml_and_resized_embeddings(tmp_path, corpus):
 
 
 def test_gpt2_tokenizer_gets_chatml():
-    path = _realdata("tokenizers", "gpt2")
+    path = realdata("tokenizers", "gpt2")
     tok = M.load_tokenizer(str(path), ModelSpec())
     assert tok.chat_template == M.CHATML_TEMPLATE
     assert len(tok) == 50257 + 2
@@ -422,7 +413,7 @@ def test_template_installed_on_a_base_tokenizer_sets_its_end_of_turn_as_eos(tmp_
 
 
 def test_stop_tokens_of_a_gemma_style_template(corpus):
-    cfg = json.loads(_realdata("tokenizers", "gemma", "tokenizer_config.json").read_text())
+    cfg = json.loads(realdata("tokenizers", "gemma", "tokenizer_config.json").read_text())
     tok = M.train_tokenizer(corpus[:300], vocab_size=400)
     tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
                            replace_extra_special_tokens=False)
@@ -433,7 +424,7 @@ def test_stop_tokens_of_a_gemma_style_template(corpus):
 
 @pytest.mark.parametrize("name", ["qwen2_5", "gemma"])
 def test_real_model_templates_render(tok, name):
-    cfg = json.loads(_realdata("tokenizers", name, "tokenizer_config.json").read_text())
+    cfg = json.loads(realdata("tokenizers", name, "tokenizer_config.json").read_text())
     tpl = cfg["chat_template"]
     msgs = CONV[1:3]
     full = tok.apply_chat_template(msgs, tokenize=False, chat_template=tpl)

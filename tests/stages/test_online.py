@@ -11,12 +11,9 @@ import pytest
 import torch
 
 from starpo import fileio
-from starpo.model import loading
 from starpo.stages import online_rounds as O
-from starpo.recipe import GenerationSpec, TinyModelSpec, recipe_from_dict
+from starpo.recipe import GenerationSpec, recipe_from_dict
 
-TINY = TinyModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4, intermediate_size=128)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,14 +117,6 @@ def test_round_prompts_differ_between_rounds():
 
 # --------------------------------------------------------------------------- models
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from starpo import world
-    tok = loading.train_tokenizer(world.World(0).corpus(500), 400)
-    model = loading.build_tiny_model(TINY, tok, seed=0)
-    path = tmp_path_factory.mktemp("base") / "model"
-    loading.save_pretrained(model, tok, path)
-    return {"tok": tok, "model": model, "path": str(path)}
 
 
 def test_sampling_is_deterministic_through_the_round_code(base):

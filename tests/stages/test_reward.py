@@ -13,28 +13,17 @@ import torch
 from starpo.model import loading
 from starpo.losses.reward import bradley_terry
 from starpo.runtime import Runtime
-from starpo.recipe import RewardStage, TinyModelSpec, recipe_from_dict
+from starpo.recipe import RewardStage, recipe_from_dict
 from starpo.stages.reward import (
     RewardTask, SequenceScores, collate_reward_pairs, evaluate_reward,
     reward_metrics, sequence_scores,
 )
 
-TINY = TinyModelSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4, intermediate_size=128)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """The tiny model and its world tokenizer, also saved as a checkpoint."""
-    from starpo import world
-    tok = loading.train_tokenizer(world.World(0).corpus(500), 400)
-    model = loading.build_tiny_model(TINY, tok, seed=0)
-    path = tmp_path_factory.mktemp("base") / "model"
-    loading.save_pretrained(model, tok, path)
-    return {"tok": tok, "model": model, "path": str(path)}
 
 
 @pytest.fixture(scope="module")
