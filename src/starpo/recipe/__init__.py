@@ -1,6 +1,11 @@
 """The recipe: its typed schema (:mod:`.schema`) and how YAML becomes one (:mod:`.load`)."""
 
+# the package's public names (re-exported)
 from starpo.recipe.load import (apply_override, dump_recipe, load_recipe,  # noqa: F401
                                 recipe_from_dict)
-from starpo.recipe.schema import *  # noqa: F401,F403
-from starpo.recipe.schema import STAGE_SPECS, STAGE_TYPES, stage_spec  # noqa: F401
+from starpo.recipe.schema import (  # noqa: F401
+    DPOStage, DataSpec, EvalStage, GenerationSpec, JudgeSpec, LoggingSpec,
+    ModelSpec, OnlineStage, PackingSpec, PreferenceSpec, Recipe, RewardStage,
+    SFTStage, STAGE_SPECS, STAGE_TYPES, SourceSpec, Stage, StageBase, Strict,
+    TRACKERS, TinyModelSpec, Tracker, TrainSpec, WorldSpec, is_default, stage_spec
+)
