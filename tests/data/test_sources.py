@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from starpo.recipe import DataSpec, SourceSpec
-from starpo.data import sources
+from starpo.data import formats, sources
 from starpo.data.sources import (FORMATS, MixtureStats, SourceStats, detect_format,
                                  load_mixture, load_source, split_eval)
 from starpo.errors import DataError
@@ -510,7 +510,7 @@ def test_real_hh_rlhf():
         multi += n_human > 1
         # the prompt's text is the transcript's text, turn by turn
         assert "".join(m["content"] for m in r["prompt"]).replace(" ", "") == \
-            "".join(sources._HH_MARK.split(x["chosen"][:cut])[2::2]).replace(" ", "")
+            "".join(formats._HH_MARK.split(x["chosen"][:cut])[2::2]).replace(" ", "")
     assert multi >= 10
     # row 29: the assistant's reply itself starts with "Human:" (no blank line): kept as text
     assert rows[29]["chosen"][0]["content"].startswith("Human: No, you are racist")
