@@ -10,6 +10,9 @@ Built-in judges (the registry below; ``type:`` of a recipe's ``judge``):
   directory or a hub id), rendered with its chat template or the OpenAssistant format.
 * ``pairwise`` (:class:`~starpo.judges.pairrm.PairRMJudge`): llm-blender's PairRM;
   compares responses, so it ranks but cannot score.
+* ``world_labeler`` (:class:`~starpo.judges.world_labeler.WorldLabelerJudge`): the
+  embedded world's simulated annotator (noisy, length-biased; never the gold reward
+  itself), a stand-in for an AI annotator on the CPU quickstart. Pairwise.
 
 Any other ``type`` is an importable ``module:Class``: the class is called with the judge's
 ``options`` as keyword arguments (plus ``path``, resolved like a built-in's, and
@@ -42,6 +45,7 @@ BUILTIN = {k.name: k for k in (
     JudgeKind("gold", True, "starpo.judges:_build_gold"),
     JudgeKind("reward_model", True, "starpo.judges:_build_reward_model"),
     JudgeKind("pairwise", False, "starpo.judges:_build_pairrm"),
+    JudgeKind("world_labeler", False, "starpo.judges:_build_world_labeler"),
 )}
 PAIRRM_NAMES = {"pairrm", "PairRM", "llm-blender/PairRM"}
 
@@ -112,6 +116,11 @@ def make_judge(spec, *, resolve_path: Callable[[str], str | None] | None = None,
 def _build_gold(spec, path, model_spec, device):
     from starpo.judges.gold import GoldJudge
     return GoldJudge()
+
+
+def _build_world_labeler(spec, path, model_spec, device):
+    from starpo.judges.world_labeler import WorldLabelerJudge
+    return WorldLabelerJudge(**spec.options)
 
 
 def _build_pairrm(spec, path, model_spec, device):

@@ -43,7 +43,9 @@ import random
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
-from starpo.data.canonical import msg, preference_row
+
+from starpo import world
+from starpo.data.canonical import last_user_text, msg, preference_row
 from starpo.generate.sampling import generate
 from starpo.judges.base import rank_groups
 
@@ -225,8 +227,28 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def gold_signal(samples: Sequence[dict], pairs: Sequence[dict]) -> dict:
+    """The embedded world's gold reward of the same samples, when the prompts are the
+    world's (``None`` values otherwise): what the judge's scores are worth. ``mean_gold``
+    rising with ``mean_score`` is real progress; the judge's mean rising while the gold
+    falls is over-optimisation of the judge. ``pair_gold_agreement`` is the share of
+    selected pairs whose chosen response also has the higher gold reward (ties ½)."""
+    texts = [last_user_text(r["prompt"]) for r in samples]
+    if not texts or any(world.parse_prompt(t) is None for t in texts):
+        return {"mean_gold": None, "mean_chosen_gold": None, "pair_gold_agreement": None}
+    flat_p = [t for t, r in zip(texts, samples) for _ in r["samples"]]
+    flat_r = [s["text"] for r in samples for s in r["samples"]]
+    pair_texts = [last_user_text(p["prompt"]) for p in pairs]
+    gold_c = world.gold_rewards(pair_texts, [p["chosen"] for p in pairs])
+    gold_r = world.gold_rewards(pair_texts, [p["rejected"] for p in pairs])
+    agree = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(gold_c, gold_r)]
+    return {"mean_gold": _mean(world.gold_rewards(flat_p, flat_r)),
+            "mean_chosen_gold": _mean(gold_c), "pair_gold_agreement": _mean(agree)}
+
+
 def round_statistics(samples: Sequence[dict], pairs: Sequence[dict]) -> dict:
-    """What a round's sampling and selection looked like (for ``rounds.jsonl``)."""
+    """What a round's sampling and selection looked like (for ``rounds.jsonl``): the judge's
+    scores, lengths and end-of-turn rate, and the gold signal (:func:`gold_signal`)."""
     all_scores = [s["score"] for r in samples for s in r["samples"]]
     tokens = [s["num_tokens"] for r in samples for s in r["samples"]]
     finished = [s["finished"] for r in samples for s in r["samples"]]
@@ -250,6 +272,7 @@ def round_statistics(samples: Sequence[dict], pairs: Sequence[dict]) -> dict:
         "pairs_selected": len(pairs),
         "dropped_identical": dropped.get(DROP_IDENTICAL, 0),
         "dropped_ties": dropped.get(DROP_TIE, 0),
+        **gold_signal(samples, pairs),
     }
 
 
