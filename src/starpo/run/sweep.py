@@ -962,6 +962,24 @@ def run_trial_subprocess(recipe: Recipe, tdir: Path, *, env: dict[str, str],
                                               f"{tdir / 'log.txt'}")
 
 
+def trial_processes(resources: ResourcesSpec) -> int:
+    """Processes a trial (or the shared run) runs as: one per GPU when it asks for more
+    than one (under ``accelerate launch``), else one."""
+    return int(resources.gpu) if resources.gpu > 1 else 1
+
+
+def trial_runner(resources: ResourcesSpec, *, progress: bool = False
+                 ) -> Callable[[Recipe, Path], None]:
+    """How a trial runs where it was placed (a Ray task, a ``--trial`` task): in this
+    process, or over several GPUs under ``accelerate launch`` in a child process (the
+    scheduler has set ``CUDA_VISIBLE_DEVICES`` to the trial's GPUs)."""
+    n = trial_processes(resources)
+    if n > 1:
+        return lambda rec, tdir: run_trial_subprocess(rec, tdir, env=dict(os.environ),
+                                                      processes=n)
+    return lambda rec, tdir: run_trial_in_process(rec, tdir, progress=progress)
+
+
 def _worker_envs(jobs: int) -> list[dict[str, str]]:
     """One environment per parallel slot: threads split between slots (unless the user
     set OMP_NUM_THREADS), and one GPU per slot when there are GPUs."""
@@ -1015,8 +1033,10 @@ def write_sweep_info(plan: SweepPlan) -> None:
     fileio.write_json(plan.out / "sweep.json", info)
 
 
-def run_shared(plan: SweepPlan, *, log: Callable[[str], None], progress: bool) -> None:
-    """The shared stages and the SFT baseline's evaluation, once (skipped when done)."""
+def run_shared(plan: SweepPlan, *, log: Callable[[str], None], progress: bool,
+               processes: int = 1) -> None:
+    """The shared stages and the SFT baseline's evaluation, once (skipped when done);
+    ``processes > 1``: under ``accelerate launch`` in a child process."""
     if plan.shared is None:
         return
     names = ", ".join(s.name for s in plan.shared.stages)
@@ -1026,8 +1046,16 @@ def run_shared(plan: SweepPlan, *, log: Callable[[str], None], progress: bool) -
                  plan.caches)
     t0 = time.time()
     try:
-        pipeline.run(plan.shared, plan.shared_dir, log=lambda m: log(f"  {m}"),
-                     progress=progress, report=True)
+        if processes > 1:
+            # `starpo run` of the shared recipe under accelerate launch, like such a trial
+            fileio.write_text(plan.shared_dir / "recipe.yaml", dump_recipe(plan.shared))
+            log(f"  {processes} processes (accelerate launch); messages in "
+                f"{plan.shared_dir / 'log.txt'}")
+            run_trial_subprocess(plan.shared, plan.shared_dir, env=dict(os.environ),
+                                 processes=processes)
+        else:
+            pipeline.run(plan.shared, plan.shared_dir, log=lambda m: log(f"  {m}"),
+                         progress=progress, report=True)
     except StarpoError as err:
         raise StarpoError(f"shared stages ({plan.shared_dir}): {err}") from None
     log(f"[shared] ready ({time.time() - t0:.1f} s)")
@@ -1189,7 +1217,8 @@ def run_shared_only(plan: SweepPlan, *, log: Callable[[str], None] = print,
     if plan.shared is None:
         log(f"[shared] {plan.sweep.path} has no shared stages; nothing to run")
         return
-    run_shared(plan, log=log, progress=progress)
+    run_shared(plan, log=log, progress=progress,
+               processes=trial_processes(plan.sweep.spec.resources))
 
 
 def run_one_trial(plan: SweepPlan, trial_id: str, *, retry_failed: bool = False,
@@ -1226,7 +1255,7 @@ def run_one_trial(plan: SweepPlan, trial_id: str, *, retry_failed: bool = False,
             "; its recipe changed since (delete the trial directory to redo it)"
         log(f"[{k}/{total}] {trial.id}: already finished: {status}{why}{note}; nothing to do")
         return None
-    run = runner or (lambda r, tdir: run_trial_in_process(r, tdir, progress=progress))
+    run = runner or trial_runner(plan.sweep.spec.resources, progress=progress)
     res = _run_trial(plan, k, trial, rec, run, where="", raise_errors=raise_errors, log=log)
     return _record(plan, store, *res, log)
 

@@ -109,17 +109,6 @@ def _quiet_worker() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _default_runner(resources: S.ResourcesSpec) -> Callable[[Recipe, Path], None]:
-    """In the worker process itself, so a killed trial is a dead worker that Ray retries;
-    a trial over several GPUs under ``accelerate launch`` in a child process (Ray has set
-    ``CUDA_VISIBLE_DEVICES`` to the task's GPUs)."""
-    gpus = int(resources.gpu) if resources.gpu > 1 else 1
-    if gpus > 1:
-        return lambda rec, tdir: S.run_trial_subprocess(rec, tdir, env=dict(os.environ),
-                                                        processes=gpus)
-    return lambda rec, tdir: S.run_trial_in_process(rec, tdir, progress=False)
-
-
 def _shared_task(plan: S.SweepPlan) -> dict:
     """The shared stages (and the SFT baseline's evaluation), their messages → log.txt."""
     _quiet_worker()
@@ -131,7 +120,8 @@ def _shared_task(plan: S.SweepPlan) -> dict:
             f.write(msg + "\n")
             f.flush()
         try:
-            S.run_shared(plan, log=log, progress=False)
+            S.run_shared(plan, log=log, progress=False,
+                         processes=S.trial_processes(plan.sweep.spec.resources))
         except StarpoError as err:
             return {"error": str(err), "lines": lines, "host": socket.gethostname()}
     return {"error": None, "lines": lines, "host": socket.gethostname()}
@@ -143,7 +133,7 @@ def _trial_task(plan: S.SweepPlan, k: int, trial: S.Trial, recipe: Recipe, runne
     import ray
     ray.get(starts.started.remote(trial.id, socket.gethostname()))  # before any work
     _quiet_worker()
-    run = runner or _default_runner(plan.sweep.spec.resources)
+    run = runner or S.trial_runner(plan.sweep.spec.resources)
     *_, tdir, seconds, err = S._run_trial(plan, k, trial, recipe, run, where="",
                                           raise_errors=False, log=lambda m: None)
     result, error = S.trial_outcome(plan, recipe, tdir, err)
