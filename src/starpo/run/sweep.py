@@ -27,7 +27,8 @@ Sweep directory::
                              --out DIR/trials/<id>` re-runs it alone
     DIR/trials/<id>/log.txt  the trial's log
     DIR/refcache/            reference log-probs shared by every trial (trial refcache/ links)
-    DIR/evalcache/           evaluation samples shared by every trial (the SFT model's, once)
+    DIR/evalcache/           evaluation samples shared by every trial (the SFT model's, once);
+                             both under ``cache_dir:`` instead when it is set
     DIR/prepared/<stage>/    tokenized data shared by every trial (trial <stage>/data links)
     DIR/trials.jsonl         one record per finished trial (see :func:`trial_record`)
     DIR/analysis.json        :mod:`starpo.metrics.analysis` of the records
@@ -37,6 +38,11 @@ Resume: a trial with a record in ``trials.jsonl`` and a directory is finished an
 skipped (a failed one too, unless ``retry_failed``); an interrupted trial has no record
 and is run again, its finished stages skipped and its killed stage resumed by the
 pipeline. Delete a trial's directory to redo it.
+
+Executors: :func:`run_sweep` (this process, or ``--jobs`` child processes),
+:mod:`starpo.run.sweep_ray` (Ray tasks) and :func:`run_one_trial` (``--trial``, the unit
+of any other scheduler; :mod:`starpo.run.sweep_slurm` writes a SLURM array of them). All
+run a trial with :func:`_run_trial` and record it with :func:`record_trial`.
 """
 
 from __future__ import annotations

@@ -269,8 +269,9 @@ def _run_trials(ray, plan, store, todo, latest, opts, *, runner, log, poll,
     if not todo:
         return
     total = len(plan.trials)
+    pending_ids = {t.id for _, t, _ in todo}
     finished = [latest[t.id] for t, _ in plan.trials if t.id in latest
-                and t.id not in {tt.id for _, tt, _ in todo}]
+                and t.id not in pending_ids]
     prog = Progress(total, len(finished), sum(r.get("status") != "ok" for r in finished),
                     len(todo))
     starts = ray.remote(num_cpus=0)(_Starts).remote()
@@ -278,15 +279,14 @@ def _run_trials(ray, plan, store, todo, latest, opts, *, runner, log, poll,
     plan_ref = ray.put(plan)            # one copy in the object store for every task
     pending = {task.remote(plan_ref, k, t, rec, runner, starts): (k, t)
                for k, t, rec in todo}
-    submitted = time.time()
     log(f"[ray] {len(todo)} trials submitted ({_describe(plan.sweep.spec.resources)} each, "
         f"up to {opts['max_retries']} retries when a worker dies)")
     number = {t.id: k for k, t, _ in todo}
     attempts: dict[str, int] = {}
+    first_seen: dict[str, float] = {}   # on the driver's clock (nodes' clocks may differ)
     last_status = time.time()
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll)
-        changed = False
         for tid, tries in ray.get(starts.snapshot.remote()).items():
             if len(tries) > attempts.get(tid, 0):
                 attempts[tid] = len(tries)
@@ -294,26 +294,34 @@ def _run_trials(ray, plan, store, todo, latest, opts, *, runner, log, poll,
                 again = f" (attempt {len(tries)}, after its worker died)" if len(tries) > 1 \
                     else ""
                 log(f"[{number[tid]}/{total}] {tid}: running on {host}{again}")
-                prog.started(tid, tries[0][1])
-                changed = True
+                first_seen.setdefault(tid, time.time())
+                prog.started(tid, first_seen[tid])
         for ref in ready:
             k, t = pending.pop(ref)
             try:
                 out = ray.get(ref)
             except ray.exceptions.RayError as err:
-                n = attempts.get(t.id, 0)
-                out = {"seconds": time.time() - submitted, "result": None,
-                       "error": f"the Ray worker died ({n} attempt{'s' * (n != 1)}, "
-                                f"max_retries {opts['max_retries']}): {S._one_line(err)}"}
+                out = {"seconds": time.time() - first_seen.get(t.id, time.time()),
+                       "result": None, "error": _task_error(ray, err, attempts.get(t.id, 0),
+                                                            opts["max_retries"])}
             rec = S.record_trial(plan, store, k, t, out["seconds"], out["result"],
                                  out["error"], log)
             prog.finished(t.id, rec["status"] == "ok")
-            changed = True
         now = time.time()
-        if (changed and ready) or now - last_status >= status_every:
+        if ready or now - last_status >= status_every:
             log(prog.line(now))
             last_status = now
     ray.kill(starts)
+
+
+def _task_error(ray, err: Exception, attempts: int, max_retries: int) -> str:
+    """A trial task's failure as its record's one line: an exception that escaped the
+    trial (not an ``Exception``: SystemExit and the like), or the worker's death."""
+    if isinstance(err, ray.exceptions.RayTaskError):
+        cause = getattr(err, "cause", None)
+        return S._one_line(cause if isinstance(cause, BaseException) else err)
+    return (f"the Ray worker died ({attempts} attempt{'s' * (attempts != 1)}, max_retries "
+            f"{max_retries}): {S._one_line(err)}")
 
 
 def cluster_line(ray) -> str:
