@@ -153,6 +153,24 @@ def test_executor_ray_without_ray_is_one_line(tmp_path):
     assert not (tmp_path / "o" / "trials").exists()
 
 
+def test_a_ray_address_where_nothing_listens_is_one_line(tmp_path):
+    import socket
+    from starpo.run import sweep_ray
+    with socket.socket() as sock:          # a port that was free a moment ago
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(StarpoError, match=rf"--address 127.0.0.1:{port}: nothing answers "
+                                          rf"at 127.0.0.1:{port} \("):
+        sweep_ray.check_reachable(f"127.0.0.1:{port}", timeout=2)
+    with pytest.raises(StarpoError, match="not auto, HOST:PORT or ray://HOST:PORT"):
+        sweep_ray.check_reachable("head:port")
+    with socket.socket() as sock:          # something listening: fine
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        sweep_ray.check_reachable(f"ray://127.0.0.1:{sock.getsockname()[1]}", timeout=2)
+    sweep_ray.check_reachable("auto")
+
+
 def test_a_multi_gpu_trial_runs_under_accelerate_launch(tmp_path):
     assert S.trial_command(tmp_path, 1)[1:4] == ["-m", "starpo.cli", "run"]
     cmd = S.trial_command(tmp_path, 4)

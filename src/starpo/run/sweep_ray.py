@@ -190,11 +190,30 @@ class Progress:
                 f"{len(self.running)} running, {max(0, waiting)} waiting{tail}")
 
 
+def check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """A ``HOST:PORT`` (or ``ray://HOST:PORT``) address must accept a connection: Ray
+    itself keeps retrying an address where nothing listens for minutes, printing warnings,
+    instead of saying so."""
+    if not address or address == "auto" or ":" not in address:
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        raise StarpoError(f"--address {address}: not auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise StarpoError(f"--address {address}: nothing answers at {host}:{port} "
+                          f"({err.strerror or err}); is the Ray head running there "
+                          f"(ray start --head)?") from None
+
+
 def _connect(ray, address: str | None) -> bool:
     """Connect to (or, without an address, start) a cluster; True when we started it
     here, so we shut it down at the end. An already initialised Ray (tests) is used."""
     if ray.is_initialized():
         return False
+    check_reachable(address)
     try:
         ray.init(address=address)
     except ConnectionError as err:
@@ -241,12 +260,12 @@ def run_sweep_ray(plan: S.SweepPlan, *, address: str | None = None,
     trial_dir)`` replaces the trial runner inside the task (tests)."""
     ray = import_ray()
     spec = plan.sweep.spec
-    plan.out.mkdir(parents=True, exist_ok=True)
-    S.write_sweep_info(plan)
-    store = S.ResultStore(plan.out / "trials.jsonl")
-    started_here = _connect(ray, address)
+    started_here = _connect(ray, address)      # before writing anything: it may fail
     try:
         log(f"[ray] cluster: {cluster_line(ray)}")
+        plan.out.mkdir(parents=True, exist_ok=True)
+        S.write_sweep_info(plan)
+        store = S.ResultStore(plan.out / "trials.jsonl")
         opts = task_options(spec.resources, spec.max_retries)
         short = _fits_somewhere(ray, spec.resources)
         if short is not None:
