@@ -166,7 +166,8 @@ def reference_logps(ref_path: str, tokenizer, pairs: list, *, cache_dir: Path, l
 
 
 # the lock of a reference pass is touched this often by its holder, and broken when it has
-# not been touched for this long (its holder died)
+# not been touched for this long (its holder died); the margin also covers an NFS client
+# that caches the lock's attributes (mtime) for up to a minute (acregmax)
 REF_LOCK_HEARTBEAT = 10.0
 REF_LOCK_STALE = 120.0
 
