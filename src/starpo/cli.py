@@ -113,23 +113,86 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
           jobs: int = typer.Option(1, "--jobs", "-j", min=1,
                                    help="Trials run at once, each in its own process "
                                         "(default 1: one after another in this process)."),
+          executor: str = typer.Option("local", "--executor",
+                                       help="local (this machine; --jobs) or ray (each trial "
+                                            "a Ray task with the file's resources)."),
+          address: Optional[str] = typer.Option(None, "--address",
+                                                help="The Ray cluster: auto, HOST:PORT or "
+                                                     "ray://… (default: RAY_ADDRESS, else a "
+                                                     "local cluster)."),
+          trial: Optional[str] = typer.Option(None, "--trial",
+                                              help="Run this one trial (its id) and record "
+                                                   "it; nothing if it is finished. For "
+                                                   "schedulers (SLURM arrays, Kubernetes "
+                                                   "jobs, W&B agents)."),
+          shared_only: bool = typer.Option(False, "--shared-only",
+                                           help="Run the shared stages only (before "
+                                                "--trial tasks)."),
+          emit: Optional[str] = typer.Option(None, "--emit",
+                                             help="slurm: write sbatch scripts for a job "
+                                                  "array into DIR/slurm; run nothing."),
+          cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
+                                                   help="Where refcache/ and evalcache/ "
+                                                        "live (default: the file's "
+                                                        "cache_dir, else DIR)."),
           retry_failed: bool = typer.Option(False, "--retry-failed",
                                             help="Run failed trials again."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """Run a hyperparameter sweep: shared stages once, then one run per grid point, then the
     robustness analysis (DIR/trials.jsonl, DIR/analysis.json, DIR/report.html)."""
+    from starpo.errors import StarpoError
     from starpo.run import sweep as S
 
+    def check_flags():
+        if executor not in ("local", "ray"):
+            raise StarpoError(f"--executor {executor}: not one of local, ray")
+        if emit is not None and emit != "slurm":
+            raise StarpoError(f"--emit {emit}: not one of slurm")
+        modes = [f for f, on in (("--dry-run", dry_run), ("--trial", trial is not None),
+                                 ("--shared-only", shared_only), ("--emit", emit is not None))
+                 if on]
+        if len(modes) > 1:
+            raise StarpoError(f"{' and '.join(modes)} do not go together")
+        runs = [m for m in modes if m != "--dry-run"]
+        if executor == "ray" and (runs or jobs > 1):
+            raise StarpoError(f"--executor ray does not go with "
+                              f"{runs[0] if runs else '--jobs'}: Ray schedules the trials "
+                              f"by the file's resources")
+        if address is not None and executor != "ray":
+            raise StarpoError("--address is the Ray cluster's; add --executor ray")
+        if jobs > 1 and modes:
+            raise StarpoError(f"--jobs does not go with {modes[0]}")
+
     def go():
+        check_flags()
         sw = S.load_sweep(sweep_file, overrides or [])
         out_dir = out or Path("runs") / sweep_file.stem
-        plan = S.make_plan(sw, out_dir)
+        plan = S.make_plan(sw, out_dir, cache_dir)
         if dry_run:
             for line in S.describe_plan(plan):
                 typer.echo(line)
             return
-        recs = S.run_sweep(plan, jobs=jobs, retry_failed=retry_failed, progress=not quiet,
-                           raise_errors=_DEBUG["on"])
+        if emit is not None:
+            from starpo.run.sweep_slurm import emit_slurm
+            emit_slurm(plan, log=typer.echo)
+            return
+        if shared_only:
+            S.run_shared_only(plan, progress=not quiet)
+            return
+        if trial is not None:
+            rec = S.run_one_trial(plan, trial, retry_failed=retry_failed, progress=not quiet,
+                                  raise_errors=_DEBUG["on"])
+            typer.echo(f"`starpo report {plan.out}` writes the analysis of the trials "
+                       f"recorded so far")
+            if rec is not None and rec["status"] != "ok":
+                raise typer.Exit(1)      # the scheduler sees the failure; it is recorded
+            return
+        if executor == "ray":
+            from starpo.run.sweep_ray import run_sweep_ray
+            recs = run_sweep_ray(plan, address=address, retry_failed=retry_failed)
+        else:
+            recs = S.run_sweep(plan, jobs=jobs, retry_failed=retry_failed,
+                               progress=not quiet, raise_errors=_DEBUG["on"])
         S.finalize(plan.out)
         failed = sum(r.get("status") != "ok" for r in recs)
         typer.echo(f"done: {plan.out} ({len(recs) - failed} ok, {failed} failed of "

@@ -4,7 +4,9 @@ concurrent sweep trial on shared storage) would read it, and two writers of the 
 never see each other's partial output.
 
 Temporary names are ``.<name>.tmp-<pid>-<random>``: unique per writer even on several
-machines sharing one directory.
+machines sharing one directory. :func:`exclusive` is a lock file for work that should be
+done once by whichever process gets there first (a reference pass several sweep trials
+need, an append to a log that several machines share).
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import json
 import os
 import re
 import shutil
+import socket
+import threading
+import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 
 def _tmp_name(final: Path) -> Path:
@@ -152,3 +158,95 @@ def safe_name(name: str) -> str:
     """A file-name-safe form of a model or stage name (``eval/<name>.jsonl``)."""
     s = re.sub(r"[^\w.\-]+", "_", name).strip("._")
     return s or "model"
+
+
+def _break_stale(lock: Path, holder: str) -> None:
+    """Remove a lock left by a dead holder. It is renamed away first (one rename wins when
+    several waiters break it at once); if what was renamed is not the stale holder's lock
+    (another waiter broke it and a new holder took it in between), it is put back with
+    ``os.link``, which never replaces a lock that exists by then."""
+    moved = lock.with_name(f"{lock.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(lock, moved)
+    except FileNotFoundError:
+        return
+    try:
+        if moved.read_text() != holder:
+            try:
+                os.link(moved, lock)
+            except OSError:
+                pass
+    except OSError:
+        pass
+    moved.unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive(lock: str | os.PathLike, *, stale_after: float = 120.0,
+              heartbeat: float | None = None, poll: float = 0.2,
+              on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the lock file ``lock`` for the ``with`` block, across processes and machines
+    that share its directory.
+
+    The lock is created with ``O_CREAT | O_EXCL`` (atomic on local filesystems and NFSv3+)
+    and holds a unique token naming the holder's host and pid. A waiter polls every
+    ``poll`` seconds; a lock that stays unchanged for ``stale_after`` seconds, measured on
+    the waiter's own clock (machines sharing storage need not agree on the time), is
+    taken for one left by a dead holder and broken. ``heartbeat`` (seconds) makes a thread
+    touch the lock while it is held, so a holder doing minutes of work is never taken for
+    dead; without it the block must be shorter than ``stale_after``. ``on_wait(holder)``
+    is called once when the lock is busy. The lock is removed on exit unless another
+    process broke it meanwhile (then the file is theirs).
+    """
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:12]}"
+    seen: tuple[Any, float] | None = None      # (what the lock looked like, since when)
+    told = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                st = os.stat(lock)
+                holder = lock.read_text()
+            except FileNotFoundError:
+                continue                        # released meanwhile: try again at once
+            now = time.monotonic()
+            look = (st.st_mtime_ns, st.st_ino, holder)
+            if seen is None or seen[0] != look:
+                seen = (look, now)
+            elif now - seen[1] >= stale_after:
+                _break_stale(lock, holder)
+                seen = None
+                continue
+            if on_wait is not None and not told:
+                on_wait(holder)
+                told = True
+            time.sleep(poll)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        break
+    stop = threading.Event()
+    beat = None
+    if heartbeat:
+        def touch() -> None:
+            while not stop.wait(heartbeat):
+                try:
+                    os.utime(lock)
+                except OSError:
+                    return
+        beat = threading.Thread(target=touch, name=f"lock {lock.name}", daemon=True)
+        beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if beat is not None:
+            beat.join()
+        try:
+            if lock.read_text() == token:
+                lock.unlink()
+        except OSError:
+            pass

@@ -14,50 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from starpo.run import sweep as S
 from starpo.recipe import load_recipe
-
-TINY = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 400}
-FAST = {"max_steps": 3, "batch_size": 4, "log_every": 1, "warmup_ratio": 0.0}
-RECIPE = {
-    "name": "micro", "seed": 0, "model": {"name_or_path": "tiny", "tiny": TINY},
-    "stages": [
-        {"type": "sft", "data": {"sources": [{"path": "world:sft", "n": 120}]},
-         "packing": {"max_length": 128}, "train": {**FAST, "lr": 1e-3}},
-        {"type": "dpo", "beta": 0.5, "max_length": 128, "max_prompt_length": 64,
-         "data": {"sources": [{"path": "world:preference", "n": 60}], "eval_fraction": 0.2},
-         "train": {**FAST, "lr": 1e-4}},
-        {"type": "eval", "data": {"sources": [{"path": "world:eval", "n": 8}], "shuffle": False},
-         "generation": {"max_new_tokens": 12, "batch_size": 8}, "bootstrap": 20},
-    ]}
-SWEEP = {"name": "micro-sweep", "recipe": "micro.yaml", "shared": ["sft"],
-         "methods": {"dpo": {"stages.dpo.beta": [0.1, 0.5]},
-                     "simpo": {"stages.dpo.gamma": [0.3, 1.0], "stages.dpo.beta": 2.0}}}
-
-
-def write_sweep(tmp: Path, sweep: dict | None = None, recipe: dict | None = None,
-                name: str = "sweep.yaml") -> Path:
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "micro.yaml").write_text(yaml.safe_dump(recipe or RECIPE, sort_keys=False))
-    path = tmp / name
-    path.write_text(yaml.safe_dump(sweep or SWEEP, sort_keys=False))
-    return path
-
-
-def load_error(tmp: Path, **changes) -> str:
-    sweep = {**SWEEP, **changes}
-    sweep = {k: v for k, v in sweep.items() if v is not None}
-    path = write_sweep(tmp, sweep)
-    with pytest.raises(S.SweepError) as err:
-        S.load_sweep(path)
-    msg = str(err.value)
-    assert "\n" not in msg, msg            # one line
-    assert str(path) in msg, msg           # naming the sweep file
-    return msg
-
+from sweep_helpers import RECIPE, SWEEP, _fake_eval, load_error, write_sweep
 
 # =========================================================================== schema / errors
 
@@ -185,19 +145,6 @@ def test_implicit_starting_models_are_written_out():
 
 
 # =========================================================================== executor
-
-
-def _fake_eval(tdir: Path, score: float, model: str = "dpo") -> None:
-    """What a trial's eval stage leaves behind, written by hand."""
-    d = tdir / "eval"
-    d.mkdir(parents=True, exist_ok=True)
-    m = {k: 0.1 for k in S.EVAL_METRICS}
-    (d / "summary.json").write_text(json.dumps({"sft": {**m, "mean_score": -1.0},
-                                                model: {**m, "mean_score": score, "n": 2}}))
-    (d / "meta.json").write_text(json.dumps({"reference": "sft",
-                                             "files": {model: f"{model}.jsonl"}}))
-    (d / f"{model}.jsonl").write_text(json.dumps({"id": "0", "score": score}) + "\n")
-    (tdir / "report.html").write_text("<html></html>")
 
 
 def _no_shared(tmp: Path) -> S.SweepPlan:

@@ -27,7 +27,8 @@ Sweep directory::
                              --out DIR/trials/<id>` re-runs it alone
     DIR/trials/<id>/log.txt  the trial's log
     DIR/refcache/            reference log-probs shared by every trial (trial refcache/ links)
-    DIR/evalcache/           evaluation samples shared by every trial (the SFT model's, once)
+    DIR/evalcache/           evaluation samples shared by every trial (the SFT model's, once);
+                             both under ``cache_dir:`` instead when it is set
     DIR/prepared/<stage>/    tokenized data shared by every trial (trial <stage>/data links)
     DIR/trials.jsonl         one record per finished trial (see :func:`trial_record`)
     DIR/analysis.json        :mod:`starpo.metrics.analysis` of the records
@@ -37,6 +38,11 @@ Resume: a trial with a record in ``trials.jsonl`` and a directory is finished an
 skipped (a failed one too, unless ``retry_failed``); an interrupted trial has no record
 and is run again, its finished stages skipped and its killed stage resumed by the
 pipeline. Delete a trial's directory to redo it.
+
+Executors: :func:`run_sweep` (this process, or ``--jobs`` child processes),
+:mod:`starpo.run.sweep_ray` (Ray tasks) and :func:`run_one_trial` (``--trial``, the unit
+of any other scheduler; :mod:`starpo.run.sweep_slurm` writes a SLURM array of them). All
+run a trial with :func:`_run_trial` and record it with :func:`record_trial`.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +125,37 @@ class AnalysisSpec(_Strict):
     reference_method: str | None = None   # best runs are compared with it in % (default dpo)
 
 
+class ResourcesSpec(_Strict):
+    """What one trial (and the shared run) needs from a Ray cluster or a SLURM allocation.
+    The local executor does not read it (``--jobs`` splits this machine's cores and GPUs)."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)            # >1: the trial runs under `accelerate launch`
+    memory_gb: float | None = Field(None, gt=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_gpus_above_one(cls, v: float) -> float:
+        # a fraction of one GPU can be shared (Ray packs small trials), but a trial over
+        # several GPUs runs one process per GPU, so it needs whole ones
+        if v > 1 and v != int(v):
+            raise ValueError(f"resources.gpu: {v} is more than one GPU but not a whole number")
+        return v
+
+
+class SlurmSpec(_Strict):
+    """What ``starpo sweep --emit slurm`` writes into the sbatch scripts."""
+
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None                  # the trials' --time (e.g. "04:00:00")
+    shared_time: str | None = None           # the shared job's --time (default: time)
+    max_parallel: int | None = Field(None, ge=1)   # array tasks at once (--array=…%N)
+    sbatch: list[str] = []                   # further options, e.g. ["--qos=high"]
+    setup: list[str] = []                    # shell lines run before starpo (module load …)
+    command: str | None = None               # how to call starpo (default: this Python)
+
+
 class SweepSpec(_Strict):
     """The sweep file (docs/sweep.md)."""
 
@@ -129,6 +167,12 @@ class SweepSpec(_Strict):
     overrides: dict[str, Any] = {}       # dotted key → value, for every trial
     methods: dict[str, dict[str, Any] | None] = Field(min_length=1)  # method → grid
     analysis: AnalysisSpec = AnalysisSpec()
+    # where refcache/ and evalcache/ live (relative to this file; default the sweep
+    # directory): point it at storage every machine mounts to share them between sweeps
+    cache_dir: str | None = None
+    resources: ResourcesSpec = ResourcesSpec()   # per trial, for --executor ray and SLURM
+    max_retries: int = Field(2, ge=0)            # reruns of a trial whose Ray worker died
+    slurm: SlurmSpec = SlurmSpec()
 
     @model_validator(mode="after")
     def _reference_method(self) -> "SweepSpec":
@@ -208,7 +252,8 @@ class Sweep:
         for t in self.trials:
             if t.id == trial_id:
                 return t
-        raise SweepError(f"{self.path}: no trial {trial_id!r}")
+        raise SweepError(f"{self.path}: no trial {trial_id!r} (of {len(self.trials)}; "
+                         f"`starpo sweep {self.path} --dry-run` lists them)")
 
 
 def _fmt_value(v: Any) -> str:
@@ -659,7 +704,11 @@ def trial_dir(out: Path, tid: str) -> Path:
 
 class ResultStore:
     """``DIR/trials.jsonl``: appended one line per finished trial; the last line of an id
-    wins (a retried trial appends again)."""
+    wins (a retried trial appends again).
+
+    Appends hold ``trials.jsonl.lock`` (:func:`starpo.fileio.exclusive`): the trials of a
+    SLURM array finish on different machines, and NFS emulates ``O_APPEND`` on each client
+    (size, then write at that offset), so two unlocked appends can overwrite each other."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -677,8 +726,9 @@ class ResultStore:
 
     def append(self, rec: dict) -> None:
         line = json.dumps(rec, default=str) + "\n"
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, fileio.exclusive(self.path.with_name(self.path.name + ".lock"),
+                                          stale_after=30.0):
             with self.path.open("a") as f:
                 f.write(line)
                 f.flush()
@@ -740,29 +790,46 @@ def trial_record(trial: Trial, *, status: str, seconds: float, out: Path,
 
 
 def _link(target: Path, link: Path) -> bool:
-    """``link`` → ``target`` (a directory symlink) unless ``link`` exists; False when the
-    filesystem refuses symlinks (the trial then keeps its own copy, correct but slower)."""
-    if link.exists() or link.is_symlink():
-        return link.is_symlink()
+    """``link`` → ``target`` (a directory symlink) unless ``link`` is a directory of its
+    own; a link to somewhere else (the cache directory changed) is replaced. False when
+    the filesystem refuses symlinks (the trial then keeps its own copy, correct but
+    slower)."""
     target.mkdir(parents=True, exist_ok=True)
+    target = target.resolve()
+    if link.is_symlink():
+        if link.resolve() == target:
+            return True
+        # replaced in one rename, so a concurrent reader never finds no link at all
+        tmp = link.with_name(f".{link.name}.link-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.symlink_to(target, target_is_directory=True)
+        os.replace(tmp, link)
+        return True
+    if link.exists():
+        return False
     link.parent.mkdir(parents=True, exist_ok=True)
     try:
-        link.symlink_to(target.resolve(), target_is_directory=True)
+        link.symlink_to(target, target_is_directory=True)
         return True
+    except FileExistsError:
+        return link.is_symlink()   # a concurrent process made it first
     except OSError:
         return False
 
 
-def share_caches(run_dir: Path, out: Path, stages: list[dict]) -> None:
+def share_caches(run_dir: Path, out: Path, stages: list[dict],
+                 cache_dir: Path | None = None) -> None:
     """Point a run directory's caches at the sweep's shared ones.
 
     The reference log-prob cache lives in ``<run>/refcache/``, evaluation samples in
     ``<run>/evalcache/`` and the tokenized data in ``<run>/<stage>/data/``; all are keyed
     by content hashes (weights, tokenizer, data, lengths, sampling spec), so trials can
     share one directory safely (files are written to a temporary name and renamed). The
-    shared evaluation's SFT samples are thereby reused by every trial's evaluation."""
-    _link(out / "refcache", run_dir / "refcache")
-    _link(out / "evalcache", run_dir / "evalcache")
+    shared evaluation's SFT samples are thereby reused by every trial's evaluation. The
+    two caches live under ``cache_dir`` (default ``out``), which may be storage shared by
+    several sweeps and machines; the tokenized data stays in ``out/prepared``."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else out
+    _link(cache_dir / "refcache", run_dir / "refcache")
+    _link(cache_dir / "evalcache", run_dir / "evalcache")
     for st in stages:
         if _starts(st) and not (run_dir / st["name"] / "stage.json").exists():
             _link(out / "prepared" / st["name"], run_dir / st["name"] / "data")
@@ -776,6 +843,11 @@ class SweepPlan:
     out: Path
     shared: Recipe | None
     trials: list[tuple[Trial, Recipe]]
+    cache_dir: Path | None = None    # refcache/ and evalcache/ (None: out)
+
+    @property
+    def caches(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.out
 
     @property
     def shared_dir(self) -> Path:
@@ -785,9 +857,17 @@ class SweepPlan:
         return next(s.name for s in recipe.stages if s.evaluates)
 
 
-def make_plan(sweep: Sweep, out: str | Path) -> SweepPlan:
-    """The shared run's recipe and every trial's recipe for sweep directory ``out``."""
+def make_plan(sweep: Sweep, out: str | Path, cache_dir: str | Path | None = None) -> SweepPlan:
+    """The shared run's recipe and every trial's recipe for sweep directory ``out``.
+    ``cache_dir`` (the command line's, relative to the working directory) wins over the
+    file's ``cache_dir:`` (relative to the sweep file); the default is ``out``."""
     out = Path(out).resolve()
+    if cache_dir is not None:
+        caches = Path(cache_dir).resolve()
+    elif sweep.spec.cache_dir is not None:
+        caches = (sweep.path.parent / sweep.spec.cache_dir).resolve()
+    else:
+        caches = None
     shared_dir = out / "shared"
     st = shared_recipe_tree(sweep.base_tree, sweep.shared)
     shared = None
@@ -799,7 +879,7 @@ def make_plan(sweep: Sweep, out: str | Path) -> SweepPlan:
         tt = trial_recipe_tree(t.tree, sweep.shared, shared_dir)
         tt["name"] = f"{sweep.name}-{t.id}"
         trials.append((t, recipe_from_dict(tt, origin=f"{sweep.path} (trial {t.id})")))
-    return SweepPlan(sweep, out, shared, trials)
+    return SweepPlan(sweep, out, shared, trials, caches)
 
 
 def trial_status(plan: SweepPlan, latest: dict[str, dict], trial: Trial) -> str:
@@ -862,10 +942,21 @@ class TrialFailed(StarpoError):
     """A trial run in a child process exited non-zero."""
 
 
-def run_trial_subprocess(recipe: Recipe, tdir: Path, *, env: dict[str, str]) -> None:
-    """Run a trial with ``starpo run`` in a child process (``--jobs``); output → log.txt."""
-    cmd = [sys.executable, "-m", "starpo.cli", "run", str(tdir / "recipe.yaml"), "--out",
-           str(tdir), "-q"]
+def trial_command(tdir: Path, processes: int = 1) -> list[str]:
+    """``starpo run`` of a prepared trial directory; with ``processes > 1`` under
+    ``accelerate launch`` (one process per GPU, the accelerate config's strategy)."""
+    run = ["-m", "starpo.cli", "run", str(tdir / "recipe.yaml"), "--out", str(tdir), "-q"]
+    if processes > 1:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+                str(processes), *run]
+    return [sys.executable, *run]
+
+
+def run_trial_subprocess(recipe: Recipe, tdir: Path, *, env: dict[str, str],
+                         processes: int = 1) -> None:
+    """Run a trial with ``starpo run`` in a child process (``--jobs``, and a Ray trial
+    over several GPUs); output → log.txt."""
+    cmd = trial_command(tdir, processes)
     with (tdir / "log.txt").open("a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n")
         f.flush()
@@ -875,6 +966,24 @@ def run_trial_subprocess(recipe: Recipe, tdir: Path, *, env: dict[str, str]) -> 
                if ln.startswith("error: ")]
         raise TrialFailed(err[-1] if err else f"starpo run exited with status {rc}; see "
                                               f"{tdir / 'log.txt'}")
+
+
+def trial_processes(resources: ResourcesSpec) -> int:
+    """Processes a trial (or the shared run) runs as: one per GPU when it asks for more
+    than one (under ``accelerate launch``), else one."""
+    return int(resources.gpu) if resources.gpu > 1 else 1
+
+
+def trial_runner(resources: ResourcesSpec, *, progress: bool = False
+                 ) -> Callable[[Recipe, Path], None]:
+    """How a trial runs where it was placed (a Ray task, a ``--trial`` task): in this
+    process, or over several GPUs under ``accelerate launch`` in a child process (the
+    scheduler has set ``CUDA_VISIBLE_DEVICES`` to the trial's GPUs)."""
+    n = trial_processes(resources)
+    if n > 1:
+        return lambda rec, tdir: run_trial_subprocess(rec, tdir, env=dict(os.environ),
+                                                      processes=n)
+    return lambda rec, tdir: run_trial_in_process(rec, tdir, progress=progress)
 
 
 def _worker_envs(jobs: int) -> list[dict[str, str]]:
@@ -922,7 +1031,7 @@ def write_sweep_info(plan: SweepPlan) -> None:
         "shared": sw.shared, "stages": [s.name for s in sw.base.stages],
         "overrides": sw.spec.overrides, "cli_overrides": sw.cli_overrides,
         "methods": sw.spec.methods, "analysis": sw.spec.analysis.model_dump(),
-        "baseline": _baseline_info(plan),
+        "baseline": _baseline_info(plan), "cache_dir": str(plan.caches),
         "trials": [{"id": t.id, "method": t.method, "params": t.params,
                     "dir": os.path.relpath(trial_dir(plan.out, t.id), plan.out)}
                    for t, _ in plan.trials],
@@ -930,18 +1039,29 @@ def write_sweep_info(plan: SweepPlan) -> None:
     fileio.write_json(plan.out / "sweep.json", info)
 
 
-def run_shared(plan: SweepPlan, *, log: Callable[[str], None], progress: bool) -> None:
-    """The shared stages and the SFT baseline's evaluation, once (skipped when done)."""
+def run_shared(plan: SweepPlan, *, log: Callable[[str], None], progress: bool,
+               processes: int = 1) -> None:
+    """The shared stages and the SFT baseline's evaluation, once (skipped when done);
+    ``processes > 1``: under ``accelerate launch`` in a child process."""
     if plan.shared is None:
         return
     names = ", ".join(s.name for s in plan.shared.stages)
     log(f"[shared] {names} → {plan.shared_dir}")
     plan.shared_dir.mkdir(parents=True, exist_ok=True)
-    share_caches(plan.shared_dir, plan.out, plan.shared.model_dump(mode="json")["stages"])
+    share_caches(plan.shared_dir, plan.out, plan.shared.model_dump(mode="json")["stages"],
+                 plan.caches)
     t0 = time.time()
     try:
-        pipeline.run(plan.shared, plan.shared_dir, log=lambda m: log(f"  {m}"),
-                     progress=progress, report=True)
+        if processes > 1:
+            # `starpo run` of the shared recipe under accelerate launch, like such a trial
+            fileio.write_text(plan.shared_dir / "recipe.yaml", dump_recipe(plan.shared))
+            log(f"  {processes} processes (accelerate launch); messages in "
+                f"{plan.shared_dir / 'log.txt'}")
+            run_trial_subprocess(plan.shared, plan.shared_dir, env=dict(os.environ),
+                                 processes=processes)
+        else:
+            pipeline.run(plan.shared, plan.shared_dir, log=lambda m: log(f"  {m}"),
+                         progress=progress, report=True)
     except StarpoError as err:
         raise StarpoError(f"shared stages ({plan.shared_dir}): {err}") from None
     log(f"[shared] ready ({time.time() - t0:.1f} s)")
@@ -963,33 +1083,47 @@ def _pending(plan: SweepPlan, latest: dict[str, dict], retry_failed: bool,
     return todo
 
 
-def _prepare_trial(out: Path, t: Trial, rec: Recipe) -> Path:
+def _prepare_trial(plan: SweepPlan, t: Trial, rec: Recipe) -> Path:
     """The trial's directory with its recipe.yaml (rerunnable alone) and cache links."""
-    tdir = trial_dir(out, t.id)
+    tdir = trial_dir(plan.out, t.id)
     tdir.mkdir(parents=True, exist_ok=True)
-    (tdir / "recipe.yaml").write_text(dump_recipe(rec))
-    share_caches(tdir, out, rec.model_dump(mode="json")["stages"])
+    fileio.write_text(tdir / "recipe.yaml", dump_recipe(rec))
+    share_caches(tdir, plan.out, rec.model_dump(mode="json")["stages"], plan.caches)
     return tdir
 
 
-def _record(plan: SweepPlan, store: ResultStore, k: int, t: Trial, rec: Recipe, tdir: Path,
-            seconds: float, err: BaseException | None, log: Callable[[str], None]) -> None:
-    """Read a finished trial's evaluation, append its record and print its line."""
-    total = len(plan.trials)
-    res = None
+def trial_outcome(plan: SweepPlan, rec: Recipe, tdir: Path,
+                  err: BaseException | None) -> tuple[dict | None, str | None]:
+    """``(evaluation result, None)`` for a trial that ran through, else ``(None, its
+    one-line error)``; a run without a readable evaluation is an error too. Executors
+    whose trials run elsewhere (Ray) call it where the trial ran."""
     if err is None:
         try:
-            res = read_trial_eval(tdir, plan.eval_stage(rec), plan.sweep.pref_stage, plan.out)
+            return read_trial_eval(tdir, plan.eval_stage(rec), plan.sweep.pref_stage,
+                                   plan.out), None
         except StarpoError as e:
             err = e
-    if err is None:
-        r = trial_record(t, status="ok", seconds=seconds, out=plan.out, result=res)
+    return None, _one_line(err)
+
+
+def record_trial(plan: SweepPlan, store: ResultStore, k: int, t: Trial, seconds: float,
+                 result: dict | None, error: str | None, log: Callable[[str], None]) -> dict:
+    """Append a finished trial's record to ``trials.jsonl`` and print its line."""
+    total = len(plan.trials)
+    if error is None:
+        r = trial_record(t, status="ok", seconds=seconds, out=plan.out, result=result)
         log(f"[{k}/{total}] {t.id}: ok in {seconds:.1f} s; {_headline(r)}")
     else:
-        r = trial_record(t, status="failed", seconds=seconds, out=plan.out,
-                         error=_one_line(err))
-        log(f"[{k}/{total}] {t.id}: FAILED in {seconds:.1f} s: {r['error']}")
+        r = trial_record(t, status="failed", seconds=seconds, out=plan.out, error=error)
+        log(f"[{k}/{total}] {t.id}: FAILED in {seconds:.1f} s: {error}")
     store.append(r)
+    return r
+
+
+def _record(plan: SweepPlan, store: ResultStore, k: int, t: Trial, rec: Recipe, tdir: Path,
+            seconds: float, err: BaseException | None, log: Callable[[str], None]) -> dict:
+    """Read a finished trial's evaluation, append its record and print its line."""
+    return record_trial(plan, store, k, t, seconds, *trial_outcome(plan, rec, tdir, err), log)
 
 
 def _run_trial(plan, k: int, t: Trial, rec: Recipe, run: Callable[[Recipe, Path], None], *,
@@ -997,7 +1131,7 @@ def _run_trial(plan, k: int, t: Trial, rec: Recipe, run: Callable[[Recipe, Path]
     """Prepare one trial's directory and run it: ``(k, t, rec, tdir, seconds, error)``.
     A :class:`StarpoError` is always returned as the trial's error; any other exception
     too, unless ``raise_errors``."""
-    tdir = _prepare_trial(plan.out, t, rec)
+    tdir = _prepare_trial(plan, t, rec)
     log(f"[{k}/{len(plan.trials)}] {t.id}: running{where} ({tdir})")
     t0, err = time.time(), None
     try:
@@ -1067,6 +1201,69 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, retry_failed: bool = False,
         _run_parallel(plan, store, todo, jobs=jobs, runner=runner, log=log)
     latest = store.latest()
     return [latest[t.id] for t, _ in plan.trials if t.id in latest]
+
+
+# =========================================================================== one trial
+
+
+def shared_missing(plan: SweepPlan) -> list[str]:
+    """The shared run's stages that are not complete yet (``[]``: trials can run)."""
+    if plan.shared is None:
+        return []
+    return [name for name, _, status in pipeline.plan(plan.shared, plan.shared_dir, None)
+            if not status.startswith("complete")]
+
+
+def run_shared_only(plan: SweepPlan, *, log: Callable[[str], None] = print,
+                    progress: bool = False) -> None:
+    """``--shared-only``: the shared stages and the SFT baseline's evaluation, no trial
+    (the first job of a SLURM array sweep, before its ``--trial`` tasks)."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    write_sweep_info(plan)
+    if plan.shared is None:
+        log(f"[shared] {plan.sweep.path} has no shared stages; nothing to run")
+        return
+    run_shared(plan, log=log, progress=progress,
+               processes=trial_processes(plan.sweep.spec.resources))
+
+
+def run_one_trial(plan: SweepPlan, trial_id: str, *, retry_failed: bool = False,
+                  log: Callable[[str], None] = print, progress: bool = False,
+                  raise_errors: bool = False,
+                  runner: Callable[[Recipe, Path], None] | None = None) -> dict | None:
+    """``--trial ID``: run exactly one trial in this process and append its record; the
+    unit a SLURM array task, a Kubernetes job or a W&B agent calls.
+
+    Idempotent: a finished trial (record and directory) is skipped with a message, a
+    failed one too unless ``retry_failed``; returns the new record, or ``None`` when it was
+    skipped. The shared stages must be complete: they are not run here, because the
+    tasks of an array start together and all but one would sit on their GPUs waiting
+    for them; run ``--shared-only`` first (the emitted SLURM script does, as its first
+    job). An unknown id is a :class:`SweepError`.
+    """
+    trial = plan.sweep.trial(trial_id)
+    k, rec = next((k, rec) for k, (t, rec) in enumerate(plan.trials, 1) if t.id == trial.id)
+    missing = shared_missing(plan)
+    if missing:
+        raise SweepError(f"{plan.shared_dir}: the shared stages {', '.join(missing)} are not "
+                         f"complete, and --trial does not run them; run `starpo sweep "
+                         f"{plan.sweep.path} --shared-only` (same --out and overrides) first")
+    plan.out.mkdir(parents=True, exist_ok=True)
+    write_sweep_info(plan)
+    store = ResultStore(plan.out / "trials.jsonl")
+    latest = store.latest()
+    status = trial_status(plan, latest, trial)
+    total = len(plan.trials)
+    if status == "ok" or (status == "failed" and not retry_failed):
+        last = latest[trial.id]
+        why = "" if status == "ok" else f" ({last.get('error')}); --retry-failed runs it again"
+        note = "" if last.get("config_hash") == trial.config_hash else \
+            "; its recipe changed since (delete the trial directory to redo it)"
+        log(f"[{k}/{total}] {trial.id}: already finished: {status}{why}{note}; nothing to do")
+        return None
+    run = runner or trial_runner(plan.sweep.spec.resources, progress=progress)
+    res = _run_trial(plan, k, trial, rec, run, where="", raise_errors=raise_errors, log=log)
+    return _record(plan, store, *res, log)
 
 
 def finalize(out: Path, *, log: Callable[[str], None] = print) -> Path:

@@ -134,20 +134,74 @@ def reference_logps(ref_path: str, tokenizer, pairs: list, *, cache_dir: Path, l
                     prefix_sharing: bool = True, progress: bool = True, log=print,
                     max_tokens_per_row: int | None = None) -> RefLogps:
     """Cached reference log-probs; ``load_model()`` is called only on a cache miss, and the
-    model runs on the runtime's device (where the policy trains)."""
-    from safetensors.torch import load_file, save_file
+    model runs on the runtime's device (where the policy trains). A miss is computed under
+    a lock file beside the entry, so processes sharing ``cache_dir`` pay for each entry
+    once (except the ranks of a multi-process run, which compute together)."""
 
     key = cache_key(ref_path, tokenizer, pairs)
     path = Path(cache_dir) / f"ref-{key}.safetensors"
-    if path.is_file():
+    hit = _read_cached(path, len(pairs), log)
+    if hit is not None:
+        return hit
+    if runtime.distributed:
+        # the ranks of one run compute together (an FSDP forward gathers weights from all
+        # of them), so none of them may wait on a lock another rank holds
+        return _compute_and_store(path, key, ref_path, pairs, load_model, runtime, log,
+                                  batch_size=batch_size, chunk_size=chunk_size,
+                                  prefix_sharing=prefix_sharing, progress=progress,
+                                  max_tokens_per_row=max_tokens_per_row)
+    # several sweep trials (processes, machines sharing the cache directory) that need the
+    # same reference pass: the first computes it, the others wait for its file and read it
+    lock = path.with_name(f".{path.name}.lock")
+    with fileio.exclusive(lock, heartbeat=REF_LOCK_HEARTBEAT, stale_after=REF_LOCK_STALE,
+                          on_wait=lambda who: log(f"  reference log-probs: waiting for "
+                                                  f"{who}, which is computing them")):
+        hit = _read_cached(path, len(pairs), log)
+        if hit is not None:
+            return hit
+        return _compute_and_store(path, key, ref_path, pairs, load_model, runtime, log,
+                                  batch_size=batch_size, chunk_size=chunk_size,
+                                  prefix_sharing=prefix_sharing, progress=progress,
+                                  max_tokens_per_row=max_tokens_per_row)
+
+
+# the lock of a reference pass is touched this often by its holder, and broken when it has
+# not been touched for this long (its holder died); the margin also covers an NFS client
+# that caches the lock's attributes (mtime) for up to a minute (acregmax)
+REF_LOCK_HEARTBEAT = 10.0
+REF_LOCK_STALE = 120.0
+
+
+def _read_cached(path: Path, n_pairs: int, log) -> RefLogps | None:
+    """The cached entry, or ``None`` when there is none or it cannot be read (entries are
+    renamed into place complete, so an unreadable one was damaged outside starpo: it is
+    computed again and replaced)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
         t = load_file(str(path))
-        log(f"  reference log-probs: cache hit ({path.name}, {len(pairs)} pairs)")
-        return RefLogps(t["chosen"], t["rejected"], key, True)
+        ch, rj = t["chosen"], t["rejected"]
+    except Exception as err:  # noqa: BLE001 - any damage means: compute again
+        log(f"  reference log-probs: {path.name} is unreadable ({type(err).__name__}); "
+            f"computing them again")
+        return None
+    if len(ch) != n_pairs or len(rj) != n_pairs:
+        log(f"  reference log-probs: {path.name} has {len(ch)} pairs, not {n_pairs}; "
+            f"computing them again")
+        return None
+    log(f"  reference log-probs: cache hit ({path.name}, {n_pairs} pairs)")
+    return RefLogps(ch, rj, path.stem[len("ref-"):], True)
+
+
+def _compute_and_store(path: Path, key: str, ref_path: str, pairs: list, load_model,
+                       runtime: Runtime, log, **kw) -> RefLogps:
+    from safetensors.torch import save_file
+
     log(f"  reference log-probs: computing for {len(pairs)} pairs with {ref_path}")
     model = runtime.model(load_model())
-    ch, rj = compute_reference(model, pairs, runtime, batch_size=batch_size,
-                               chunk_size=chunk_size, prefix_sharing=prefix_sharing,
-                               progress=progress, max_tokens_per_row=max_tokens_per_row)
+    ch, rj = compute_reference(model, pairs, runtime, **kw)
     del model
     fileio.write_with(path, lambda tmp: save_file(
         {"chosen": ch.contiguous(), "rejected": rj.contiguous()}, str(tmp),
