@@ -110,7 +110,8 @@ def prepare_pairs(ctx, stage, tok, seed: int) -> tuple[list[TokenizedPair], list
 
     key = fingerprint(stage.data.model_dump(mode="json"), tokenizer_fingerprint(tok), seed,
                       ctx.recipe.world.seed, stage.max_length, stage.max_prompt_length)
-    data = prepared(ctx.stage_dir(stage.name) / "data", "pairs", key, build, log=ctx.log)
+    data = prepared(ctx.stage_dir(stage.name) / "data", "pairs", key, build, log=ctx.log,
+                    runtime=ctx.runtime)
     train_pairs = [TokenizedPair(**d) for d in data["train"]]
     eval_pairs = [TokenizedPair(**d) for d in data["eval"]]
     if not train_pairs:

@@ -73,7 +73,8 @@ def run_sft(ctx, stage: SFTStage) -> dict:
     key = fingerprint(stage.data.model_dump(mode="json"), tokenizer_fingerprint(tok), seed,
                       ctx.recipe.world.seed)
     docs = [TokenizedSFT(*d) for d in prepared(ctx.stage_dir(stage.name) / "data", "sft",
-                                                key, build, log=ctx.log)]
+                                                key, build, log=ctx.log,
+                                                runtime=ctx.runtime)]
     if not docs:
         raise DataError("no usable conversation in the stage's data", source=stage.name)
     p = stage.packing

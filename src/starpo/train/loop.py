@@ -185,7 +185,10 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
     optimizer = hooks.make_optimizer(model, spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.scheduler, warmup,
                                                                        total))
-    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    # the scheduler is not prepared: accelerate's wrapper steps it once per process per
+    # optimizer step (it assumes a schedule counted in per-process batches), and ours is
+    # counted in optimizer steps of the global batch
+    module, optimizer = acc.prepare(module, optimizer)
     raw = acc.unwrap_model(module).model
 
     ckpt_dir = out_dir / "checkpoints"

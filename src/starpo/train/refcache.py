@@ -20,7 +20,7 @@ from starpo import fileio
 from starpo.data.prefbatch import collate_padding_free, collate_prefix_shared
 from starpo.model.layout import row_cap
 from starpo.model.logprobs import sequence_logprobs
-from starpo.runtime import Runtime
+from starpo.runtime import Runtime, release_memory
 from tqdm.auto import tqdm
 
 
@@ -139,17 +139,24 @@ def reference_logps(ref_path: str, tokenizer, pairs: list, *, cache_dir: Path, l
 
     key = cache_key(ref_path, tokenizer, pairs)
     path = Path(cache_dir) / f"ref-{key}.safetensors"
-    if path.is_file():
-        t = load_file(str(path))
-        log(f"  reference log-probs: cache hit ({path.name}, {len(pairs)} pairs)")
-        return RefLogps(t["chosen"], t["rejected"], key, True)
-    log(f"  reference log-probs: computing for {len(pairs)} pairs with {ref_path}")
-    model = runtime.model(load_model())
-    ch, rj = compute_reference(model, pairs, runtime, batch_size=batch_size,
-                               chunk_size=chunk_size, prefix_sharing=prefix_sharing,
-                               progress=progress, max_tokens_per_row=max_tokens_per_row)
-    del model
-    fileio.write_with(path, lambda tmp: save_file(
-        {"chosen": ch.contiguous(), "rejected": rj.contiguous()}, str(tmp),
-        metadata={"ref": str(ref_path), "pairs": str(len(pairs))}))
-    return RefLogps(ch, rj, key, False)
+    # one reference pass per run: the main process computes and writes the file while the
+    # others wait, then they read it (a hit for them)
+    with runtime.main_first():
+        if path.is_file():
+            t = load_file(str(path))
+            log(f"  reference log-probs: cache hit ({path.name}, {len(pairs)} pairs)")
+            return RefLogps(t["chosen"], t["rejected"], key, True)
+        if not runtime.is_main:
+            raise RuntimeError(f"{path}: the main process did not write the reference "
+                               "log-probs")
+        log(f"  reference log-probs: computing for {len(pairs)} pairs with {ref_path}")
+        model = runtime.model(load_model())
+        ch, rj = compute_reference(model, pairs, runtime, batch_size=batch_size,
+                                   chunk_size=chunk_size, prefix_sharing=prefix_sharing,
+                                   progress=progress, max_tokens_per_row=max_tokens_per_row)
+        del model
+        release_memory()   # no reference model stays resident while the policy trains
+        fileio.write_with(path, lambda tmp: save_file(
+            {"chosen": ch.contiguous(), "rejected": rj.contiguous()}, str(tmp),
+            metadata={"ref": str(ref_path), "pairs": str(len(pairs))}))
+        return RefLogps(ch, rj, key, False)
