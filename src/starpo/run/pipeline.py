@@ -31,6 +31,7 @@ from starpo.recipe import load_recipe
 from starpo.stages import eval as eval_stage
 from starpo.report import write_report
 from starpo.runtime import Runtime
+from starpo.generate import vllm as vllm_backend
 from starpo.train.trackers import Tracking
 from starpo.model import loading
 from starpo.world import World
@@ -176,6 +177,9 @@ def run(recipe: Recipe, out: Path, *, only: list[str] | None = None, restart: bo
     ctx = RunContext(recipe, out, restart=restart, log=log, progress=progress,
                      refcache_dir=refcache_dir, runtime=runtime)
     tracking = Tracking(recipe, out)   # checks the trackers are installed; starts nothing yet
+    wants_vllm = [n for n in vllm_backend.recipe_needs_vllm(recipe) if not only or n in only]
+    if wants_vllm:   # before any stage runs, like the trackers
+        vllm_backend.check_available(f"stages.{wants_vllm[0]}.generation.backend")
     steps = plan(recipe, out, only)
     runtime.wait()   # every process has read the plan before the main one changes the files
     for name, kind, status in steps:
