@@ -81,12 +81,16 @@ def _starpo(recipe: Path, out: Path, *extra: str) -> list[str]:
             *extra]
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def _launch(recipe: Path, out: Path) -> list[str]:
-    # the README's line for two CPU processes: --multi_gpu makes accelerate start them with
-    # torchrun (with --cpu it would start one); without a GPU the runtime picks gloo
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+    # the README's line with the shipped DDP config: accelerate starts the processes with
+    # torchrun (`--cpu` would start only one); without a GPU the runtime picks gloo, and
+    # the config's bf16 becomes no mixed precision (train.mixed_precision auto)
+    return [sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+            "--num_processes", "2", "--main_process_port", str(_free_port()),
             *_starpo(recipe, out)]
 
 

@@ -212,8 +212,9 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
                **stats, "dropped_tokenize": len(pairs) - len(train_pairs) - len(eval_pairs),
                "pairs_trained": len(train_pairs), "eval_pairs": len(eval_pairs),
                "sampling": info.get("sampling"), "judge": info.get("judge")}
+    state_dict = None
     if train_pairs:
-        res = train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path,
+        res, state_dict = train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path,
                                rdir, seed=rseed, desc=f"{stage.name} round {k}")
         summary.update(steps=res.get("steps"), reference_cache_hit=res.get(
             "reference_cache_hit"), final=res.get("final"))
@@ -227,7 +228,7 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
     timer.add("training", t0)
     t0 = time.time()
     if rt.is_main:
-        loading.save_pretrained(model, tok, rdir / "model")
+        loading.save_pretrained(model, tok, rdir / "model", state_dict=state_dict)
         shutil.rmtree(rdir / "checkpoints", ignore_errors=True)
     timer.add("saving", t0)
     summary["seconds"] = {**info.get("seconds", {}), **timer.seconds}
