@@ -24,7 +24,8 @@ import torch
 
 from starpo.errors import StarpoError
 from starpo.generate import vllm as V
-from starpo.generate.sampling import HFBackend, generate, make_backend, render_prompt
+from starpo.generate.backends import make_backend
+from starpo.generate.sampling import HFBackend, render_prompt
 from starpo.model.chat import stop_token_ids
 from starpo.recipe import GenerationSpec
 

@@ -59,7 +59,7 @@ Backends
     :class:`starpo.generate.vllm.VLLMBackend` samples a saved checkpoint with vLLM
     (``generation.backend: vllm``, the ``[vllm]`` extra) under the same contract: prompts
     rendered by :func:`render_prompt`, the same stop ids, one seed per (prompt, sample)
-    stream; :func:`make_backend` picks one from the spec.
+    stream; :func:`starpo.generate.backends.make_backend` picks one from the spec.
 
 Several processes
     With a :class:`~starpo.runtime.Runtime` of several processes, :func:`generate` gives
@@ -339,22 +339,6 @@ def stream_indices(n: int, indices: Sequence[int] | None) -> list[int]:
     if len(indices) != n:
         raise StarpoError(f"generate: {len(indices)} stream indices for {n} prompts")
     return [int(i) for i in indices]
-
-
-def make_backend(spec: GenerationSpec, *, model=None, tokenizer=None, path=None,
-                 runtime=None) -> Backend:
-    """The backend that ``spec.backend`` names: ``hf`` samples ``model`` (in memory);
-    ``vllm`` loads the checkpoint directory ``path`` into vLLM (see
-    :mod:`starpo.generate.vllm`)."""
-    if spec.backend == "vllm":
-        from starpo.generate.vllm import VLLMBackend
-        if path is None:
-            raise StarpoError("generation.backend vllm samples a saved checkpoint, and this "
-                              "model has none; use generation.backend: hf")
-        return VLLMBackend(str(path), tokenizer, runtime=runtime)
-    if model is None or tokenizer is None:
-        raise StarpoError("generation.backend hf needs the model and its tokenizer")
-    return HFBackend(model, tokenizer)
 
 
 def generate(model, tokenizer, prompts: Sequence, spec: GenerationSpec, *, n: int = 1,

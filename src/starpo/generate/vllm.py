@@ -44,6 +44,8 @@ from types import SimpleNamespace
 from typing import Sequence
 
 from starpo.errors import StarpoError
+from starpo.generate.sampling import (GenerationStats, Generations, Sample, _cut_at_stop,
+                                      render_prompt, row_key, stream_indices)
 from starpo.model.chat import stop_token_ids
 from starpo.runtime import release_memory
 
@@ -68,7 +70,6 @@ def recipe_needs_vllm(recipe) -> list[str]:
 
 def prompt_seed(seed: int, stream: int) -> int:
     """The vLLM request seed of the prompt with stream index ``stream`` (31 bits)."""
-    from starpo.generate.sampling import row_key
     return row_key(seed, stream, 0) & 0x7FFFFFFF
 
 
@@ -110,8 +111,6 @@ class VLLMBackend:
 
         import vllm
 
-        from starpo.generate.sampling import (GenerationStats, Generations, Sample,
-                                              _cut_at_stop, render_prompt, stream_indices)
         if n < 1:
             raise StarpoError(f"generate: n must be at least 1, got {n}")
         tok = self.tokenizer

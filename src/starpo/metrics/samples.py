@@ -203,7 +203,7 @@ def sample_model(name: str, ref: ModelRef, prompts: list[list[dict]], spec: Gene
     if spec.backend == "vllm" and not isinstance(ref, (tuple, list)):
         # vLLM samples the checkpoint and gives its memory back; the HF model is loaded
         # after it, for the log-probs only
-        from starpo.generate.sampling import make_backend
+        from starpo.generate.backends import make_backend
         tok = loading.load_tokenizer(str(ref), model_spec)
         gens = generate(None, tok, local, spec, n=1, seed=seed, progress=progress,
                         desc=f"sampling {name}",

@@ -46,7 +46,7 @@ from starpo.errors import StarpoError
 from starpo import fileio
 from starpo.data.sources import load_mixture
 from starpo.data.sources import split_eval
-from starpo.generate.sampling import make_backend
+from starpo.generate.backends import make_backend
 from starpo.judges import make_judge
 from starpo.model import loading
 from starpo.stages.preference import tokenize_pairs, train_preference
@@ -214,8 +214,9 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
                "sampling": info.get("sampling"), "judge": info.get("judge")}
     state_dict = None
     if train_pairs:
-        res, state_dict = train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path,
-                               rdir, seed=rseed, desc=f"{stage.name} round {k}")
+        res, state_dict = train_preference(ctx, stage, tok, model, train_pairs, eval_pairs,
+                                           ref_path, rdir, seed=rseed,
+                                           desc=f"{stage.name} round {k}")
         summary.update(steps=res.get("steps"), reference_cache_hit=res.get(
             "reference_cache_hit"), final=res.get("final"))
         for key in ("eval_before", "eval_after"):
