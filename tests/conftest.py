@@ -112,3 +112,14 @@ def base(tmp_path_factory):
     path = tmp_path_factory.mktemp("base") / "model"
     loading.save_pretrained(model, tok, path)
     return {"tok": tok, "model": model, "path": str(path)}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests need CUDA: skipped here without one (scripts/gpu_check.sh runs
+    them on a GPU machine)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -9,7 +9,9 @@ pass, held-out evaluation, sampling and judging run where the policy trains.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -23,8 +25,16 @@ class Runtime:
     @classmethod
     def create(cls) -> "Runtime":
         """This process's runtime under ``accelerate launch`` (or a plain single process)."""
+        import os
+
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
+        # several processes and no GPU (`accelerate launch --multi_gpu --num_processes 2` or
+        # torchrun on a CPU machine): accelerate treats them as multi-CPU (gloo) only with
+        # the flag that `--cpu` sets, and `--cpu` itself starts one process; set the flag,
+        # so that the Accelerator of each loop reads the same
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "true"
         # the flag `accelerate launch --cpu` sets; Accelerator reads it the same way, and the
         # shared state must be initialised as it would be (multi-process CPU included)
         state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -72,6 +82,47 @@ class Runtime:
         if self.distributed:
             from accelerate import PartialState
             PartialState().wait_for_everyone()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The main process runs the block first (it builds and writes a file: prepared
+        data, the reference log-probs, the tiny base model); the others run it after, and
+        find that file there. Every process must enter it (it holds two barriers)."""
+        if not self.is_main:
+            self.wait()
+        try:
+            yield
+        finally:
+            if self.is_main:
+                self.wait()
+
+    # ----------------------------------------------------------------- sharding
+    def shard(self, n: int) -> range:
+        """This process's contiguous block of ``range(n)``: blocks in process order cover
+        ``range(n)`` exactly once, so :meth:`gather` of per-block results restores the
+        original order. One process gets all of it."""
+        lo = n * self.process_index // self.num_processes
+        hi = n * (self.process_index + 1) // self.num_processes
+        return range(lo, hi)
+
+    def gather(self, items: Sequence[Any]) -> list[Any]:
+        """Every process's ``items`` (picklable objects), concatenated in process order; the
+        result is the same on every process. A copy of ``items`` in one process."""
+        if not self.distributed:
+            return list(items)
+        import torch.distributed as dist
+        parts: list[Any] = [None] * self.num_processes
+        dist.all_gather_object(parts, list(items))
+        return [x for part in parts for x in part]
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every process (picklable)."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def default_device() -> torch.device:

@@ -351,8 +351,13 @@ def test_a_deleted_trial_reruns_in_a_child_process_with_jobs(swept):
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "hitchhiker").glob("*.yaml")),
-                         ids=lambda p: p.name)
+def _sweep_files():
+    import yaml
+    return [p for p in sorted((ROOT / "recipes" / "hitchhiker").glob("*.yaml"))
+            if "methods" in (yaml.safe_load(p.read_text()) or {})]   # recipes sit next to them
+
+
+@pytest.mark.parametrize("path", _sweep_files(), ids=lambda p: p.name)
 def test_shipped_sweep_files_validate(path, tmp_path):
     sw = S.load_sweep(path)
     methods = {t.method for t in sw.trials}

@@ -25,6 +25,7 @@ from starpo.cli import app
 from starpo.errors import StarpoError
 from starpo.run import sweep as S
 from starpo.run import sweep_slurm
+from starpo.runtime import Runtime
 from starpo.train import refcache
 from sweep_helpers import FAST, RECIPE, SWEEP, _fake_eval, load_error, write_sweep
 
@@ -287,8 +288,11 @@ class _Tok:
         return {"a": 0, "b": 1}
 
 
-class _Runtime:
-    distributed = False
+class _Runtime(Runtime):
+    """One CPU process whose models are stand-ins (nothing to move)."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
 
     def model(self, m):
         return m

@@ -9,6 +9,7 @@ Stored as JSON (token id lists): safe to load, never unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from starpo import fileio
@@ -25,13 +26,13 @@ def fingerprint(*parts: Any) -> str:
 
 
 def prepared(cache_dir: Path, name: str, key: str, build: Callable[[], Any],
-             log: Callable[[str], None] = print) -> Any:
-    """Return ``build()``'s JSON-able result, computed once per key (main process first)."""
-    from accelerate import PartialState
-
+             log: Callable[[str], None] = print, runtime=None) -> Any:
+    """Return ``build()``'s JSON-able result, computed once per key: with several processes
+    (``runtime``, a :class:`starpo.runtime.Runtime`) the main process builds and writes it
+    while the others wait, then they read the file."""
     path = Path(cache_dir) / f"{name}-{key}.json"
-    state = PartialState()
-    with state.main_process_first():
+    main = runtime is None or runtime.is_main
+    with (runtime.main_first() if runtime is not None else contextlib.nullcontext()):
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
@@ -40,6 +41,6 @@ def prepared(cache_dir: Path, name: str, key: str, build: Callable[[], Any],
             except ValueError:
                 pass  # a file cut by a crash: rebuild it
         data = build()
-        if state.is_main_process:
+        if main:
             fileio.write_json(path, data, indent=None)
         return data

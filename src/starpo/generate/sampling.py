@@ -55,10 +55,20 @@ Result
 
 Backends
     :class:`Backend` is the interface; :class:`HFBackend` is the transformers
-    implementation. A vLLM backend for GPU users would implement the same ``generate``
-    method (render prompts with :func:`render_prompt`, ``SamplingParams(n=..., seed=...,
-    temperature=..., top_p=..., stop_token_ids=stop_token_ids(...))``, and fill the same
-    :class:`Sample` fields); none ships here.
+    implementation (the default, ``generation.backend: hf``) and
+    :class:`starpo.generate.vllm.VLLMBackend` samples a saved checkpoint with vLLM
+    (``generation.backend: vllm``, the ``[vllm]`` extra) under the same contract: prompts
+    rendered by :func:`render_prompt`, the same stop ids, one seed per (prompt, sample)
+    stream; :func:`starpo.generate.backends.make_backend` picks one from the spec.
+
+Several processes
+    With a :class:`~starpo.runtime.Runtime` of several processes, :func:`generate` gives
+    each process a contiguous block of the prompts, each samples its block with the
+    prompts' *global* indices as stream indices (``indices``), and the blocks are gathered
+    in order on every process. Since a row's draws depend only on (seed, prompt index,
+    sample index, step), the result is the one process would get, up to the float
+    round-off named above (a block is batched and padded differently). One process:
+    nothing changes.
 """
 
 from __future__ import annotations
@@ -219,7 +229,8 @@ class Backend(Protocol):
     """Something that samples chat responses; see the module docstring for the contract."""
 
     def generate(self, prompts: Sequence, spec: GenerationSpec, *, n: int = 1, seed: int = 0,
-                 progress: bool = True, desc: str = "sampling") -> Generations: ...
+                 progress: bool = True, desc: str = "sampling",
+                 indices: Sequence[int] | None = None) -> Generations: ...
 
 
 class HFBackend:
@@ -231,7 +242,8 @@ class HFBackend:
         self.model, self.tokenizer = model, tokenizer
 
     def generate(self, prompts: Sequence, spec: GenerationSpec, *, n: int = 1, seed: int = 0,
-                 progress: bool = True, desc: str = "sampling") -> Generations:
+                 progress: bool = True, desc: str = "sampling",
+                 indices: Sequence[int] | None = None) -> Generations:
         from tqdm.auto import tqdm
         from transformers import GenerationConfig, LogitsProcessorList
 
@@ -239,6 +251,7 @@ class HFBackend:
             raise StarpoError(f"generate: n must be at least 1, got {n}")
         model, tok = self.model, self.tokenizer
         encoded = [render_prompt(tok, p) for p in prompts]
+        streams = stream_indices(len(encoded), indices)
         stops = stop_token_ids(tok, model)
         if not stops:
             raise StarpoError("cannot tell where a response ends: the tokenizer has no eos "
@@ -269,7 +282,7 @@ class HFBackend:
                     attention[r, width - len(x):] = 1
                 processors = LogitsProcessorList()
                 if not greedy:
-                    keys = [row_key(seed, i, j) for i, j in batch]
+                    keys = [row_key(seed, streams[i], j) for i, j in batch]
                     processors.append(_SeededSampler(keys, width, spec.temperature, spec.top_p))
                 gen_cfg = GenerationConfig(
                     max_new_tokens=spec.max_new_tokens, do_sample=False, num_beams=1,
@@ -318,14 +331,49 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def stream_indices(n: int, indices: Sequence[int] | None) -> list[int]:
+    """The random-stream index of each of ``n`` prompts: ``indices`` (their positions in
+    a larger list this is a block of) or ``0..n-1``."""
+    if indices is None:
+        return list(range(n))
+    if len(indices) != n:
+        raise StarpoError(f"generate: {len(indices)} stream indices for {n} prompts")
+    return [int(i) for i in indices]
+
+
 def generate(model, tokenizer, prompts: Sequence, spec: GenerationSpec, *, n: int = 1,
              seed: int = 0, progress: bool = True, desc: str = "sampling",
-             backend: Backend | None = None) -> Generations:
+             backend: Backend | None = None, runtime=None,
+             indices: Sequence[int] | None = None) -> Generations:
     """Sample ``n`` responses for every prompt; ``result[i][j]`` is sample ``j`` of prompt ``i``.
 
     ``prompts`` are message lists (a bare string is one user message). ``spec`` gives
     temperature (0 = greedy), top_p, max_new_tokens and batch_size (rows per forward).
     The returned :class:`Generations` also has ``.stats`` (tokens, seconds, tokens/s).
+    With a ``runtime`` of several processes the prompts are sharded across them and the
+    result gathered (every process gets all of it; see the module docstring); every
+    process must call this with the same prompts. ``indices`` (without a runtime) are the
+    prompts' stream indices when they are a block of a larger list.
     """
     backend = backend if backend is not None else HFBackend(model, tokenizer)
-    return backend.generate(prompts, spec, n=n, seed=seed, progress=progress, desc=desc)
+    prompts = list(prompts)
+    if runtime is None or not runtime.distributed:
+        kw = {"indices": indices} if indices is not None else {}
+        return backend.generate(prompts, spec, n=n, seed=seed, progress=progress, desc=desc,
+                                **kw)
+    if indices is not None:
+        raise StarpoError("generate: pass either a runtime (which shards) or indices")
+    block = runtime.shard(len(prompts))
+    local = backend.generate([prompts[i] for i in block], spec, n=n, seed=seed,
+                             progress=progress, desc=desc, indices=list(block))
+    rows = runtime.gather(list(local))
+    stats = runtime.gather([local.stats])
+    for i, group in enumerate(rows):          # indices into the whole list again
+        for smp in group:
+            smp.prompt_index = i
+    total = GenerationStats(sequences=sum(x.sequences for x in stats),
+                            prompt_tokens=sum(x.prompt_tokens for x in stats),
+                            tokens=sum(x.tokens for x in stats),
+                            # the blocks are sampled at the same time: the slowest one counts
+                            seconds=max(x.seconds for x in stats))
+    return Generations(rows, total)

@@ -132,8 +132,8 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
                     seed: int = 0, bootstrap: int = 1000, model_spec=None,
                     out_dir: str | Path | None = None, device=None, chunk_size: int = 1024,
                     progress: bool = True, log: Callable[[str], None] = print,
-                    meta: dict | None = None, sample_cache: str | Path | None = None
-                    ) -> EvalResult:
+                    meta: dict | None = None, sample_cache: str | Path | None = None,
+                    runtime=None) -> EvalResult:
     """Sample, judge and measure every model of ``models`` on ``prompts``.
 
     Args:
@@ -151,6 +151,10 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
         device: where the models run (the runtime's; default: CUDA when present).
         sample_cache: directory of cached samples (:func:`~starpo.metrics.samples.sample_model`);
             None: off.
+        runtime: with several processes (all of them call this), sampling, judging and
+            the log-probs are done in blocks of prompts, one per process, and gathered;
+            only the main process writes ``out_dir`` and the cache. ``device`` is the
+            runtime's.
     """
     spec = spec or GenerationSpec(temperature=0.7, top_p=0.9, max_new_tokens=256)
     if not models:
@@ -163,24 +167,32 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
     if not messages:
         raise StarpoError("evaluation: no prompt to evaluate")
     chosen = _chosen_texts(prompts)
+    if runtime is not None:
+        device = runtime.device
     device = device if device is not None else default_device()
+    block = runtime.shard(len(messages)) if runtime is not None else range(len(messages))
+    gather = runtime.gather if runtime is not None else list
     order = ([sft] if sft is not None else []) + [m for m in models if m != sft]
 
-    chosen_scores = _score_references(judge, messages, chosen, progress)
+    chosen_scores = gather(_score_references(judge, [messages[i] for i in block],
+                                             [chosen[i] for i in block], progress))
     samples: dict[str, ModelSamples] = {}
     for name in order:
         log(f"  evaluating {name}: {len(messages)} prompts")
         ms = sample_model(name, models[name], messages, spec, seed=seed,
                           model_spec=model_spec, device=device, chunk_size=chunk_size,
-                          progress=progress, cache_dir=sample_cache, log=log)
-        ms.scores = score_in_chunks(judge, messages, ms.responses, desc=f"scoring {name}",
-                                    progress=progress)
+                          progress=progress, cache_dir=sample_cache, log=log,
+                          runtime=runtime)
+        ms.scores = gather(score_in_chunks(judge, [messages[i] for i in block],
+                                           [ms.responses[i] for i in block],
+                                           desc=f"scoring {name}", progress=progress))
         samples[name] = ms
         log(f"    mean score {np.mean(ms.scores):.3f}, mean length "
             f"{np.mean(ms.lengths):.1f} tokens, finished {np.mean(ms.finished):.0%}")
     if sft is not None:
         _logprobs_under_sft(samples, order, sft, models[sft], spec, model_spec=model_spec,
-                            device=device, chunk_size=chunk_size, progress=progress, log=log)
+                            device=device, chunk_size=chunk_size, progress=progress, log=log,
+                            block=block, gather=gather)
 
     summary, records = _measure(models, samples, prompts, messages, chosen, chosen_scores,
                                 sft=sft, bootstrap=bootstrap, seed=seed)
@@ -191,7 +203,7 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
                 "judge_source": getattr(judge, "source", None),
                 "length": "response tokens without the final end-of-turn token",
                 **(meta or {})}
-    if out_dir is not None:
+    if out_dir is not None and (runtime is None or runtime.is_main):
         write_outputs(Path(out_dir), summary, records, meta_out)
     return EvalResult(summary=summary, records=records, samples=samples, reference=sft,
                       meta=meta_out)
@@ -212,8 +224,10 @@ def _score_references(judge, messages, chosen, progress: bool) -> list[float | N
 
 def _logprobs_under_sft(samples: dict[str, ModelSamples], order: list[str], sft: str,
                         sft_ref: ModelRef, spec: GenerationSpec, *, model_spec, device,
-                        chunk_size: int, progress: bool, log: Callable[[str], None]) -> None:
-    """Every model's samples scored by the SFT model (its own log-probs are reused)."""
+                        chunk_size: int, progress: bool, log: Callable[[str], None],
+                        block: range | None = None, gather=list) -> None:
+    """Every model's samples scored by the SFT model (its own log-probs are reused); this
+    process scores the prompts of ``block`` (default all), ``gather`` joins the blocks."""
     ref_ms = samples[sft]
     ref_ms.logp_sft = ref_ms.logp.copy()
     others = [n for n in order if n != sft]
@@ -227,12 +241,15 @@ def _logprobs_under_sft(samples: dict[str, ModelSamples], order: list[str], sft:
     model, tok, _ = load_for_sampling(sft_ref, model_spec, device)
     dev = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    block = block if block is not None else range(len(ref_ms.responses))
     for n in compatible:
         ms = samples[n]
-        ms.logp_sft = response_logprobs(model, ms.prompt_ids, ms.tokens, pad_id=pad,
-                                        batch_size=spec.batch_size, chunk_size=chunk_size,
-                                        device=dev, progress=progress,
-                                        desc=f"log-probs {n} under {sft}")
+        local = response_logprobs(model, [ms.prompt_ids[i] for i in block],
+                                  [ms.tokens[i] for i in block], pad_id=pad,
+                                  batch_size=spec.batch_size, chunk_size=chunk_size,
+                                  device=dev, progress=progress,
+                                  desc=f"log-probs {n} under {sft}")
+        ms.logp_sft = np.asarray(gather([float(x) for x in local]), dtype=np.float64)
     del model
     release_memory()
 

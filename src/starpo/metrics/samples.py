@@ -167,38 +167,71 @@ def _cache_write(path: Path, ms: ModelSamples) -> None:
 def sample_model(name: str, ref: ModelRef, prompts: list[list[dict]], spec: GenerationSpec, *,
                  seed: int, model_spec=None, device=None, chunk_size: int = 1024,
                  progress: bool = True, cache_dir: str | Path | None = None,
-                 log: Callable[[str], None] | None = None) -> ModelSamples:
+                 log: Callable[[str], None] | None = None, runtime=None) -> ModelSamples:
     """Sample one response per prompt from ``ref`` and its own log-probs of them.
 
     With ``cache_dir``, the samples of a checkpoint directory are kept in
     ``cache_dir/samples-<key>.json`` (:func:`sample_cache_key`) and reused when nothing
     they depend on changed: the SFT reference that every trial of a sweep samples again,
     or a model evaluated again by ``starpo eval``.
+
+    With a ``runtime`` of several processes (every one of them calls this), each samples
+    and scores a block of the prompts (:func:`starpo.generate.sampling.generate` keeps the
+    prompts' global random streams), the blocks are gathered on every process, and only
+    the main process reads and writes the cache (its answer is broadcast, so the processes
+    never disagree about a hit).
     """
+    main = runtime is None or runtime.is_main
+    if runtime is not None:
+        device = runtime.device
     key = sample_cache_key(ref, prompts, spec, seed=seed, model_spec=model_spec,
                            device=device) if cache_dir is not None else None
     path = Path(cache_dir) / f"samples-{key}.json" if key is not None else None
-    if path is not None and path.is_file():
-        ms = _cache_read(path, name, str(ref))
-        if ms is not None and len(ms.responses) == len(prompts):
-            if log:
-                log(f"    samples of {name}: cache hit ({path.name})")
-            return ms
-    model, tok, source = load_for_sampling(ref, model_spec, device)
+    cached = None
+    if main and path is not None and path.is_file():
+        cached = _cache_read(path, name, str(ref))
+        if cached is not None and len(cached.responses) != len(prompts):
+            cached = None
+    if runtime is not None:
+        cached = runtime.broadcast(cached)
+    if cached is not None:
+        if log:
+            log(f"    samples of {name}: cache hit ({path.name})")
+        return cached
+    block = runtime.shard(len(prompts)) if runtime is not None else range(len(prompts))
+    local = [prompts[i] for i in block]
+    if spec.backend == "vllm" and not isinstance(ref, (tuple, list)):
+        # vLLM samples the checkpoint and gives its memory back; the HF model is loaded
+        # after it, for the log-probs only
+        from starpo.generate.backends import make_backend
+        tok = loading.load_tokenizer(str(ref), model_spec)
+        gens = generate(None, tok, local, spec, n=1, seed=seed, progress=progress,
+                        desc=f"sampling {name}",
+                        backend=make_backend(spec, tokenizer=tok, path=ref, runtime=runtime),
+                        indices=list(block))
+        model, tok, source = load_for_sampling(ref, model_spec, device)
+    else:
+        model, tok, source = load_for_sampling(ref, model_spec, device)
+        gens = generate(model, tok, local, spec, n=1, seed=seed, progress=progress,
+                        desc=f"sampling {name}", indices=list(block))
     dev = next(model.parameters()).device
-    gens = generate(model, tok, prompts, spec, n=1, seed=seed, progress=progress,
-                    desc=f"sampling {name}")
     samples = [g[0] for g in gens]
-    prompt_ids = [render_prompt(tok, p) for p in prompts]
-    ms = ModelSamples(name=name, source=source, responses=[s.text for s in samples],
-                      tokens=[list(s.token_ids) for s in samples], prompt_ids=prompt_ids,
-                      finished=[bool(s.finished) for s in samples], vocab_key=_vocab_key(tok))
+    prompt_ids = [render_prompt(tok, p) for p in local]
+    tokens = [list(s.token_ids) for s in samples]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ms.logp = response_logprobs(model, prompt_ids, ms.tokens, pad_id=pad,
-                                batch_size=spec.batch_size, chunk_size=chunk_size, device=dev,
-                                progress=progress, desc=f"log-probs {name}")
+    logp = response_logprobs(model, prompt_ids, tokens, pad_id=pad,
+                             batch_size=spec.batch_size, chunk_size=chunk_size, device=dev,
+                             progress=progress, desc=f"log-probs {name}")
     del model
     release_memory()
-    if path is not None:
+    rows = list(zip([s.text for s in samples], tokens, prompt_ids,
+                    [bool(s.finished) for s in samples], [float(x) for x in logp]))
+    if runtime is not None:
+        rows = runtime.gather(rows)
+    ms = ModelSamples(name=name, source=source, responses=[r[0] for r in rows],
+                      tokens=[r[1] for r in rows], prompt_ids=[r[2] for r in rows],
+                      finished=[r[3] for r in rows], vocab_key=_vocab_key(tok),
+                      logp=np.asarray([r[4] for r in rows], dtype=np.float64))
+    if main and path is not None:
         _cache_write(path, ms)
     return ms

@@ -163,7 +163,15 @@ class GenerationSpec(Strict):
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(128, gt=0)
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0)          # rows per forward (hf backend)
+    # hf: transformers generate on the model in memory; vllm: the saved checkpoint in vLLM
+    # (GPU, the [vllm] extra), same sampling semantics (starpo.generate.vllm)
+    # (defaults are left out of dumps, so the stage hashes and sample-cache keys of runs
+    # made before these fields existed stay the same)
+    backend: Literal["hf", "vllm"] = Field("hf", exclude_if=lambda v: v == "hf")
+    # vllm only: the share of GPU memory vLLM may take while it samples (it is released
+    # before training goes on)
+    gpu_memory_utilization: float = Field(0.5, gt=0, lt=1, exclude_if=lambda v: v == 0.5)
 
 
 class JudgeSpec(Strict):

@@ -31,6 +31,7 @@ from starpo.recipe import load_recipe
 from starpo.stages import eval as eval_stage
 from starpo.report import write_report
 from starpo.runtime import Runtime
+from starpo.generate import vllm as vllm_backend
 from starpo.train.trackers import Tracking
 from starpo.model import loading
 from starpo.world import World
@@ -72,6 +73,8 @@ class RunContext:
             self.out / "evalcache"
 
     def mark_complete(self, name: str, summary: dict) -> None:
+        if not self.runtime.is_main:   # one writer: the main process
+            return
         d = self.stage_dir(name)
         tmp = d / ".stage.json.tmp"
         tmp.write_text(json.dumps({"complete": True, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -99,11 +102,15 @@ class RunContext:
         if spec.name_or_path != "tiny":
             return spec.name_or_path
         path = self.out / "base" / "model"
-        if not (path / "config.json").is_file():
-            self.log(f"building the tiny default model and training its tokenizer → {path}")
-            model, tok = loading.build_or_load(
-                spec, lambda: self.world.corpus(), seed=self.recipe.seed, cache_dir=None)
-            loading.save_pretrained(model, tok, path)
+        # built once, by the main process; the others wait and then read it
+        with self.runtime.main_first():
+            if not (path / "config.json").is_file():
+                if not self.runtime.is_main:
+                    raise StarpoError(f"{path}: the main process did not write the base model")
+                self.log(f"building the tiny default model and training its tokenizer → {path}")
+                model, tok = loading.build_or_load(
+                    spec, lambda: self.world.corpus(), seed=self.recipe.seed, cache_dir=None)
+                loading.save_pretrained(model, tok, path)
         return str(path)
 
     def resolve_model(self, ref: str | None, *, before: str | None = None) -> str:
@@ -158,12 +165,24 @@ def run(recipe: Recipe, out: Path, *, only: list[str] | None = None, restart: bo
         log: Callable[[str], None] = _default_log, progress: bool = True,
         report: bool = True, refcache_dir: Path | None = None,
         runtime: Runtime | None = None) -> RunContext:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    runtime = runtime or Runtime.create()
+    main = runtime.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    else:
+        # the other processes of `accelerate launch` compute the same things in step with
+        # the main one: their log lines and progress bars would only repeat its own
+        log, progress = (lambda msg: None), False
     ctx = RunContext(recipe, out, restart=restart, log=log, progress=progress,
-                     refcache_dir=refcache_dir, runtime=runtime or Runtime.create())
+                     refcache_dir=refcache_dir, runtime=runtime)
     tracking = Tracking(recipe, out)   # checks the trackers are installed; starts nothing yet
-    for name, kind, status in plan(recipe, out, only):
+    wants_vllm = [n for n in vllm_backend.recipe_needs_vllm(recipe) if not only or n in only]
+    if wants_vllm:   # before any stage runs, like the trackers
+        vllm_backend.check_available(f"stages.{wants_vllm[0]}.generation.backend")
+    steps = plan(recipe, out, only)
+    runtime.wait()   # every process has read the plan before the main one changes the files
+    for name, kind, status in steps:
         if status.startswith("complete"):
             st_hash = json.loads((out / name / "stage.json").read_text()).get("config_hash")
             if st_hash and st_hash != ctx.stage_hash(name):
@@ -172,18 +191,21 @@ def run(recipe: Recipe, out: Path, *, only: list[str] | None = None, restart: bo
             else:
                 log(f"[{name}] complete, skipped")
             continue
-        if restart and (out / name).exists():
-            shutil.rmtree(out / name)
+        if main:
+            if restart and (out / name).exists():
+                shutil.rmtree(out / name)
+            (out / name).mkdir(parents=True, exist_ok=True)
+        runtime.wait()
         log(f"[{name}] {kind} stage → {out / name}")
         t0 = time.time()
-        (out / name).mkdir(parents=True, exist_ok=True)
         with tracking.stage(name), bad_rows_to(out / name / "bad_rows.jsonl", stage=name):
             summary = stages.runner(kind)(ctx, recipe.stage(name)) or {}
         summary["seconds"] = round(time.time() - t0, 1)
         ctx.mark_complete(name, summary)
+        runtime.wait()
         log(f"[{name}] done in {summary['seconds']} s")
     tracking.finish()
-    if report and any((out / s.name / "stage.json").is_file() for s in recipe.stages):
+    if main and report and any((out / s.name / "stage.json").is_file() for s in recipe.stages):
         log(f"report → {write_report(out)}")
     return ctx
 

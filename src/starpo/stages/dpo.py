@@ -19,10 +19,12 @@ def run_dpo(ctx, stage) -> dict:
             f"{stage.loss} β={stage.beta}" + (f" γ={stage.gamma}"
                                               if losses.get(stage.loss).takes_gamma else ""))
     model = ctx.runtime.model(loading.load_model(start, ctx.recipe.model))
-    summary = train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path,
-                               ctx.stage_dir(stage.name), seed=seed, desc=stage.name)
+    summary, state_dict = train_preference(ctx, stage, tok, model, train_pairs, eval_pairs,
+                                           ref_path, ctx.stage_dir(stage.name), seed=seed,
+                                           desc=stage.name)
     if ctx.runtime.is_main:
-        loading.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model")
+        loading.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model",
+                                state_dict=state_dict)
     ctx.runtime.wait()
     summary["reference"] = ref_path
     return summary

@@ -5,9 +5,9 @@ responses, and write ``DIR/<stage>/summary.json`` and ``DIR/<stage>/<model>.json
 ``starpo eval RUN_DIR`` (:func:`starpo.run.pipeline.evaluate_run`) runs the same on an
 existing run directory.
 
-Under ``accelerate launch`` with several processes only the main process evaluates (on
-its own device); the others skip the stage without waiting for it, so no collective
-operation can time out during a long evaluation.
+Under ``accelerate launch`` with several processes every process samples, judges and
+scores a block of the prompts on its own device; the blocks are gathered and the main
+process writes the files (:func:`starpo.metrics.evaluation.evaluate_models`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ from starpo.recipe import DataSpec, EvalStage, SourceSpec
 
 
 def run_eval(ctx, stage: EvalStage) -> dict:
-    rt = ctx.runtime
-    if not rt.is_main:
-        return {"skipped": f"process {rt.process_index}: the main process evaluates"}
     res = run_evaluation(ctx, stage)
     headline = brief(res.summary)
     for name, m in headline.items():
@@ -127,7 +124,7 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
                            bootstrap=stage.bootstrap, model_spec=recipe.model,
                            out_dir=out_dir, device=ctx.runtime.device, progress=ctx.progress,
                            log=ctx.log, meta={"stage": stage.name},
-                           sample_cache=ctx.sample_cache)
+                           sample_cache=ctx.sample_cache, runtime=ctx.runtime)
 
 
 def default_eval_stage(n: int | None = None):

@@ -46,6 +46,7 @@ from starpo.errors import StarpoError
 from starpo import fileio
 from starpo.data.sources import load_mixture
 from starpo.data.sources import split_eval
+from starpo.generate.backends import make_backend
 from starpo.judges import make_judge
 from starpo.model import loading
 from starpo.stages.preference import tokenize_pairs, train_preference
@@ -164,9 +165,16 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
     rt = ctx.runtime
     rdir.mkdir(parents=True, exist_ok=True)
     tok = loading.load_tokenizer(policy_path, ctx.recipe.model)
-    # on the process's device from the start: sampling comes before the loop moves it
-    model = rt.model(loading.load_model(policy_path, ctx.recipe.model, device=rt.device,
-                                        tokenizer=tok))
+
+    def load_policy():
+        # on the process's device from the start: sampling comes before the loop moves it
+        return rt.model(loading.load_model(policy_path, ctx.recipe.model, device=rt.device,
+                                           tokenizer=tok))
+
+    # the hf backend samples the policy in memory (loaded once for sampling and training);
+    # vllm samples the saved checkpoint, and the policy is loaded only after vLLM has given
+    # its GPU memory back
+    model = load_policy() if stage.generation.backend == "hf" else None
 
     judged = rdir / "judged.json"
     if judged.is_file() and (rdir / "pairs.jsonl").is_file() and \
@@ -176,9 +184,11 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
         pairs = fileio.read_jsonl(rdir / "pairs.jsonl")
         info = json.loads(judged.read_text())
     else:
-        # every process samples and judges the same prompts with the same seeds (the
-        # results are identical); the main process writes them
-        samples, info = _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer)
+        # each process samples and judges its block of the round's prompts; the blocks
+        # are gathered on every process (which then select the same pairs); the main
+        # process writes them
+        samples, info = _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer,
+                                          policy_path=policy_path)
         pairs = O.pair_records(samples)
         if rt.is_main:
             fileio.write_jsonl(rdir / "samples.jsonl", samples)
@@ -191,6 +201,8 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
             f"{stats['dropped_identical']} identical); mean margin "
             f"{_fmt(stats['mean_margin'])}")
 
+    if model is None:
+        model = load_policy()
     t0 = time.time()
     pref_rows = O.preference_rows(pairs, source=f"{stage.name}/round_{k}")
     train_pairs, _ = tokenize_pairs(tok, pref_rows, stage, on_bad_rows="skip",
@@ -200,9 +212,11 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
                **stats, "dropped_tokenize": len(pairs) - len(train_pairs) - len(eval_pairs),
                "pairs_trained": len(train_pairs), "eval_pairs": len(eval_pairs),
                "sampling": info.get("sampling"), "judge": info.get("judge")}
+    state_dict = None
     if train_pairs:
-        res = train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path,
-                               rdir, seed=rseed, desc=f"{stage.name} round {k}")
+        res, state_dict = train_preference(ctx, stage, tok, model, train_pairs, eval_pairs,
+                                           ref_path, rdir, seed=rseed,
+                                           desc=f"{stage.name} round {k}")
         summary.update(steps=res.get("steps"), reference_cache_hit=res.get(
             "reference_cache_hit"), final=res.get("final"))
         for key in ("eval_before", "eval_after"):
@@ -215,7 +229,7 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
     timer.add("training", t0)
     t0 = time.time()
     if rt.is_main:
-        loading.save_pretrained(model, tok, rdir / "model")
+        loading.save_pretrained(model, tok, rdir / "model", state_dict=state_dict)
         shutil.rmtree(rdir / "checkpoints", ignore_errors=True)
     timer.add("saving", t0)
     summary["seconds"] = {**info.get("seconds", {}), **timer.seconds}
@@ -228,25 +242,32 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
     return summary
 
 
-def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer):
+def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer, *, policy_path):
 
     # the prompt permutation is the stage's (rounds take consecutive blocks of it); the
     # samples and the pair draws are the round's
+    rt = ctx.runtime
     rseed = O.round_seed(seed, k)
     idx = O.round_prompt_indices(len(rows), stage.prompts_per_round, k, seed)
     round_rows = [rows[i] for i in idx]
     prompts = [r["prompt"] for r in round_rows]
     t0 = time.time()
+    backend = make_backend(stage.generation, model=model, tokenizer=tok, path=policy_path,
+                           runtime=rt)
     gens = O.sample_responses(model, tok, prompts, stage.generation, n=stage.n_samples,
                               seed=rseed, progress=ctx.progress,
-                              desc=f"round {k} sampling")
+                              desc=f"round {k} sampling", backend=backend, runtime=rt)
+    del backend
     timer.add("sampling", t0)
     t0 = time.time()
     judge = make_judge(stage.judge, resolve_path=_judge_resolver(ctx, stage),
-                       model_spec=ctx.recipe.model, device=ctx.runtime.device)
-    scores = O.judge_groups(judge, prompts, [[s.text for s in g] for g in gens],
-                            progress=ctx.progress, chunk_prompts=max(1, stage.judge.batch_size),
-                            desc=f"round {k} judging")
+                       model_spec=ctx.recipe.model, device=rt.device)
+    # judged in blocks like the sampling: each process scores its block's groups
+    block = rt.shard(len(prompts))
+    scores = rt.gather(O.judge_groups(
+        judge, [prompts[i] for i in block], [[s.text for s in gens[i]] for i in block],
+        progress=ctx.progress, chunk_prompts=max(1, stage.judge.batch_size),
+        desc=f"round {k} judging"))
     source = getattr(judge, "source", getattr(judge, "name", stage.judge.type))
     del judge
     _release_memory()

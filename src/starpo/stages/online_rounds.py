@@ -145,11 +145,13 @@ def select_pairs(groups: Sequence[Sequence[str]], scores: Sequence[Sequence[floa
 # --------------------------------------------------------------------------- sampling, judging
 
 def sample_responses(model, tokenizer, prompts: Sequence[list[dict]], spec, *, n: int,
-                     seed: int, progress: bool = True, desc: str = "sampling"):
+                     seed: int, progress: bool = True, desc: str = "sampling",
+                     backend=None, runtime=None):
     """``n`` samples per prompt (a :class:`starpo.generate.sampling.Generations`); deterministic
-    given ``seed`` and the prompt order."""
+    given ``seed`` and the prompt order (with a ``runtime`` of several processes, sharded
+    across them and gathered)."""
     return generate(model, tokenizer, list(prompts), spec, n=n, seed=seed,
-                    progress=progress, desc=desc)
+                    progress=progress, desc=desc, backend=backend, runtime=runtime)
 
 
 def judge_groups(judge, prompts: Sequence[list[dict]], groups: Sequence[Sequence[str]], *,

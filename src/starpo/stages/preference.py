@@ -61,8 +61,10 @@ def prepare_reference(ctx, stage, tok, pairs, ref_path: str, *, batch_size: int)
 
 
 def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: str,
-                     out_dir: Path, *, seed: int, desc: str) -> dict:
-    """Shared by the offline stage and each online round."""
+                     out_dir: Path, *, seed: int, desc: str) -> tuple[dict, dict | None]:
+    """Shared by the offline stage and each online round: ``(summary, state_dict)``, the
+    second the whole trained weights under FSDP/DeepSpeed (for ``save_pretrained``), else
+    None."""
     all_pairs = train_pairs + eval_pairs
     rc, rr, ref = prepare_reference(ctx, stage, tok, all_pairs, ref_path,
                                     batch_size=max(stage.train.batch_size, 8))
@@ -89,7 +91,7 @@ def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: 
                                                chunk_size=stage.train.logprob_chunk_size)
         ctx.log(f"  held-out reward accuracy {summary['eval_before']['reward_accuracy']:.3f} → "
                 f"{summary['eval_after']['reward_accuracy']:.3f} ({len(eval_pairs)} pairs)")
-    return summary
+    return summary, res.state_dict
 
 
 def _pair_json(p: TokenizedPair) -> dict:
@@ -110,7 +112,8 @@ def prepare_pairs(ctx, stage, tok, seed: int) -> tuple[list[TokenizedPair], list
 
     key = fingerprint(stage.data.model_dump(mode="json"), tokenizer_fingerprint(tok), seed,
                       ctx.recipe.world.seed, stage.max_length, stage.max_prompt_length)
-    data = prepared(ctx.stage_dir(stage.name) / "data", "pairs", key, build, log=ctx.log)
+    data = prepared(ctx.stage_dir(stage.name) / "data", "pairs", key, build, log=ctx.log,
+                    runtime=ctx.runtime)
     train_pairs = [TokenizedPair(**d) for d in data["train"]]
     eval_pairs = [TokenizedPair(**d) for d in data["eval"]]
     if not train_pairs:

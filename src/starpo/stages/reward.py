@@ -123,6 +123,13 @@ class SequenceScores(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def _no_split_modules(self):
+        # FSDP's transformer-based auto wrap reads this from the module it prepares (this
+        # wrapper): the wrapped model's decoder layer classes become the wrap units
+        from starpo.model.logprobs import unwrap_model
+        return getattr(unwrap_model(self.model), "_no_split_modules", None)
+
     def forward(self, batch: TokenBatch) -> Tensor:
         return sequence_scores(self.model, batch)
 
@@ -253,6 +260,7 @@ def run_reward(ctx, stage) -> dict:
                  f"{summary['eval_after']['reward_accuracy']:.3f} ({len(eval_pairs)} pairs)")
     ctx.log(line)
     if rt.is_main:
-        loading.save_pretrained(rm, tok, ctx.stage_dir(stage.name) / "model")
+        loading.save_pretrained(rm, tok, ctx.stage_dir(stage.name) / "model",
+                                state_dict=res.state_dict)
     rt.wait()
     return summary

@@ -73,7 +73,8 @@ def run_sft(ctx, stage: SFTStage) -> dict:
     key = fingerprint(stage.data.model_dump(mode="json"), tokenizer_fingerprint(tok), seed,
                       ctx.recipe.world.seed)
     docs = [TokenizedSFT(*d) for d in prepared(ctx.stage_dir(stage.name) / "data", "sft",
-                                                key, build, log=ctx.log)]
+                                                key, build, log=ctx.log,
+                                                runtime=ctx.runtime)]
     if not docs:
         raise DataError("no usable conversation in the stage's data", source=stage.name)
     p = stage.packing
@@ -98,7 +99,9 @@ def run_sft(ctx, stage: SFTStage) -> dict:
                    runtime=ctx.runtime, resume=not ctx.restart, desc=stage.name,
                    progress=ctx.progress)
     if ctx.runtime.is_main:
-        loading.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model")
+        # res.state_dict: the whole weights gathered under FSDP/DeepSpeed (else None)
+        loading.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model",
+                                state_dict=res.state_dict)
     ctx.runtime.wait()
     return {"steps": res.steps, "final": res.last_metrics, "conversations": len(docs),
             "rows": len(layout.rows), "padding_fraction": pad, "truncated": layout.truncated,

@@ -77,3 +77,46 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())
+
+
+# ----------------------------------------------------------------- FSDP / DeepSpeed
+
+def save_sharded_checkpoint(acc, ckpt_dir: Path, step: int, scheduler, keep: int) -> Path:
+    """A checkpoint of a sharded run (FSDP, DeepSpeed): called on every process.
+
+    Weights and optimizer go through ``accelerator.save_state`` (each process writes its
+    part, in the strategy's own layout), the schedule, RNG and step are ours. It is
+    written into a temporary directory that the main process renames once every process
+    has finished, so a kill never leaves a checkpoint that a resume would read."""
+    final = ckpt_dir / f"step_{step:07d}"
+    tmp = ckpt_dir / f".tmp-step_{step:07d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp / "accelerate"))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "sharded": True}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.replace(final)
+        old = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+        for p in old[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_sharded_checkpoint(acc, path: Path, scheduler) -> dict:
+    """Resume a sharded run from :func:`save_sharded_checkpoint`'s directory (every
+    process)."""
+    state = json.loads((path / "state.json").read_text())
+    if not state.get("sharded"):
+        raise ValueError(f"{path}: written by a run without FSDP/DeepSpeed; resume it with "
+                         "the same accelerate config it was started with")
+    acc.load_state(str(path / "accelerate"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return state

@@ -30,7 +30,9 @@ from starpo.data.batch import TokenBatch
 from starpo.errors import TrainingError
 from starpo.recipe import TrainSpec
 from starpo.runtime import Runtime
-from starpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from starpo.train.checkpoint import (latest_checkpoint, load_checkpoint,
+                                     load_sharded_checkpoint, save_checkpoint,
+                                     save_sharded_checkpoint)
 from starpo.train.metrics_log import MetricsLog
 from starpo.train.task import TargetLogprobs, Task
 
@@ -75,6 +77,35 @@ class LoopResult:
     steps: int
     last_metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
+    # under FSDP/DeepSpeed: the full (unsharded) weights of the trained model, keys as in
+    # model.state_dict(), on the main process (what save_pretrained(state_dict=...) wants);
+    # None otherwise (the model itself holds them)
+    state_dict: dict | None = None
+
+
+def sharded(acc) -> bool:
+    """Whether ``acc`` shards parameters across processes (FSDP, DeepSpeed): then only
+    collective calls see whole weights, optimizer states and checkpoints."""
+    from accelerate.utils import DistributedType
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _configure_deepspeed(acc, spec: TrainSpec, desc: str) -> None:
+    """DeepSpeed wants its batch and clipping in its own config, and steps its engine at
+    every backward unless told about accumulation; the loop accumulates and normalises
+    itself, so only one micro-batch per step is supported there."""
+    from accelerate.utils import DistributedType
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if spec.grad_accum != 1:
+        raise TrainingError(f"{desc}: DeepSpeed runs with train.grad_accum 1 (the engine "
+                            f"steps at every backward); got {spec.grad_accum}. Raise "
+                            "train.batch_size instead, or use configs/accelerate/fsdp.yaml")
+    cfg = acc.state.deepspeed_plugin.deepspeed_config
+    cfg["train_micro_batch_size_per_gpu"] = spec.batch_size
+    cfg["gradient_accumulation_steps"] = 1
+    if spec.max_grad_norm:
+        cfg["gradient_clipping"] = spec.max_grad_norm
 
 
 @dataclass
@@ -182,10 +213,14 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
     sched = _schedule(first, spec, world, desc)
     total = sched.total
     warmup = int(spec.warmup_ratio * total)
+    _configure_deepspeed(acc, spec, desc)
     optimizer = hooks.make_optimizer(model, spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.scheduler, warmup,
                                                                        total))
-    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    # the scheduler is not prepared: accelerate's wrapper steps it once per process per
+    # optimizer step (it assumes a schedule counted in per-process batches), and ours is
+    # counted in optimizer steps of the global batch
+    module, optimizer = acc.prepare(module, optimizer)
     raw = acc.unwrap_model(module).model
 
     ckpt_dir = out_dir / "checkpoints"
@@ -193,7 +228,10 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
     if resume:
         ck = latest_checkpoint(ckpt_dir)
         if ck is not None:
-            start = int(load_checkpoint(ck, raw, optimizer, scheduler)["step"])
+            if sharded(acc):
+                start = int(load_sharded_checkpoint(acc, ck, scheduler)["step"])
+            else:
+                start = int(load_checkpoint(ck, raw, optimizer, scheduler)["step"])
     log = MetricsLog(out_dir, resume_step=start) if acc.is_main_process else None
 
     cache: dict[int, list[TokenBatch]] = {0: first}
@@ -248,15 +286,24 @@ def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, se
         bar.update(1)
         if spec.save_every and done % spec.save_every == 0 and done < total:
             acc.wait_for_everyone()
-            if acc.is_main_process:
+            if sharded(acc):       # every process writes its shards
+                save_sharded_checkpoint(acc, ckpt_dir, done, scheduler, spec.keep_checkpoints)
+            elif acc.is_main_process:
                 save_checkpoint(ckpt_dir, done, raw, optimizer, scheduler, {},
                                 spec.keep_checkpoints)
     bar.close()
     if log:
         log.close()
     acc.wait_for_everyone()
+    full = None
+    if sharded(acc):
+        # collective: every process takes part, the main one receives the whole weights
+        # (FSDP: full state dict; ZeRO-3: the 16-bit consolidated one the config asks for)
+        sd = acc.get_state_dict(module)
+        full = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")} \
+            if sd is not None and acc.is_main_process else None
     ran = (step + 1) if hooks.stop_after is None else min(total, start + hooks.stop_after)
-    return LoopResult(steps=ran, last_metrics=last, seconds=time.time() - t0)
+    return LoopResult(steps=ran, last_metrics=last, seconds=time.time() - t0, state_dict=full)
 
 
 def _stop_non_finite(acc, optimizer, scheduler, raw, ckpt_dir, step, spec, desc, bar, log):

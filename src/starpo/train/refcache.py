@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
 from starpo import fileio
 from starpo.data.prefbatch import collate_padding_free, collate_prefix_shared
 from starpo.model.layout import row_cap
 from starpo.model.logprobs import sequence_logprobs
-from starpo.runtime import Runtime
-from tqdm.auto import tqdm
+from starpo.runtime import Runtime, release_memory
 
 
 @dataclass
@@ -134,35 +135,35 @@ def reference_logps(ref_path: str, tokenizer, pairs: list, *, cache_dir: Path, l
                     prefix_sharing: bool = True, progress: bool = True, log=print,
                     max_tokens_per_row: int | None = None) -> RefLogps:
     """Cached reference log-probs; ``load_model()`` is called only on a cache miss, and the
-    model runs on the runtime's device (where the policy trains). A miss is computed under
-    a lock file beside the entry, so processes sharing ``cache_dir`` pay for each entry
-    once (except the ranks of a multi-process run, which compute together)."""
+    model runs on the runtime's device (where the policy trains). Within a multi-process
+    run the main process computes and the others read its file; across runs sharing
+    ``cache_dir`` (sweep trials) a miss is computed under a lock file beside the entry, so
+    each entry is paid for once."""
 
     key = cache_key(ref_path, tokenizer, pairs)
     path = Path(cache_dir) / f"ref-{key}.safetensors"
-    hit = _read_cached(path, len(pairs), log)
-    if hit is not None:
-        return hit
-    if runtime.distributed:
-        # the ranks of one run compute together (an FSDP forward gathers weights from all
-        # of them), so none of them may wait on a lock another rank holds
-        return _compute_and_store(path, key, ref_path, pairs, load_model, runtime, log,
-                                  batch_size=batch_size, chunk_size=chunk_size,
-                                  prefix_sharing=prefix_sharing, progress=progress,
-                                  max_tokens_per_row=max_tokens_per_row)
-    # several sweep trials (processes, machines sharing the cache directory) that need the
-    # same reference pass: the first computes it, the others wait for its file and read it
-    lock = path.with_name(f".{path.name}.lock")
-    with fileio.exclusive(lock, heartbeat=REF_LOCK_HEARTBEAT, stale_after=REF_LOCK_STALE,
-                          on_wait=lambda who: log(f"  reference log-probs: waiting for "
-                                                  f"{who}, which is computing them")):
+    # one reference pass per run: the main process computes and writes the file while the
+    # other processes of the run wait, then read it (a hit for them)
+    with runtime.main_first():
         hit = _read_cached(path, len(pairs), log)
         if hit is not None:
             return hit
-        return _compute_and_store(path, key, ref_path, pairs, load_model, runtime, log,
-                                  batch_size=batch_size, chunk_size=chunk_size,
-                                  prefix_sharing=prefix_sharing, progress=progress,
-                                  max_tokens_per_row=max_tokens_per_row)
+        if not runtime.is_main:
+            raise RuntimeError(f"{path}: the main process did not write the reference "
+                               "log-probs")
+        # several sweep trials (processes, machines sharing the cache directory) that need
+        # the same reference pass: the first computes it, the others wait for its file
+        lock = path.with_name(f".{path.name}.lock")
+        with fileio.exclusive(lock, heartbeat=REF_LOCK_HEARTBEAT, stale_after=REF_LOCK_STALE,
+                              on_wait=lambda who: log(f"  reference log-probs: waiting for "
+                                                      f"{who}, which is computing them")):
+            hit = _read_cached(path, len(pairs), log)
+            if hit is not None:
+                return hit
+            return _compute_and_store(path, key, ref_path, pairs, load_model, runtime, log,
+                                      batch_size=batch_size, chunk_size=chunk_size,
+                                      prefix_sharing=prefix_sharing, progress=progress,
+                                      max_tokens_per_row=max_tokens_per_row)
 
 
 # the lock of a reference pass is touched this often by its holder, and broken when it has
@@ -203,6 +204,7 @@ def _compute_and_store(path: Path, key: str, ref_path: str, pairs: list, load_mo
     model = runtime.model(load_model())
     ch, rj = compute_reference(model, pairs, runtime, **kw)
     del model
+    release_memory()   # no reference model stays resident while the policy trains
     fileio.write_with(path, lambda tmp: save_file(
         {"chosen": ch.contiguous(), "rejected": rj.contiguous()}, str(tmp),
         metadata={"ref": str(ref_path), "pairs": str(len(pairs))}))

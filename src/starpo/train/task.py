@@ -31,5 +31,12 @@ class TargetLogprobs(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
+    @property
+    def _no_split_modules(self):
+        # FSDP's transformer-based auto wrap reads this from the module it prepares (this
+        # wrapper): the wrapped model's decoder layer classes become the wrap units
+        from starpo.model.logprobs import unwrap_model
+        return getattr(unwrap_model(self.model), "_no_split_modules", None)
+
     def forward(self, batch: TokenBatch):
         return sequence_logprobs(self.model, batch, chunk_size=self.chunk_size)
