@@ -49,16 +49,8 @@ from starpo.data.sources import split_eval
 from starpo.generate.backends import make_backend
 from starpo.judges import make_judge
 from starpo.model import loading
+from starpo.runtime import release_memory
 from starpo.stages.preference import tokenize_pairs, train_preference
-
-
-def _release_memory() -> None:
-    import gc
-
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _judge_resolver(ctx, stage):
@@ -238,7 +230,7 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
         fileio.write_jsonl(rdir.parent / "metrics.jsonl", _combined_metrics(rdir.parent, k))
     rt.wait()   # the next round loads this round's model
     del model
-    _release_memory()
+    release_memory()
     return summary
 
 
@@ -270,7 +262,7 @@ def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer, *, policy_pa
         desc=f"round {k} judging"))
     source = getattr(judge, "source", getattr(judge, "name", stage.judge.type))
     del judge
-    _release_memory()
+    release_memory()
     timer.add("judging", t0)
     choices = O.select_pairs([[s.text for s in g] for g in gens], scores,
                              mode=stage.pair_selection, seed=rseed)
