@@ -363,7 +363,8 @@ def load_model(name_or_path: str, spec=None, *, for_training: bool = True, devic
     """Load a hub id or local checkpoint with ``AutoModelForCausalLM`` (``kind="reward"``:
     ``AutoModelForSequenceClassification`` with one label).
 
-    * ``attn_implementation`` and dtype from ``spec`` (``"auto"``: see ``resolve_dtype``);
+    * ``attn_implementation`` and dtype from ``spec`` (``"auto"``: fp32 master weights for
+      a model that trains, else ``resolve_dtype``);
       ``trust_remote_code`` only when ``spec.trust_remote_code`` is true;
     * the model is aligned with ``tokenizer`` (loaded with ``load_tokenizer(..., chat=chat)``
       from the same place when not given): embeddings resized if the tokenizer grew,
@@ -382,7 +383,12 @@ def load_model(name_or_path: str, spec=None, *, for_training: bool = True, devic
     if tokenizer is None:
         tokenizer = load_tokenizer(name_or_path, spec, what=what, cache_dir=cache_dir,
                                    chat=chat)
-    kwargs: dict[str, Any] = dict(dtype=resolve_dtype(spec.dtype, device),
+    # a model that trains keeps fp32 master weights under "auto": the loop's mixed precision
+    # (bf16 autocast where the GPU supports it) does the compute; models that only infer
+    # (references, judges, evaluation) load in the compute dtype itself
+    dtype = torch.float32 if for_training and spec.dtype == "auto" else \
+        resolve_dtype(spec.dtype, device)
+    kwargs: dict[str, Any] = dict(dtype=dtype,
                                   attn_implementation=spec.attn_implementation,
                                   trust_remote_code=spec.trust_remote_code,
                                   cache_dir=cache_dir)
