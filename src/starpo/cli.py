@@ -212,7 +212,13 @@ def report(run_dir: Path = typer.Argument(..., help="A run or sweep directory.")
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        # under accelerate launch: end the process group before interpreter exit
+        if "torch" in sys.modules:
+            from starpo.runtime import Runtime
+            Runtime.shutdown()
 
 
 if __name__ == "__main__":

@@ -77,6 +77,15 @@ class Runtime:
             raise RuntimeError(f"accelerate chose {acc.device}, the runtime says {self.device}")
         return acc
 
+    @staticmethod
+    def shutdown() -> None:
+        """End the process group, if one was started (once, at the end of a process):
+        leaving gloo's threads to static destructors at interpreter exit can abort the
+        process on a loaded machine."""
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
     def wait(self) -> None:
         """Barrier across processes (a no-op in one process)."""
         if self.distributed:

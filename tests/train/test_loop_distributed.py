@@ -50,6 +50,11 @@ SCRIPT = textwrap.dedent('''
         save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                   str(out / "weights.safetensors"))
         (out / "steps").write_text(str(res.steps))
+    # end the process group before the interpreter exits: gloo's threads torn down by
+    # static destructors can abort the process ("terminate called without an active
+    # exception") on a loaded machine
+    from starpo.runtime import Runtime
+    Runtime.shutdown()
 ''')
 
 
