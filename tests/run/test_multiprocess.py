@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil   # an accelerate dependency
 import pytest
 import yaml
 
@@ -121,7 +122,17 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
+    # the workers too: torchrun starts them in sessions of their own, so killing the
+    # launcher's process group alone leaves them running (they would finish the run
+    # while the resumed one starts)
+    workers = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for w in workers:
+        try:
+            w.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(workers, timeout=30)
     proc.wait()
     assert not (two / "sft" / "stage.json").exists()
     res = subprocess.run(_launch(recipe, two), env=_env(), capture_output=True, text=True,
