@@ -291,3 +291,16 @@ def tokens_saved(pairs: Sequence[Any]) -> dict:
     unshared = shared + saved
     return {"prompt_tokens_saved": saved, "tokens_unshared": unshared,
             "tokens_shared": shared, "fraction_saved": saved / unshared}
+
+
+def collate_pairs(pairs: Sequence[Any], *, prefix_sharing: bool, padding_free: bool,
+                  cap: int | None, pad_id: int = 0) -> TokenBatch:
+    """A micro-batch of pairs in one of the three layouts: prefix-shared, padding-free or
+    padded. ``cap`` is the row cap of the packed layouts (:func:`starpo.model.layout.row_cap`):
+    ``None`` makes one row of any length, and a prefix-shared row then carries no dense
+    mask (segment attention reads each pair's branch from its positions)."""
+    if prefix_sharing:
+        return collate_prefix_shared(pairs, cap, dense_mask=cap is not None)
+    if padding_free:
+        return collate_padding_free(pairs, cap)
+    return collate_padded(pairs, pad_id)

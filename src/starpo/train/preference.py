@@ -35,13 +35,9 @@ def collate_pairs(pairs: list[TokenizedPair], spec: PreferenceSpec, pad_id: int,
     """A micro-batch of pairs in the spec's layout. ``one_row``
     (:func:`starpo.model.attention.one_row_batches`): no row cap, so no padding, and for prefix
     sharing no dense mask."""
-    dicts = [p.as_dict() for p in pairs]
-    cap = None if one_row else row_tokens(spec)
-    if spec.prefix_sharing:
-        return PB.collate_prefix_shared(dicts, cap, dense_mask=not one_row)
-    if spec.padding_free:
-        return PB.collate_padding_free(dicts, cap)
-    return PB.collate_padded(dicts, pad_id)
+    return PB.collate_pairs([p.as_dict() for p in pairs], prefix_sharing=spec.prefix_sharing,
+                            padding_free=spec.padding_free,
+                            cap=None if one_row else row_tokens(spec), pad_id=pad_id)
 
 
 def one_row(model, stage) -> bool:

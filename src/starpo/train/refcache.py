@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from starpo import fileio
-from starpo.data.prefbatch import collate_padding_free, collate_prefix_shared
+from starpo.data.prefbatch import collate_pairs
 from starpo.model.layout import row_cap
 from starpo.model.logprobs import sequence_logprobs
 from starpo.runtime import Runtime, release_memory
@@ -112,17 +112,13 @@ def compute_reference(model, pairs: list, runtime: Runtime, *, batch_size: int =
     Micro-batches are single rows (no cap, no dense mask) when the model's attention allows
     it (:func:`starpo.model.layout.row_cap`), else rows of ``max_tokens_per_row``."""
     model.eval()
-    max_tokens_per_row = row_cap(model, max_tokens_per_row, prefix_shared=prefix_sharing)
-    if max_tokens_per_row is None:
-        collate = (lambda ps, cap: collate_prefix_shared(ps, cap, dense_mask=False)) \
-            if prefix_sharing else collate_padding_free
-    else:
-        collate = collate_prefix_shared if prefix_sharing else collate_padding_free
+    cap = row_cap(model, max_tokens_per_row, prefix_shared=prefix_sharing)
     ch, rj = torch.zeros(len(pairs)), torch.zeros(len(pairs))
     for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs",
                   disable=not progress, leave=False):
         chunk = [p.as_dict() if hasattr(p, "as_dict") else p for p in pairs[s:s + batch_size]]
-        b = runtime.batch(collate(chunk, max_tokens_per_row))
+        b = runtime.batch(collate_pairs(chunk, prefix_sharing=prefix_sharing,
+                                        padding_free=True, cap=cap))
         lp, _, _ = sequence_logprobs(model, b, chunk_size=chunk_size)
         lp = lp.float().cpu()
         ch[s:s + len(chunk)] = lp[0::2]
