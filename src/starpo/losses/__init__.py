@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 from starpo.errors import RecipeError
@@ -41,8 +42,9 @@ class LossDef:
     needs_reference: bool
     needs_counts: bool
 
-    @property
+    @cached_property
     def params(self) -> frozenset[str]:
+        # read once: __call__ asks on every micro-batch
         return frozenset(inspect.signature(self.fn).parameters)
 
     @property
