@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from starpo.errors import RecipeError
-from starpo.recipe import STAGE_TYPES
+from starpo.recipe import STAGE_TYPES, stage_spec
 from starpo.stages.dpo import run_dpo
 from starpo.stages.eval import run_eval
 from starpo.stages.online import run_online
@@ -23,8 +22,5 @@ if set(RUNNERS) != set(STAGE_TYPES):   # a kind without a runner (or the reverse
 
 
 def runner(kind: str) -> Callable:
-    try:
-        return RUNNERS[kind]
-    except KeyError:
-        raise RecipeError(f"unknown stage type {kind!r}; expected one of "
-                          f"{', '.join(RUNNERS)}") from None
+    stage_spec(kind)        # an unknown kind: the recipe's one error for it
+    return RUNNERS[kind]
