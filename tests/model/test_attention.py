@@ -3,49 +3,14 @@ and one-row SFT micro-batches equal the multi-row ones."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from starpo.model import attention as A
 from starpo.data.packing import layout_sft, padding_fraction, sft_microbatches
-from starpo.data.tokenize import IGNORE, TokenizedSFT
 from starpo.model.logprobs import plain_sequence_logprobs, sequence_logprobs
 from starpo.data.prefbatch import collate_padded, collate_padding_free, collate_prefix_shared
-
-VOCAB = 61
-
-
-def llama(kv_heads: int = 4, attn: str = "sdpa", seed: int = 0):
-    import transformers as T
-    torch.manual_seed(seed)
-    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=kv_heads,
-                        intermediate_size=64, max_position_embeddings=512)
-    return T.LlamaForCausalLM._from_config(cfg, attn_implementation=attn).float().eval()
-
-
-def docs(n: int = 9, seed: int = 0) -> list[TokenizedSFT]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        p, r = rng.randint(2, 12), rng.randint(1, 15)
-        ids = [rng.randrange(1, VOCAB) for _ in range(p + r)]
-        out.append(TokenizedSFT(ids, [IGNORE] * p + ids[p:], "t", i))
-    return out
-
-
-def pairs(n: int = 5, seed: int = 1) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(2, 9))]
-        ch = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 8))]
-        rj = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 8))]
-        out.append({"prompt_ids": prompt, "chosen_ids": ch, "chosen_labels": ch,
-                    "rejected_ids": rj, "rejected_labels": rj})
-    return out
+from attention_cases import VOCAB, assert_same, docs, llama, pairs, run
 
 
 class Calls:
@@ -59,23 +24,6 @@ class Calls:
             self.n += 1
             return real(*a, **k)
         monkeypatch.setattr(A, "segment_sdpa", counted)
-
-
-def run(model, fn, batch):
-    model.zero_grad()
-    sums, counts, per = fn(model, batch)
-    (sums * torch.linspace(0.5, 1.5, sums.numel())).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return sums.detach(), per.detach(), grads
-
-
-def assert_same(a, b):
-    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
-    assert a[2].keys() == b[2].keys() and a[2]
-    for k in a[2]:
-        torch.testing.assert_close(a[2][k], b[2][k], atol=1e-5, rtol=1e-4, msg=k)
 
 
 @pytest.mark.parametrize("kv_heads,attn", [(4, "sdpa"), (2, "sdpa"), (4, "eager")])
@@ -128,11 +76,18 @@ def test_when_segments_apply(monkeypatch):
     assert A.local_attention(model) is None
     del model.starpo_segment_attention
     model.activation_checkpointing_enable({"use_reentrant": False})
-    assert A.local_attention(model) is None                       # recompute would cross docs
+    assert A.local_attention(model) is None           # foreign recompute would cross docs
+    model.activation_checkpointing_enable(A.checkpoint_kwargs())
+    assert A.local_attention(model) == "segments"     # starpo's context keeps the kernel
     model.activation_checkpointing_disable()
     assert A.local_attention(model) == "segments"
     model.config._attn_implementation = "flash_attention_2"
     assert A.local_attention(model) == "flash"
+    assert A.prefix_attention(model) == "flex"        # flash varlen cannot share prefixes
+    assert A.attention_for(model, None) is None       # packed docs: flash's own varlen
+    assert A.attention_for(model, None, prefix_shared=True) == "flex"
+    model.config._attn_implementation = "flex_attention"
+    assert A.local_attention(model) == A.prefix_attention(model) == "flex"
     import transformers as T
     g = T.MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
@@ -218,10 +173,12 @@ def test_dpo_stage_uses_one_row_batches_when_attention_allows(tmp_path):
     st = DPOStage(type="dpo", data={"sources": [{"path": "world:preference"}]})
     model = llama()
     assert one_row(model, st)
-    assert not one_row(model, st.model_copy(update={"train": st.train.model_copy(
-        update={"gradient_checkpointing": True})}))
+    assert one_row(model, st.model_copy(update={"train": st.train.model_copy(
+        update={"gradient_checkpointing": True})}))      # the loop's checkpointing keeps it
     model.starpo_segment_attention = False
     assert not one_row(model, st)
     model.config._attn_implementation = "flash_attention_2"
-    assert not one_row(model, st)                         # flash cannot share prefixes
+    assert not one_row(model, st)                         # opted out of the flex kernel
     assert one_row(model, st.model_copy(update={"prefix_sharing": False}))   # varlen docs
+    del model.starpo_segment_attention
+    assert one_row(model, st)                             # prefix-shared rows through flex

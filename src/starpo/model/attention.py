@@ -1,4 +1,5 @@
-"""Segment-local attention for packed rows on kernels without variable-length support.
+"""Attention for packed training rows: documents (and prefix-shared pairs) kept apart at a
+cost of ``Σ segment²``, never with an ``L × L`` mask.
 
 Why. With sdpa or eager attention (CPU, and GPUs without flash-attention) transformers
 computes attention over the whole packed row: an ``L × L`` score matrix per head, with a
@@ -9,45 +10,76 @@ steps 1.47× and SFT steps 1.3× faster (``BENCHMARKS.md``). It also lets a whol
 micro-batch be one row with no padding at all (:func:`starpo.data.packing.collate_rows`
 with ``flat=True``), which over whole rows would cost ``(B·L)²`` attention.
 
-What. An attention function registered with transformers' ``AttentionInterface`` as
-``starpo_segments``. A row's segments are read from ``position_ids``: every packed document
-and every prefix-shared pair starts at position 0 (a prefix-shared rejected response
-continues from its prompt's end, so it stays inside its pair's segment). sdpa then runs
-once per segment:
+The layout of a row is read from ``position_ids`` alone (:func:`_segments`): every packed
+document and every prefix-shared pair starts at position 0; a prefix-shared pair is
+prompt ``0..P-1``, chosen ``P..``, then a drop back to ``P`` where the rejected response
+starts (it stays inside its pair's segment and must not see the chosen tokens).
 
-* no mask (packed / padding-free rows): ``is_causal=True`` inside each segment. Because this
-  implementation has no entry in transformers' mask registry, transformers builds no
-  ``L × L`` mask at all;
-* a ``[B, 1, L, L]`` bool mask (prefix sharing, True = attend): each segment uses its own
-  diagonal block of it;
-* no mask on prefix-shared rows built without one (``collate_prefix_shared(...,
-  dense_mask=False)``): the pair's layout is read from its positions — prompt ``0..P-1``,
-  chosen ``P..``, then a drop back to ``P`` where the rejected response starts — and the
-  segment gets its own small mask: causal, rejected rows blind to the chosen columns. So a
-  whole micro-batch of pairs can be one row with no ``L × L`` mask anywhere.
+Kernels (:func:`local_attention` says which one a model gets, :func:`attention_for` which
+one a given training forward runs):
 
-The result equals transformers' whole-row computation to float tolerance (tests/
-test_attention.py, values and gradients, for SFT packing, padding-free and prefix-shared
-preference rows).
+``"segments"`` — sdpa or eager models, any device. An attention function registered with
+  transformers' ``AttentionInterface`` as ``starpo_segments`` runs sdpa once per segment:
+  ``is_causal=True`` inside a plain document (no mask built at all: this implementation
+  has no entry in transformers' mask registry); a segment's own diagonal block of a
+  ``[B, 1, L, L]`` bool mask when the batch has one; for a prefix-shared pair without a
+  mask, a small ``segment × segment`` mask of its own (causal, rejected rows blind to the
+  chosen columns).
 
-When it applies (:func:`segments_apply`): the model runs sdpa or eager attention, the batch
-has no 2D padding mask, the model has no sliding window and no attention-logit softcapping
-(which this function does not implement), gradient checkpointing is off (its recomputation
-runs outside :func:`segment_attention` and would fall back to whole-row causal attention),
-and ``model.starpo_segment_attention`` is not False (``model.segment_attention: false`` in a
-recipe). flash-attention kernels need none of this: they read packed documents from
-``position_ids`` themselves (varlen).
+``"flex"`` — models loaded with ``attn_implementation: flex_attention``, and the
+  prefix-shared rows of flash-attention models (flash varlen cannot express "rejected sees
+  the prompt but not the chosen tokens"). ``starpo_block_sparse`` calls
+  ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built from per-token segment
+  ids and sides (prompt/document 0, chosen 1, rejected 2): the mask function is
+  ``same segment ∧ causal ∧ ¬(rejected query ∧ chosen key)``, and which ``128 × 128``
+  blocks are empty, partial or full is decided from per-block min/max segment ids
+  (:func:`block_mask`, ``O((L/128)²)`` work) instead of evaluating the mask function on an
+  ``L × L`` grid as ``create_block_mask`` does in eager mode. On CUDA the kernel is
+  ``torch.compile(flex_attention)`` (one compilation per new shape, then fused; the
+  scores are never materialised). On CPU torch 2.13 offers flex attention only without
+  gradients (``NotImplementedError: FlexAttention does not support backward on CPU``) and
+  uncompiled it materialises the ``[B, H, L, L]`` scores (compiled through inductor it is
+  fused, but the first call compiles for ~20 s here); so on CPU a forward without
+  gradients (reference pass, evaluation) runs flex attention uncompiled and a forward
+  with gradients runs ``"segments"`` instead — the same function, computed per segment.
+  Not with dropout, sliding windows or logit softcapping (not implemented here).
+
+``"flash"`` — flash-attention models: transformers' own varlen kernel reads packed
+  documents from ``position_ids`` (``cu_seqlens``), but only for a batch of ONE row
+  (``_is_packed_sequence`` in ``modeling_flash_attention_utils``); :mod:`starpo.model.logprobs`
+  therefore flattens a multi-row packed batch into one row before the body runs.
+
+Gradient checkpointing. The recomputation of a checkpointed layer runs in backward,
+after the forward's :func:`segment_attention` block has restored the model's own kernel,
+and would silently compute whole-row causal attention across documents.
+:func:`checkpoint_kwargs` (what ``starpo.train.loop`` enables checkpointing with:
+non-reentrant, plus :func:`checkpoint_context` as torch's ``context_fn``) captures the
+kernel and the segment metadata of the forward and reinstates both around each layer's
+recomputation. A model checkpointed any other way gets no segment kernel
+(:func:`local_attention` returns None for it).
+
+When a kernel applies: the model runs sdpa/eager (segments), flex_attention (flex) or
+flash-attention; the batch has no 2D padding mask (a 4D bool mask only for segments); the
+model has no sliding window and no attention-logit softcapping; and
+``model.starpo_segment_attention`` is not False (``model.segment_attention: false`` in a
+recipe). The results equal transformers' whole-row computation to float tolerance
+(tests/model/test_attention.py, tests/model/test_flex_attention.py, values and gradients;
+tests/model/test_gpu_attention.py on CUDA).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 NAME = "starpo_segments"
+# no "flex"/"flash"/"sdpa" inside the name: transformers picks mask builders by substring
+FLEX_NAME = "starpo_block_sparse"
+BLOCK = 128
 _registered = False
 
 
@@ -85,18 +117,22 @@ def _segments(pos_row: torch.Tensor) -> list[tuple[int, int, int | None, int | N
     return out
 
 
-# the segments of the position_ids tensor of the current forward: every layer gets the
-# same tensor object, so they are read once. The entry holds that tensor itself (identity,
-# not an address that a later tensor could reuse) and is dropped when the forward ends.
-_plans: dict = {}
+# What the current forward's kernels share: the position_ids tensor it was built for (every
+# layer gets the same object, so rows are parsed once; identity, not an address that a
+# later tensor could reuse), its segment plans and its block masks. A new dict per
+# forward: checkpoint_context keeps a reference to the one of its forward.
+_state: dict = {}
+# (configs, kernel name) while a segment_attention block is active
+_active: list = []
 
 
 def _row_plans(position_ids: torch.Tensor, rows: int) -> list:
-    if _plans.get("ids") is not position_ids:
+    st = _state
+    if st.get("ids") is not position_ids:
         pos = position_ids.expand(rows, -1) if position_ids.shape[0] != rows else position_ids
-        _plans.clear()
-        _plans.update(ids=position_ids, plan=[_segments(row) for row in pos.cpu()])
-    return _plans["plan"]
+        st.clear()
+        st.update(ids=position_ids, plan=[_segments(row) for row in pos.cpu()])
+    return st["plan"]
 
 
 def _branch_mask(n: int, branch: int, prompt_len: int, device) -> torch.Tensor:
@@ -152,9 +188,145 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     return out.transpose(1, 2).contiguous(), None
 
 
+# ---------------------------------------------------------------------------------------
+# flex attention with a block mask read from positions
+# ---------------------------------------------------------------------------------------
+
+
+def token_layout(plans: list, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``(segment id, side)`` ``[B, length]`` int32 of rows parsed by
+    :func:`_segments`; side 0 = prompt or plain document, 1 = chosen, 2 = rejected."""
+    seg = torch.zeros(len(plans), length, dtype=torch.int32)
+    side = torch.zeros(len(plans), length, dtype=torch.int32)
+    for b, segs in enumerate(plans):
+        for i, (s, n, branch, plen) in enumerate(segs):
+            seg[b, s:s + n] = i
+            if branch is not None:
+                side[b, s + plen:s + branch] = 1
+                side[b, s + branch:s + n] = 2
+    return seg.to(device), side.to(device)
+
+
+def mask_fn(seg: torch.Tensor, side: torch.Tensor):
+    """flex attention's ``mask_mod``: same segment, causal, rejected queries blind to
+    chosen keys. ``seg``/``side`` must cover every index the kernel may ask for."""
+    def mask_mod(b, h, q, kv):
+        return (seg[b, q] == seg[b, kv]) & (q >= kv) & ~((side[b, q] == 2) & (side[b, kv] == 1))
+    return mask_mod
+
+
+def _ordered(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block matrix ``[B, nq, nkv]`` bool -> (count ``[B, 1, nq]``, indices ``[B, 1, nq, nkv]``),
+    the listed blocks first (what ``BlockMask.from_kv_blocks`` takes)."""
+    num = m.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(m.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num[:, None], idx[:, None]
+
+
+def block_mask(seg: torch.Tensor, side: torch.Tensor, block: int = BLOCK):
+    """The ``BlockMask`` of :func:`mask_fn` for ``[B, L]`` segment ids and sides, without
+    an ``L × L`` grid.
+
+    Segments are contiguous, so per-block min/max segment ids say everything needed: a
+    (query block i, key block j) pair can hold an allowed entry only if ``j ≤ i`` and their
+    segment ranges meet; it is FULL (no mask evaluated) only if ``j < i``, both blocks lie
+    in one and the same segment and not (query block has rejected ∧ key block has
+    chosen). Anything else that may hold an entry is PARTIAL (the kernel applies
+    ``mask_mod``); a partial block that turns out empty costs time, never correctness.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    B, L = seg.shape
+    nb = -(-L // block)
+    pad = nb * block - L
+    # the tail of the last block: a segment of its own, so no block containing it is full
+    segp = F.pad(seg, (0, pad), value=int(seg.max()) + 1 if seg.numel() else 0)
+    sidep = F.pad(side, (0, pad), value=0)
+    sb, db = segp.view(B, nb, block), sidep.view(B, nb, block)
+    lo, hi = sb.amin(-1), sb.amax(-1)                                  # [B, nb]
+    has_ch, has_rj = (db == 1).any(-1), (db == 2).any(-1)
+    all_ch, all_rj = (db == 1).all(-1), (db == 2).all(-1)
+    i = torch.arange(nb, device=seg.device)
+    causal = (i[None, :] <= i[:, None])[None]                          # [1, nq, nkv]
+    meet = (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])
+    single = lo == hi
+    one_seg = single[:, :, None] & single[:, None, :] & (lo[:, :, None] == lo[:, None, :])
+    blind = one_seg & all_rj[:, :, None] & all_ch[:, None, :]         # rejected × chosen only
+    live = causal & meet & ~blind
+    full = live & (i[None, :] < i[:, None])[None] & one_seg & \
+        ~(has_rj[:, :, None] & has_ch[:, None, :])
+    partial = live & ~full
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=block,
+                                    mask_mod=mask_fn(segp, sidep), seq_lengths=(L, L))
+
+
+def _flex_has_backward(device: torch.device) -> bool:
+    """Whether torch's flex attention has a backward on ``device`` (torch 2.13: not on CPU
+    or MPS)."""
+    return device.type not in ("cpu", "mps")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+def _flex_kernel(device: torch.device):
+    if device.type == "cuda":
+        return _compiled_flex()
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention
+
+
+def _row_block_mask(position_ids: torch.Tensor, rows: int, length: int, device):
+    plans = _row_plans(position_ids, rows)
+    st = _state
+    if st.get("block_mask") is None:
+        seg, side = token_layout(plans, length, device)
+        st["block_mask"] = block_mask(seg, side, BLOCK)
+    return st["block_mask"]
+
+
+def flex_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
+              scaling: float | None = None, is_causal=None, position_ids=None, **kwargs):
+    """query ``[B, H, L, D]``, key/value ``[B, Hkv, L, D]`` -> (``[B, L, H, D]``, None),
+    through flex attention with the rows' block mask (see the module docstring; on CPU
+    with gradients it is :func:`segment_sdpa`)."""
+    if position_ids is None:
+        raise ValueError(f"{FLEX_NAME} attention needs position_ids")
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise ValueError(f"{FLEX_NAME} attention does not implement sliding windows or "
+                         "softcapping")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"{FLEX_NAME} attention is for training forwards (no KV cache)")
+    if attention_mask is not None:
+        raise ValueError(f"{FLEX_NAME} attention reads the layout from position_ids; it takes "
+                         "no attention mask")
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if grad and not _flex_has_backward(query.device):
+        return segment_sdpa(module, query, key, value, None, dropout, scaling,
+                            position_ids=position_ids)
+    if dropout:
+        raise ValueError(f"{FLEX_NAME} attention does not implement attention dropout")
+    B, _, L, _ = query.shape
+    bm = _row_block_mask(position_ids, B, L, query.device)
+    out = _flex_kernel(query.device)(query, key, value, block_mask=bm, scale=scaling,
+                                     enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ---------------------------------------------------------------------------------------
+# selection, the switch, checkpointing
+# ---------------------------------------------------------------------------------------
+
+
 def _dispatch(*args, **kwargs):
     # looked up at call time, so a wrapped ``segment_sdpa`` (tests count calls) is used
     return segment_sdpa(*args, **kwargs)
+
+
+def _dispatch_flex(*args, **kwargs):
+    return flex_sdpa(*args, **kwargs)
 
 
 def register() -> None:
@@ -162,6 +334,7 @@ def register() -> None:
     if not _registered:
         from transformers import AttentionInterface
         AttentionInterface.register(NAME, _dispatch)
+        AttentionInterface.register(FLEX_NAME, _dispatch_flex)
         _registered = True
 
 
@@ -172,64 +345,140 @@ def _configs(core: nn.Module) -> list:
     return [cfg] if text is cfg else [cfg, text]
 
 
+def _impl(core: nn.Module) -> str:
+    return str(getattr(_configs(core)[-1], "_attn_implementation", None) or "")
+
+
+def _checkpointed_elsewise(core: nn.Module) -> bool:
+    """Gradient checkpointing switched on without :func:`checkpoint_context`: its
+    recomputation would not see the segment kernel."""
+    for m in core.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            fn = getattr(m, "_gradient_checkpointing_func", None)
+            if getattr(fn, "keywords", {}).get("context_fn") is not checkpoint_context:
+                return True
+    return False
+
+
+def _unsupported(core: nn.Module) -> bool:
+    """Model features the starpo kernels do not implement, or the recipe's opt-out."""
+    if getattr(core, "starpo_segment_attention", True) is False or _checkpointed_elsewise(core):
+        return True
+    return any(getattr(c, "sliding_window", None) is not None or
+               getattr(c, "attn_logit_softcapping", None) is not None for c in _configs(core))
+
+
 def local_attention(core: nn.Module) -> str | None:
     """How ``core`` (an unwrapped HF model) keeps packed documents apart at a cost of
-    ``Σ segment²``: ``"flash"`` (its own varlen kernel), ``"segments"`` (this module) or
-    None (whole-row attention with a block mask: keep rows short)."""
-    cfgs = _configs(core)
-    impl = str(getattr(cfgs[-1], "_attn_implementation", None) or "")
+    ``Σ segment²``: ``"flash"`` (its own varlen kernel), ``"flex"`` or ``"segments"``
+    (this module), or None (whole-row attention with a block mask: keep rows short)."""
+    impl = _impl(core)
     if "flash" in impl:
         return "flash"
-    if impl not in ("sdpa", "eager") or getattr(core, "starpo_segment_attention", True) is False:
+    if impl not in ("sdpa", "eager", "flex_attention") or _unsupported(core):
         return None
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in core.modules()):
-        return None
-    for c in cfgs:
-        if getattr(c, "sliding_window", None) is not None or \
-                getattr(c, "attn_logit_softcapping", None) is not None:
-            return None
-    return "segments"
+    return "flex" if impl == "flex_attention" else "segments"
+
+
+def prefix_attention(core: nn.Module) -> str | None:
+    """The kernel that runs ``core``'s prefix-shared rows without a dense mask:
+    ``"segments"``, ``"flex"`` (also for flash-attention models) or None."""
+    kind = local_attention(core)
+    if kind == "flash":
+        return None if _unsupported(core) else "flex"
+    return kind
+
+
+def attention_for(core: nn.Module, attention_mask, *, prefix_shared: bool = False) -> str | None:
+    """The starpo kernel a training forward of ``core`` on a batch with this mask runs
+    (``"segments"`` / ``"flex"``), or None for the model's own kernel. ``prefix_shared``:
+    the rows hold prefix-shared pairs (read from positions)."""
+    if attention_mask is not None:
+        if attention_mask.dim() != 4 or attention_mask.dtype != torch.bool:
+            return None                       # a padding mask: the model's own kernel
+        # a dense prefix mask: only segment attention reads it
+        return "segments" if local_attention(core) == "segments" else None
+    kind = prefix_attention(core) if prefix_shared else local_attention(core)
+    return kind if kind in ("segments", "flex") else None
 
 
 def segments_apply(core: nn.Module, attention_mask) -> bool:
     """Whether a training forward of ``core`` on a batch with this mask runs per segment."""
-    if attention_mask is not None and (attention_mask.dim() != 4 or
-                                       attention_mask.dtype != torch.bool):
-        return False
-    return local_attention(core) == "segments"
+    return attention_for(core, attention_mask) == "segments"
 
 
 @contextlib.contextmanager
-def segment_attention(core: nn.Module):
-    """Run ``core`` (an unwrapped HF model) with segment-local attention inside the block.
+def segment_attention(core: nn.Module, kind: str = "segments"):
+    """Run ``core`` (an unwrapped HF model) with the ``kind`` kernel (``"segments"`` or
+    ``"flex"``) inside the block.
 
     The attention layers read ``config._attn_implementation`` at every call, so switching
     it for the duration of one forward is enough; generation (KV cache) never sees it.
     """
+    global _state
+    if kind not in ("segments", "flex"):
+        raise ValueError(f"unknown starpo attention kernel {kind!r}")
     register()
+    name = NAME if kind == "segments" else FLEX_NAME
     cfgs = _configs(core)
     old = [c._attn_implementation for c in cfgs]
-    _plans.clear()
+    _state = {}
+    _active.append((cfgs, name))
     try:
         for c in cfgs:
-            c._attn_implementation = NAME
+            c._attn_implementation = name
+        yield
+    finally:
+        _active.pop()
+        for c, o in zip(cfgs, old):
+            c._attn_implementation = o
+        _state = {}
+
+
+@contextlib.contextmanager
+def _reinstated(cfgs: list, name: str, state: dict):
+    global _state
+    old, old_state = [c._attn_implementation for c in cfgs], _state
+    _state = state
+    try:
+        for c in cfgs:
+            c._attn_implementation = name
         yield
     finally:
         for c, o in zip(cfgs, old):
             c._attn_implementation = o
-        _plans.clear()
+        _state = old_state
+
+
+def checkpoint_context():
+    """torch.utils.checkpoint's ``context_fn``: called in each checkpointed layer's
+    forward; the recomputation in backward runs with the kernel and the segment metadata
+    (plans, block mask) that forward ran with."""
+    if not _active:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    cfgs, name = _active[-1]
+    return contextlib.nullcontext(), _reinstated(cfgs, name, _state)
+
+
+def checkpoint_kwargs() -> dict:
+    """The keyword arguments to enable gradient checkpointing with
+    (``model.activation_checkpointing_enable(checkpoint_kwargs())``): non-reentrant, with
+    :func:`checkpoint_context`, so the segment kernels stay on under recomputation."""
+    return {"use_reentrant": False, "context_fn": checkpoint_context}
 
 
 def one_row_batches(core: nn.Module, *, prefix_shared: bool, checkpointing: bool = False
                     ) -> bool:
     """Whether a micro-batch of packed documents (or of prefix-shared pairs) can be ONE row
     of any length — no row cap, no padding — for ``core``: its attention costs ``Σ
-    segment²`` whatever the row length (segment attention; for documents without shared
-    prompts also flash-attention varlen), and for prefix-shared pairs segment attention
-    reads each pair's layout from its positions, so no ``L × L`` mask is built. Not under
-    gradient checkpointing (see :func:`local_attention`)."""
-    if checkpointing:
-        return False
-    kind = local_attention(core)
-    return kind == "segments" if prefix_shared else kind in ("segments", "flash")
+    segment²`` whatever the row length (segment or flex attention; for documents without
+    shared prompts also flash-attention varlen), and for prefix-shared pairs the kernel
+    reads each pair's layout from its positions, so no ``L × L`` mask is built.
 
+    ``checkpointing`` (the stage will train with gradient checkpointing, which the loop
+    enables through :func:`checkpoint_kwargs`) no longer changes the answer; it is kept
+    for the callers that pass it."""
+    del checkpointing
+    if prefix_shared:
+        return prefix_attention(core) in ("segments", "flex")
+    return local_attention(core) in ("segments", "flex", "flash")

@@ -53,9 +53,11 @@ For models with sliding-window layers, whose window transformers cannot apply to
 custom 4D mask, the window is applied here on ``position_ids`` distances (a per-layer-type
 dict of masks when the model mixes full and sliding layers, as Gemma-2 does).
 
-With sdpa/eager attention, packed and prefix-shared rows (no mask or a 4D bool mask) run
-their attention per document segment (:mod:`starpo.model.attention`) instead of over the whole
-row; :func:`plain_sequence_logprobs` keeps transformers' own whole-row path as reference.
+Packed and prefix-shared rows run their attention per document segment (sdpa/eager:
+segment attention; flex_attention models and the prefix-shared rows of flash-attention
+models: flex attention with a block mask; see :mod:`starpo.model.attention`) instead of
+over the whole row; :func:`plain_sequence_logprobs` keeps transformers' own whole-row path
+as reference.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from starpo.model.attention import segment_attention, segments_apply
+from starpo.model.attention import attention_for, local_attention, segment_attention
 from starpo.data.batch import TokenBatch
 
 # ---------------------------------------------------------------------------------------
@@ -304,30 +306,46 @@ def _sum_per_sequence(target_lp: Tensor, batch: TokenBatch) -> tuple[Tensor, Ten
     return sums, counts
 
 
-def _check_implicit_prefix(batch: TokenBatch, segments: bool) -> None:
-    """A prefix-shared batch built without a mask is correct only under segment attention
-    (``segments``: whether this forward runs it)."""
-    if batch.meta.get("implicit_prefix") and not segments:
+def _check_implicit_prefix(batch: TokenBatch, kernel: bool) -> None:
+    """A prefix-shared batch built without a mask is correct only under starpo's segment or
+    flex kernels (``kernel``: whether this forward runs one)."""
+    if batch.meta.get("implicit_prefix") and not kernel:
         raise ValueError("this prefix-shared batch has no attention mask (dense_mask=False): "
-                         "only segment attention reads its layout (sdpa/eager, no gradient "
-                         "checkpointing, model.segment_attention on); build it with a mask")
+                         "only starpo's segment/flex attention reads its layout (sdpa, eager, "
+                         "flex_attention or flash-attention models, model.segment_attention "
+                         "on); build it with a mask")
 
 
 def body_hidden_states(core: nn.Module, body: nn.Module, batch: TokenBatch) -> Tensor:
     """Last hidden states ``[B, L, H]`` of the transformer ``body`` of ``core`` (an
     unwrapped HF model) on ``batch``, with ``use_cache=False`` (a cache object would make
     transformers ignore the packed layout) and attention per packed document where
-    :func:`starpo.model.attention.segments_apply` says so (``Σ segment²`` instead of ``L²``)."""
-    segments = segments_apply(core, batch.attention_mask)
-    _check_implicit_prefix(batch, segments)
-    if segments:
-        with segment_attention(core):
-            out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, use_cache=False)
-    else:
-        out = body(input_ids=batch.input_ids, attention_mask=model_attention_mask(core, batch),
-                   position_ids=batch.position_ids, use_cache=False)
-    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+    :func:`starpo.model.attention.attention_for` says so (``Σ segment²`` instead of ``L²``).
+
+    Flash-attention models read packed documents from ``position_ids`` only in a batch of
+    one row, so several packed rows (no mask; each row starts a document) are run as one
+    row ``[1, B·L]`` and the hidden states reshaped back."""
+    kind = attention_for(core, batch.attention_mask,
+                         prefix_shared=bool(batch.meta.get("implicit_prefix")))
+    _check_implicit_prefix(batch, kind is not None)
+    ids, pos = batch.input_ids, batch.position_ids
+    if kind is not None:
+        with segment_attention(core, kind):
+            out = body(input_ids=ids, attention_mask=batch.attention_mask, position_ids=pos,
+                       use_cache=False)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+    rows, length = ids.shape
+    flat = (batch.attention_mask is None and rows > 1 and local_attention(core) == "flash")
+    if flat:
+        pos = pos.expand(rows, -1) if pos.shape[0] != rows else pos
+        if not bool((pos[:, 0] == 0).all()):
+            raise ValueError("packed rows for flash-attention must each start a document "
+                             "(position 0)")
+        ids, pos = ids.reshape(1, -1), pos.reshape(1, -1)
+    out = body(input_ids=ids, attention_mask=model_attention_mask(core, batch),
+               position_ids=pos, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return hidden.reshape(rows, length, -1) if flat else hidden
 
 
 def sequence_logprobs(model: nn.Module, batch: TokenBatch, chunk_size: int = 1024
@@ -360,7 +378,7 @@ def plain_sequence_logprobs(model: nn.Module, batch: TokenBatch) -> tuple[Tensor
     """Reference path for tests: the model's own forward, full ``[B, L, V]`` logits,
     float32 log-softmax, gather. Same outputs as :func:`sequence_logprobs`."""
     core = unwrap_model(model)
-    _check_implicit_prefix(batch, segments=False)
+    _check_implicit_prefix(batch, kernel=False)
     out = core(input_ids=batch.input_ids, attention_mask=model_attention_mask(core, batch),
                position_ids=batch.position_ids, use_cache=False)
     logp = F.log_softmax(out.logits.float(), dim=-1)

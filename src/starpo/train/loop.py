@@ -137,10 +137,12 @@ def _schedule(first: list[TokenBatch], spec: TrainSpec, world: int, desc: str) -
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
+    # non-reentrant, with the context that keeps starpo's segment kernels on in recomputation
+    from starpo.model.attention import checkpoint_kwargs
     if hasattr(model, "activation_checkpointing_enable"):     # transformers ≥ 5.x name
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.activation_checkpointing_enable(checkpoint_kwargs())
     elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs())
 
 
 class _Window:
