@@ -15,11 +15,20 @@ is recorded and the next one still runs):
                sft → dpo → reward → online (vLLM) → eval (vLLM), flash-attention 2, bf16,
                local data (realdata PKU-SafeRLHF/HH-RLHF rows plus the embedded world)
                                                                   → OUT/pipeline/
-    table      tokens/s, pairs/s and MFU (6·N·tokens/s against the H200's 790 TFLOP/s
-               bf16) of each training stage, from its metrics.jsonl → OUT/table.md
+    bench      starpo vs TRL, SFT and DPO side by side on the same model (scripts/gpu_bench.py:
+               tokens/s, pairs/s, peak GPU memory from torch.cuda.max_memory_allocated, MFU
+               against the H200's 790 TFLOP/s bf16 with model FLOPs = 6·N_body·tokens +
+               6·H·V·targets (+ the forward-only reference pass, 2·N·D), ~12 steps each)
+                                                                  → OUT/bench/bench.{md,json}
+    table      tokens/s, pairs/s and MFU (same formula) of each pipeline training stage, from
+               its metrics.jsonl, then the bench table               → OUT/table.md
+
+The pipeline trains with dtype "auto": fp32 master weights under bf16 autocast (the
+loop's mixed precision), as a user's recipe would on this GPU.
 
 ``--dry-run`` checks the plan without a GPU: the shrunk recipe validates, the tokenizer and
-data files exist, and it lists the installs it would make (OUT/plan.json).
+data files exist, the bench's configurations and their data build, and it lists the
+installs it would make (OUT/plan.json).
 """
 
 from __future__ import annotations
@@ -42,7 +51,19 @@ NEEDS = {"flash_attn": "flash-attn", "vllm": "vllm>=0.10", "trl": "trl==1.16.0",
 MODEL = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
          "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 4096,
          "tie_word_embeddings": True, "rope_theta": 1000000.0}
-LIMITS = {"env": 20, "install": 150, "gpu-tests": 60, "model": 40, "pipeline": 200}
+LIMITS = {"env": 10, "install": 70, "gpu-tests": 70, "model": 20, "pipeline": 150,
+          "bench": 150}
+
+
+def bench_plan() -> dict:
+    """What the bench step runs, checked on any machine: its configurations, sizes, and
+    that its data builds (benchmarks.assets, the rows both frameworks train on)."""
+    sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+    import gpu_bench
+    rows = {k: len(gpu_bench._rows(k, gpu_bench.SIZES)) for k in ("sft", "dpo")}
+    return {"configs": [f"{k}/{f}" for k, f in gpu_bench.CONFIGS], "sizes": gpu_bench.SIZES,
+            "rows": rows, "limits_s": {f"{k}/{f}": s for (k, f), s in gpu_bench.LIMITS_S.items()},
+            "peak_flops": gpu_bench.H200_BF16_FLOPS}
 
 
 def install_plan(wheels: str | None) -> list[list[str]]:
@@ -64,9 +85,9 @@ def shrunk_recipe(model_dir: str) -> dict:
     r = yaml.safe_load((ROOT / "recipes" / "hitchhiker" / "phi-3-medium.yaml").read_text())
     pku, hh = str(REALDATA / "pku_saferlhf.jsonl"), str(REALDATA / "hh_rlhf.jsonl")
     r["name"] = "gpu-check"
-    r["model"] = {"name_or_path": model_dir, "dtype": "bfloat16",
+    r["model"] = {"name_or_path": model_dir, "dtype": "auto",
                   "attn_implementation": "flash_attention_2"}
-    short = {"max_steps": 20, "batch_size": 8, "grad_accum": 1, "log_every": 5,
+    short = {"max_steps": 12, "batch_size": 8, "grad_accum": 1, "log_every": 5,
              "save_every": 10, "warmup_ratio": 0.1, "gradient_checkpointing": False}
     sft, dpo, ev = (r["stages"][i] for i in range(3))
     sft["data"]["sources"] = [{"path": pku, "use": "chosen"}, {"path": hh, "use": "chosen"},
@@ -128,6 +149,9 @@ def table(out: Path) -> str:
         pairs = summary.get("pairs")
         pps = (pairs and summary.get("seconds") and f"{pairs / summary['seconds']:.1f}") or ""
         rows.append(f"| {stage} | {tps:,.0f} | {pps} | {6 * n * tps / H200_BF16_FLOPS:.1%} |")
+    bench = out / "bench" / "bench.md"
+    rows.append("\nstarpo vs TRL (scripts/gpu_bench.py):\n")
+    rows.append(bench.read_text() if bench.is_file() else "(no bench results)\n")
     return "\n".join(rows) + "\n"
 
 
@@ -162,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                     if not p.is_file()]
         recipe_from_dict(recipe)           # validates, or raises the recipe error
         plan["missing_files"] = problems
+        plan["bench"] = bench_plan()
         (out / "plan.json").write_text(json.dumps(plan, indent=2))
         print(f"plan: {', '.join(plan['steps'])}; total limit {sum(LIMITS.values())} s")
         for cmd in plan["installs"]:
@@ -188,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if ok:
         _step("pipeline", [py, "-m", "starpo.cli", "run", str(out / "recipe.yaml"), "--out",
                            str(out / "pipeline"), "-q"], out, log)
+        _step("bench", [py, str(ROOT / "scripts" / "gpu_bench.py"), "all", "--model",
+                        str(out / "model"), "--out", str(out / "bench")], out, log)
     try:
         t = table(out)
     except (OSError, ValueError, KeyError) as err:
