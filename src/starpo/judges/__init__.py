@@ -8,6 +8,10 @@ Built-in judges (the registry below; ``type:`` of a recipe's ``judge``):
 * ``reward_model`` (:class:`~starpo.judges.reward_model.RewardModelJudge`): any
   ``AutoModelForSequenceClassification`` checkpoint (a reward stage of the run, a local
   directory or a hub id), rendered with its chat template or the OpenAssistant format.
+* ``pairwise_rm`` (:class:`~starpo.judges.pairwise_rm.PairwiseRMJudge`): a pairwise
+  preference model trained by a ``pairwise_rm`` stage of the run (``path``: that stage's
+  name or its ``model/`` directory); reads the prompt and both responses at once, both
+  orders averaged. Pairwise.
 * ``pairwise`` (:class:`~starpo.judges.pairrm.PairRMJudge`): llm-blender's PairRM;
   compares responses, so it ranks but cannot score.
 * ``world_labeler`` (:class:`~starpo.judges.world_labeler.WorldLabelerJudge`): the
@@ -39,11 +43,16 @@ class JudgeKind:
     name: str
     pointwise: bool                       # has a score of its own (the eval stage needs one)
     build: str                            # "module:function" making it from a spec
+    # the stage kind whose model it loads: its `path` is required and, when it names a
+    # stage of the recipe, that stage must be of this kind (checked when the recipe loads)
+    stage_kind: str | None = None
 
 
 BUILTIN = {k.name: k for k in (
     JudgeKind("gold", True, "starpo.judges:_build_gold"),
     JudgeKind("reward_model", True, "starpo.judges:_build_reward_model"),
+    JudgeKind("pairwise_rm", False, "starpo.judges:_build_pairwise_rm",
+              stage_kind="pairwise_rm"),
     JudgeKind("pairwise", False, "starpo.judges:_build_pairrm"),
     JudgeKind("world_labeler", False, "starpo.judges:_build_world_labeler"),
 )}
@@ -83,6 +92,12 @@ def is_pointwise(name: str) -> bool:
     if isinstance(cls, type) and issubclass(cls, PairwiseJudge):
         return False
     return callable(getattr(cls, "score", None))
+
+
+def stage_kind(name: str) -> str | None:
+    """The stage kind a built-in judge loads its model from (None: any path, or none)."""
+    kind = BUILTIN.get(name)
+    return kind.stage_kind if kind else None
 
 
 def make_judge(spec, *, resolve_path: Callable[[str], str | None] | None = None,
@@ -131,11 +146,9 @@ def _build_pairrm(spec, path, model_spec, device):
     return PairRMJudge(str(target), device=device, batch_size=spec.batch_size)
 
 
-def _build_reward_model(spec, path, model_spec, device):
-    from starpo.judges.reward_model import RewardModelJudge
-    if not path:
-        raise StarpoError("judge.path: a reward_model judge needs the path (or stage name) "
-                          "of a sequence-classification checkpoint")
+def _load_kwargs(model_spec) -> dict:
+    """dtype, attention implementation and trust_remote_code of the recipe's model, for a
+    judge that loads a checkpoint."""
     kwargs = {}
     if model_spec is not None:
         kwargs["trust_remote_code"] = bool(getattr(model_spec, "trust_remote_code", False))
@@ -145,5 +158,26 @@ def _build_reward_model(spec, path, model_spec, device):
         attn = getattr(model_spec, "attn_implementation", None)
         if attn:
             kwargs["attn_implementation"] = attn
+    return kwargs
+
+
+def _build_reward_model(spec, path, model_spec, device):
+    from starpo.judges.reward_model import RewardModelJudge
+    if not path:
+        raise StarpoError("judge.path: a reward_model judge needs the path (or stage name) "
+                          "of a sequence-classification checkpoint")
     return RewardModelJudge(str(path), input_format=spec.input_format,
-                            batch_size=spec.batch_size, device=device, **kwargs)
+                            batch_size=spec.batch_size, device=device,
+                            **_load_kwargs(model_spec))
+
+
+def _build_pairwise_rm(spec, path, model_spec, device):
+    from starpo.judges.pairwise_rm import PairwiseRMJudge
+    if not path:
+        raise StarpoError("judge.path: a pairwise_rm judge needs the name of a pairwise_rm "
+                          "stage (or that stage's model/ directory)")
+    if spec.input_format != "chat_template":
+        raise StarpoError("judge.input_format: a pairwise_rm judge reads its stage's layout "
+                          "with the chat template; leave input_format unset")
+    return PairwiseRMJudge(str(path), batch_size=spec.batch_size, device=device,
+                           **_load_kwargs(model_spec))

@@ -108,25 +108,27 @@ class PairwiseJudge:
         return self.compare_batch([prompt], [a], [b])[0]
 
     def rank(self, prompt: Prompt, candidates: Sequence[str]) -> list[float]:
-        k = len(candidates)
-        if k < 2:
-            return [0.5] * k
-        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-        probs = self.compare_batch([prompt] * len(pairs), [candidates[i] for i, _ in pairs],
-                                   [candidates[j] for _, j in pairs])
-        wins = [0.0] * k
-        for (i, j), p in zip(pairs, probs):
-            if self.both_orders:
-                wins[i] += p
-                wins[j] += 1.0 - p
-            else:  # without order control, j's chance is what the judge says as first
-                wins[i] += p
-        if not self.both_orders:
-            back = self.compare_batch([prompt] * len(pairs), [candidates[j] for _, j in pairs],
-                                      [candidates[i] for i, _ in pairs])
-            for (i, j), p in zip(pairs, back):
-                wins[j] += p
-        return [w / (k - 1) for w in wins]
+        return self.rank_many([prompt], [candidates])[0]
+
+    def rank_many(self, prompts: Sequence[Prompt],
+                  groups: Sequence[Sequence[str]]) -> list[list[float]]:
+        """``rank`` for many prompts at once: every game of every group in one
+        ``compare_batch`` call (so a batched judge runs them together)."""
+        games = [(g, i, j) for g, cands in enumerate(groups)
+                 for i in range(len(cands)) for j in range(i + 1, len(cands))]
+        ps = [prompts[g] for g, _, _ in games]
+        firsts = [groups[g][i] for g, i, _ in games]
+        seconds = [groups[g][j] for g, _, j in games]
+        probs = self.compare_batch(ps, firsts, seconds) if games else []
+        # without order control, j's chance is what the judge says with j shown first
+        back = self.compare_batch(ps, seconds, firsts) if games and not self.both_orders \
+            else None
+        wins = [[0.0] * len(c) for c in groups]
+        for n, (g, i, j) in enumerate(games):
+            wins[g][i] += probs[n]
+            wins[g][j] += back[n] if back is not None else 1.0 - probs[n]
+        return [[w / (len(c) - 1) for w in ws] if len(c) >= 2 else [0.5] * len(c)
+                for ws, c in zip(wins, groups)]
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         raise StarpoError("a pairwise judge compares responses and has no absolute score; "

@@ -210,6 +210,16 @@ class RewardStage(StageBase):
     max_prompt_length: int = Field(256, gt=0)
 
 
+class PairwiseRMStage(StageBase):
+    """A pairwise preference model (PairRM-like) on the starting model's body: reads the
+    prompt and both responses at once (starpo.stages.pairwise_rm); a judge, not a policy."""
+
+    yields_policy: ClassVar[bool] = False     # a sequence classifier, not a policy
+    type: Literal["pairwise_rm"]
+    max_length: int = Field(512, gt=8)        # prompt + both responses
+    max_prompt_length: int = Field(256, gt=0)
+
+
 def _default_eval_data() -> DataSpec:
     return DataSpec(sources=[SourceSpec(path="world:eval", n=200)], shuffle=False)
 
@@ -240,7 +250,7 @@ class EvalStage(Strict):
 
 # every stage kind, in the order the README lists them; the stage registry
 # (starpo.stages) gives each its runner
-STAGE_SPECS = (SFTStage, DPOStage, RewardStage, OnlineStage, EvalStage)
+STAGE_SPECS = (SFTStage, DPOStage, RewardStage, PairwiseRMStage, OnlineStage, EvalStage)
 STAGE_TYPES: dict[str, type] = {cls.model_fields["type"].annotation.__args__[0]: cls
                                 for cls in STAGE_SPECS}
 
@@ -306,6 +316,30 @@ class Recipe(Strict):
             if st.name in seen:
                 raise ValueError(f"stages.{i}.name: duplicate stage name {st.name!r}")
             seen.add(st.name)
+        return self
+
+    @model_validator(mode="after")
+    def _judge_stages(self) -> "Recipe":
+        """A judge that loads a stage kind's model (pairwise_rm) names such a stage, earlier."""
+        order = {st.name: i for i, st in enumerate(self.stages)}
+        for i, st in enumerate(self.stages):
+            spec = getattr(st, "judge", None)
+            kind = judges.stage_kind(spec.type) if spec is not None else None
+            if kind is None:
+                continue
+            where = f"stages.{i}.judge.path"
+            if not spec.path:
+                raise ValueError(f"{where}: a {spec.type} judge needs path: the name of a "
+                                 f"{kind} stage (or that stage's model/ directory)")
+            if spec.path not in order:
+                continue                      # a directory, checked when the judge loads
+            target = self.stages[order[spec.path]]
+            if target.type != kind:
+                raise ValueError(f"{where}: {spec.path!r} is a {target.type} stage; a "
+                                 f"{spec.type} judge needs a {kind} stage")
+            if order[spec.path] >= i:
+                raise ValueError(f"{where}: stage {spec.path!r} comes after {st.name!r}; "
+                                 f"put the {kind} stage before the stage it judges")
         return self
 
     def stage(self, name: str):

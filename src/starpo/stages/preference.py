@@ -98,20 +98,30 @@ def _pair_json(p: TokenizedPair) -> dict:
     return {**p.as_dict(), "source": p.source, "row": p.row}
 
 
-def prepare_pairs(ctx, stage, tok, seed: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+def prepare_pairs(ctx, stage, tok, seed: int, *, transform=None,
+                  transform_key: str | None = None
+                  ) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
     """The stage's preference data, loaded, split and tokenized once per key (main process
-    first; reused on resume): ``(train_pairs, eval_pairs)``. Shared by the dpo and reward
-    stages (``stage`` has ``data``, ``max_length`` and ``max_prompt_length``)."""
+    first; reused on resume): ``(train_pairs, eval_pairs)``. Shared by the dpo, reward and
+    pairwise_rm stages (``stage`` has ``data``, ``max_length`` and ``max_prompt_length``).
+
+    ``transform`` (canonical rows → canonical rows, e.g. the pairwise model's joint
+    layout) is applied after the held-out split, so the split is the one the other
+    stages of the same data and seed hold out; ``transform_key`` names it in the cache key.
+    """
     def build():
         rows = load_mixture(stage.data, "preference", world_seed=ctx.recipe.world.seed,
                             seed=seed, log=ctx.log)
         train_rows, eval_rows = split_eval(rows, stage.data.eval_fraction, seed)
+        if transform is not None:
+            train_rows, eval_rows = transform(train_rows), transform(eval_rows)
         kw = dict(on_bad_rows=stage.data.on_bad_rows, progress=ctx.progress, log=ctx.log)
         return {part: [_pair_json(p) for p in tokenize_pairs(tok, part_rows, stage, **kw)[0]]
                 for part, part_rows in (("train", train_rows), ("eval", eval_rows))}
 
     key = fingerprint(stage.data.model_dump(mode="json"), tokenizer_fingerprint(tok), seed,
-                      ctx.recipe.world.seed, stage.max_length, stage.max_prompt_length)
+                      ctx.recipe.world.seed, stage.max_length, stage.max_prompt_length,
+                      *([transform_key] if transform is not None else []))
     data = prepared(ctx.stage_dir(stage.name) / "data", "pairs", key, build, log=ctx.log,
                     runtime=ctx.runtime)
     train_pairs = [TokenizedPair(**d) for d in data["train"]]

@@ -31,6 +31,13 @@ Loss
     pairs (``data.eval_fraction``) and a fixed sample of training pairs are scored before
     and after training.
 
+Shared with the pairwise_rm stage
+    Everything above except the loss is the machinery of any stage that trains a scalar
+    sequence scorer on pairs: :func:`train_pair_scorer` takes a :class:`PairObjective`
+    (loss, metrics, an optional rewrite of the rows, config written to the checkpoint);
+    the reward stage is it with :data:`BRADLEY_TERRY`, :mod:`starpo.stages.pairwise_rm`
+    with the pairwise model's objective.
+
 The loop's module
     ``run_loop`` prepares (DDP/FSDP-wraps) the module whose forward feeds the loss;
     :class:`SequenceScores` is that module for a reward model, passed as
@@ -41,6 +48,8 @@ The loop's module
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -155,14 +164,43 @@ def reward_metrics(chosen: Tensor, rejected: Tensor, losses: Tensor) -> dict:
             "reward_rejected": (s(rejected), n)}
 
 
+@dataclass(frozen=True)
+class PairObjective:
+    """What a stage that trains a scalar sequence scorer on preference pairs is made of,
+    besides the shared machinery here (batches, loop, held-out accuracy, checkpoint).
+
+    Every pair is two scored documents (sequence 2i and 2i+1 of a batch); ``loss`` maps
+    their scores ``(even [P], odd [P])`` to per-pair losses, ``metrics`` to the logged
+    sums. ``transform`` rewrites the canonical preference rows before tokenization (its
+    name ``transform_key`` goes into the prepared-data key); ``config`` is written into
+    the saved checkpoint's ``config.json`` so the judge that loads it can tell what it is.
+    """
+
+    name: str                                   # the loss, as the stage's log names it
+    accuracy: str                               # "reward accuracy", "pairwise accuracy"
+    loss: Callable[[Tensor, Tensor], Tensor]
+    metrics: Callable[[Tensor, Tensor, Tensor], dict]
+    transform: Callable[[list[dict]], list[dict]] | None = None
+    transform_key: str | None = None
+    config: dict = field(default_factory=dict)
+
+
+# the reward stage: document 2i = prompt + chosen, 2i+1 = prompt + rejected
+BRADLEY_TERRY = PairObjective("Bradley–Terry loss", "reward accuracy", bradley_terry,
+                              reward_metrics)
+
+
 class RewardTask:
-    """Pairs → padding-free micro-batches; loss = Σ over pairs of the Bradley–Terry loss.
-    The loop's module is a :class:`SequenceScores` (``module(batch)`` → rewards ``[S]``)."""
+    """Pairs → padding-free micro-batches; loss = Σ over pairs of the objective's loss
+    (Bradley–Terry by default). The loop's module is a :class:`SequenceScores`
+    (``module(batch)`` → scores ``[S]``)."""
 
     def __init__(self, pairs, *, batch_size: int, seed: int,
-                 max_tokens_per_row: int | None = None):
+                 max_tokens_per_row: int | None = None,
+                 objective: PairObjective = BRADLEY_TERRY):
         self.pairs, self.batch_size, self.seed = list(pairs), batch_size, seed
         self.max_tokens_per_row = max_tokens_per_row
+        self.objective = objective
 
     def microbatches(self, epoch: int) -> list[TokenBatch]:
         order = list(range(len(self.pairs)))
@@ -179,16 +217,17 @@ class RewardTask:
 
     def loss(self, module: nn.Module, batch: TokenBatch):
         r = module(batch)
-        chosen, rejected = r[0::2], r[1::2]
-        losses = bradley_terry(chosen, rejected)
-        return losses.sum(), reward_metrics(chosen, rejected, losses)
+        even, odd = r[0::2], r[1::2]
+        losses = self.objective.loss(even, odd)
+        return losses.sum(), self.objective.metrics(even, odd, losses)
 
 
 @torch.no_grad()
 def evaluate_reward(model: nn.Module, pairs, runtime: Runtime, *, batch_size: int = 32,
-                    max_tokens_per_row: int | None = None) -> dict:
-    """Mean ``loss``, ``reward_accuracy``, ``reward_margin``, … of ``model`` on ``pairs``,
-    on the runtime's device (where the model is)."""
+                    max_tokens_per_row: int | None = None,
+                    objective: PairObjective = BRADLEY_TERRY) -> dict:
+    """Mean ``loss``, ``reward_accuracy``, ``reward_margin``, … (the objective's metrics)
+    of ``model`` on ``pairs``, on the runtime's device (where the model is)."""
     if not pairs:
         return {}
     was = model.training
@@ -198,8 +237,9 @@ def evaluate_reward(model: nn.Module, pairs, runtime: Runtime, *, batch_size: in
         for k in range(0, len(pairs), batch_size):
             b = runtime.batch(collate_reward_pairs(pairs[k:k + batch_size], max_tokens_per_row))
             r = sequence_scores(model, b)
-            for name, (s, c) in reward_metrics(r[0::2], r[1::2],
-                                               bradley_terry(r[0::2], r[1::2])).items():
+            even, odd = r[0::2], r[1::2]
+            for name, (s, c) in objective.metrics(even, odd,
+                                                  objective.loss(even, odd)).items():
                 t = tot.setdefault(name, [0.0, 0.0])
                 t[0] += s
                 t[1] += c
@@ -225,19 +265,31 @@ def build_reward_model(start: str, tok, model_spec, *, seed: int, device=None):
 
 
 def run_reward(ctx, stage) -> dict:
+    return train_pair_scorer(ctx, stage, BRADLEY_TERRY, what="reward model")
 
+
+def train_pair_scorer(ctx, stage, objective: PairObjective, *, what: str) -> dict:
+    """A scalar scorer on the starting model's body, trained on the stage's preference
+    pairs with ``objective``; accuracy on a probe of training pairs and on the held-out
+    pairs before and after; saved to ``DIR/<stage>/model/``. The reward and pairwise_rm
+    stages are this with their objective."""
     seed = ctx.seed_for(stage)
     start = ctx.resolve_model(stage.model, before=stage.name)
     tok = loading.load_tokenizer(start, ctx.recipe.model)
-    train_pairs, eval_pairs = prepare_pairs(ctx, stage, tok, seed)
-    ctx.log(f"  reward model from {start}: {len(train_pairs)} training pairs, "
-            f"{len(eval_pairs)} held out; Bradley–Terry loss")
+    train_pairs, eval_pairs = prepare_pairs(ctx, stage, tok, seed,
+                                            transform=objective.transform,
+                                            transform_key=objective.transform_key)
+    ctx.log(f"  {what} from {start}: {len(train_pairs)} training pairs, "
+            f"{len(eval_pairs)} held out; {objective.name}")
 
     rt = ctx.runtime
     rm = rt.model(build_reward_model(start, tok, ctx.recipe.model, seed=seed))
+    for key, value in objective.config.items():     # travels in the checkpoint's config.json
+        setattr(unwrap_model(rm).config, key, value)
     cap = row_cap(rm, stage.max_length, prefix_shared=False,
                   checkpointing=stage.train.gradient_checkpointing)
-    evaluate = lambda ps: evaluate_reward(rm, ps, rt, max_tokens_per_row=cap)  # noqa
+    evaluate = lambda ps: evaluate_reward(rm, ps, rt, max_tokens_per_row=cap,  # noqa
+                                          objective=objective)
     probe = random.Random(f"starpo-reward-probe|{seed}").sample(
         train_pairs, min(TRAIN_PROBE, len(train_pairs)))
     summary: dict = {"start": start, "pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
@@ -246,12 +298,12 @@ def run_reward(ctx, stage) -> dict:
         summary["eval_before"] = evaluate(eval_pairs)
 
     task = RewardTask(train_pairs, batch_size=stage.train.batch_size, seed=seed,
-                      max_tokens_per_row=cap)
+                      max_tokens_per_row=cap, objective=objective)
     res = run_loop(rm, task, stage.train, ctx.stage_dir(stage.name), seed=seed, runtime=rt,
                    resume=not ctx.restart, desc=stage.name, progress=ctx.progress)
     summary.update(steps=res.steps, final=res.last_metrics,
                    train_after=evaluate(probe))
-    line = (f"  reward accuracy on {len(probe)} training pairs "
+    line = (f"  {objective.accuracy} on {len(probe)} training pairs "
             f"{summary['train_before']['reward_accuracy']:.3f} → "
             f"{summary['train_after']['reward_accuracy']:.3f}")
     if eval_pairs:
