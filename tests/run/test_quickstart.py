@@ -1,5 +1,5 @@
 """The shipped quickstart recipe, every stage, shrunk by overrides to run in CI time:
-sft → dpo → reward → online → eval → report, through the CLI entry point."""
+sft → dpo → online → eval → report, through the CLI entry point."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ SHRINK = [
     "stages.sft.train.save_every=null",
     "stages.dpo.data.sources.0.n=120", "stages.dpo.train.max_steps=4",
     "stages.dpo.train.batch_size=8", "stages.dpo.train.save_every=null",
-    "stages.reward.data.sources.0.n=120", "stages.reward.train.max_steps=4",
     "stages.online.rounds=1", "stages.online.prompts_per_round=12",
     "stages.online.n_samples=3", "stages.online.generation.max_new_tokens=16",
     "stages.online.train.batch_size=4",
@@ -38,12 +37,10 @@ def run_dir(tmp_path_factory):
 
 
 def test_every_stage_completes_with_its_artifacts(run_dir):
-    for stage in ("sft", "dpo", "reward", "online", "eval"):
+    for stage in ("sft", "dpo", "online", "eval"):
         assert (run_dir / stage / "stage.json").is_file(), stage
     for stage in ("sft", "dpo", "online"):
         assert (run_dir / stage / "model" / "config.json").is_file()
-    cfg = json.loads((run_dir / "reward" / "model" / "config.json").read_text())
-    assert cfg["architectures"][0].endswith("ForSequenceClassification")
     rnd = run_dir / "online" / "round_1"
     samples = [json.loads(l) for l in (rnd / "samples.jsonl").open()]
     assert samples and all(len(s["samples"]) == 3 for s in samples)
@@ -73,4 +70,4 @@ def test_rerun_skips_everything(run_dir):
     logs = []
     rec = load_recipe(ROOT / "recipes" / "quickstart.yaml", SHRINK)
     pipeline.run(rec, run_dir, log=logs.append, progress=False, report=False)
-    assert sum("complete, skipped" in l for l in logs) == 5
+    assert sum("complete, skipped" in l for l in logs) == 4
