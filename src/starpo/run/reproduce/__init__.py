@@ -98,7 +98,8 @@ def write_document(results: dict, doc: Path, *, meta: dict | None = None) -> Pat
              ("machine", meta.get("machine")), ("scale", meta.get("scale")),
              ("wall time of the run that wrote this", meta.get("wall_time"))]
     head += [f"- {k}: {v}" for k, v in facts if v]
-    head += ["", INTRO, "", "## Contents", ""]
+    head += ["", INTRO.format(prompts=meta.get("eval_prompts") or "the"), "", "## Contents",
+             ""]
     head += [f"- [{s.TITLE}](#{_anchor(s.TITLE)})" for s in STUDIES]
     sections = [s.section(results.get(s.NAME), fig) for s in STUDIES]
     fileio.write_text(doc, "\n".join(head) + "\n\n" + "\n".join(sections))
@@ -106,6 +107,16 @@ def write_document(results: dict, doc: Path, *, meta: dict | None = None) -> Pat
         if old not in fig.written:
             old.unlink()
     return doc
+
+
+def _eval_prompts(ctx: runs.Context) -> int | None:
+    """How many prompts the evaluations scored (from any finished trial's record)."""
+    for s in STUDIES:
+        for seed in ctx.seeds:
+            for rec in runs.trial_records(ctx, s.NAME, seed):
+                if rec.get("n_prompts"):
+                    return int(rec["n_prompts"])
+    return None
 
 
 def _anchor(title: str) -> str:
@@ -128,8 +139,8 @@ Student-t interval over the seeds; with one seed, the run's bootstrap interval o
 prompts). A paper's finding is checked on the difference it implies, paired by seed: it
 **reproduces** when the difference's whole interval lies on the paper's side, **does not
 reproduce** when it lies on the other side, and is **inconclusive** when it contains 0.
-Gold score: the world's gold reward of the model's sampled response to each of the 161
-held-out evaluation prompts, averaged; win rates count ties ½; KL to SFT is summed over
+Gold score: the world's gold reward of the model's sampled response to each of the
+{prompts} held-out evaluation prompts, averaged; win rates count ties ½; KL to SFT is summed over
 the response's tokens (nats); length in tokens."""
 
 
@@ -156,6 +167,7 @@ def reproduce(out: str | Path, *, jobs: int = 1, mini: bool = False,
     wall = time.time() - t0
     if doc is not None:
         meta = {"command": command or " ".join(["starpo", *sys.argv[1:]]),
+                "eval_prompts": _eval_prompts(ctx),
                 "code_version": _code_version(),
                 "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                 "machine": _machine(jobs), "scale": f"{ctx.scale.name}, seeds "

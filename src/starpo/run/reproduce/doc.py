@@ -28,7 +28,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 # the report's chart style, for SVG files shown on their own (the charts use classes)
 _SVG_STYLE = "".join(line[len("svg "):] + "\n" for line in CSS.splitlines()
                      if line.startswith("svg ") and not line.startswith("svg.chart"))
-_FONT = 'svg { font-family: -apple-system, "Segoe UI", "DejaVu Sans", Helvetica, Arial, sans-serif; }\n'
+_FONT = ('svg { font-family: -apple-system, "Segoe UI", "DejaVu Sans", Helvetica, Arial, '
+         'sans-serif; }\n')
 
 
 def standalone_svg(svg: str) -> str:
@@ -77,7 +78,7 @@ class Claim:
     @property
     def verdict(self) -> str:
         v = verdict(self.diff, self.direction)
-        if self.no_worse and v == INCONCLUSIVE:
+        if self.no_worse and v == INCONCLUSIVE and self.diff.has_interval:
             return REPRODUCES
         return v
 
@@ -86,7 +87,7 @@ class Claim:
         v = self.verdict
         if v == REPRODUCES:
             if self.no_worse and verdict(self.diff, self.direction) == INCONCLUSIVE:
-                return "reproduces (no worse: the interval includes 0)"
+                return "reproduces as equal (the interval includes 0)"
             return "reproduces"
         if v == OPPOSITE:
             return "does not reproduce (the opposite direction)"
@@ -128,5 +129,5 @@ def overall(claims: Sequence[Claim]) -> str:
     return "does not reproduce" if any(v == OPPOSITE for v in vs) else INCONCLUSIVE
 
 
-def est_cell(e: Estimate, digits: int = 3) -> str:
-    return fmt(e, digits)
+def seeds_text(seeds: Sequence[int]) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))

@@ -14,8 +14,9 @@ from starpo.metrics.analysis import describe
 from starpo.metrics.names import EVAL_METRICS
 from starpo.report.charts import PALETTE, box_chart, interval_chart
 from starpo.run.reproduce import runs
-from starpo.run.reproduce.doc import Claim, Figures, claims_notes, claims_table, overall, table
-from starpo.run.reproduce.estimate import across_seeds, difference, fmt
+from starpo.run.reproduce.doc import (Claim, Figures, claims_notes, claims_table, overall,
+                                      seeds_text, table)
+from starpo.run.reproduce.estimate import across_seeds, difference, fmt, wilson
 
 NAME = "guide"
 TITLE = "5. DPO, LN-DPO and SimPO over a grid (the *PO hitchhiker's guide)"
@@ -27,13 +28,13 @@ GRID_CHARTS = (("mean_score", "gold score"), ("win_vs_sft", "win rate vs SFT"),
                ("kl_vs_sft", "KL to SFT"), ("mean_length", "length (tokens)"))
 
 WHY = {
-    "length": ("Length normalisation removes the reward's growth with length; our world's "
-               "responses are short (about 10 tokens) and its labels prefer longer ones, "
-               "so at this scale the normalised losses can follow the label bias as well "
-               "and the length gap the guide saw on 256-token answers has little room."),
-    "kl": ("DPO's KL to SFT depends on β and the learning rate of its best run; with our "
+    "length": ("We think: length normalisation removes the reward's growth with length; our "
+                "world's responses are short (about 10 tokens) and its labels prefer longer ones, "
+                "so at this scale the normalised losses can follow the label bias as well and the "
+                "length gap the guide saw on 256-token answers has little room."),
+    "kl": ("We think: DPO's KL to SFT depends on β and the learning rate of its best run; with our "
            "few grid points the best runs of the methods differ in more than the loss."),
-    "robust": ("Robustness is a share over a small grid per seed (8 or 16 runs), so one "
+    "robust": ("We think: robustness is a share over a small grid per seed (8 or 16 runs), so one "
                "run more or less below SFT moves it a lot; SimPO's grid here also has twice "
                "the points (γ), not only another loss."),
 }
@@ -54,7 +55,8 @@ def collect(ctx: runs.Context) -> dict | None:
         seeds.append({"seed": seed, "analysis": a,
                       "runs": [{"id": r["id"], "method": r.get("method"),
                                 "status": r.get("status"), "params": r.get("params"),
-                                "metrics": r.get("metrics")} for r in recs]})
+                                "metrics": r.get("metrics"), "ci": r.get("ci")}
+                               for r in recs]})
     if not seeds:
         return None
     methods = []
@@ -80,8 +82,36 @@ def best_values(res: dict, method: str, metric: str) -> list:
     return _per_seed(res, lambda a: a["best"][method]["metrics"][metric])
 
 
+def best_cis(res: dict, method: str, metric: str) -> list:
+    """The best run's own interval of ``metric`` per seed (used with one seed)."""
+    out = []
+    for s in res["per_seed"]:
+        best = ((s["analysis"].get("best") or {}).get(method) or {}).get("id")
+        run = next((r for r in s["runs"] if r["id"] == best), None)
+        out.append(((run or {}).get("ci") or {}).get(metric))
+    return out
+
+
+def best(res: dict, method: str, metric: str):
+    return across_seeds(best_values(res, method, metric), best_cis(res, method, metric))
+
+
+def best_diff(res: dict, a: str, b: str, metric: str):
+    return difference(best_values(res, a, metric), best_values(res, b, metric),
+                      best_cis(res, a, metric), best_cis(res, b, metric))
+
+
 def share_worse(res: dict, method: str) -> list:
     return _per_seed(res, lambda a: a["robustness"][method]["share_worse"])
+
+
+def share_worse_cis(res: dict, method: str) -> list:
+    """Per seed, the Wilson interval of the share worse than SFT (used with one seed)."""
+    def ci(a):
+        r = a["robustness"][method]
+        e = wilson(r["worse"], r["ok"])
+        return [e.lo, e.hi] if e.has_interval else None
+    return _per_seed(res, ci)
 
 
 def claims(res: dict) -> list[Claim]:
@@ -93,24 +123,23 @@ def claims(res: dict) -> list[Claim]:
         name = LABELS.get(m, m)
         out.append(Claim(f"{name}'s best run is shorter than DPO's",
                          f"length of the best run: {name} − DPO",
-                         difference(best_values(res, m, "mean_length"),
-                                    best_values(res, "dpo", "mean_length")),
+                         best_diff(res, m, "dpo", "mean_length"),
                          direction=-1, why_not=WHY["length"]))
         out.append(Claim("… at equal or better score than DPO's",
                          f"gold score of the best run: {name} − DPO",
-                         difference(best_values(res, m, "mean_score"),
-                                    best_values(res, "dpo", "mean_score")),
+                         best_diff(res, m, "dpo", "mean_score"),
                          no_worse=True, why_not=WHY["length"]))
         out.append(Claim("DPO stays closest to SFT",
                          f"KL to SFT of the best run: {name} − DPO",
-                         difference(best_values(res, m, "kl_vs_sft"),
-                                    best_values(res, "dpo", "kl_vs_sft")),
+                         best_diff(res, m, "dpo", "kl_vs_sft"),
                          why_not=WHY["kl"]))
     if "simpo" in ms:
         for m in [x for x in ms if x != "simpo"]:
             out.append(Claim("SimPO is the most robust across the grid",
                              f"share of runs worse than SFT: {LABELS.get(m, m)} − SimPO",
-                             difference(share_worse(res, m), share_worse(res, "simpo")),
+                             difference(share_worse(res, m), share_worse(res, "simpo"),
+                                        share_worse_cis(res, m),
+                                        share_worse_cis(res, "simpo")),
                              why_not=WHY["robust"]))
     return out
 
@@ -120,7 +149,7 @@ def _best_table(res: dict) -> str:
     for m in res["methods"]:
         cells = [LABELS.get(m, m)]
         for metric, _, digits in BEST_COLUMNS:
-            cells.append(fmt(across_seeds(best_values(res, m, metric)), digits))
+            cells.append(fmt(best(res, m, metric), digits))
         for key in ("mean_score_pct", "mean_length_pct"):
             cells.append(fmt(across_seeds(_per_seed(
                 res, lambda a: a["best"][m]["vs_reference"][key])), 1))
@@ -159,7 +188,8 @@ def _robustness_table(res: dict) -> str:
         failed = _per_seed(res, lambda a: a["robustness"][m]["failed"])
         med = _per_seed(res, lambda a: a["expected"][m]["mean_score"]["median"])
         rows.append((LABELS.get(m, m), sum(x or 0 for x in ok), sum(x or 0 for x in failed),
-                     sum(x or 0 for x in worse), fmt(across_seeds(share_worse(res, m)), 2),
+                     sum(x or 0 for x in worse),
+                     fmt(across_seeds(share_worse(res, m), share_worse_cis(res, m)), 2),
                      fmt(across_seeds(med))))
     return table(("method", "runs (all seeds)", "failed", "worse than SFT",
                   "share worse than SFT", "median gold score over the grid"), rows)
@@ -200,8 +230,7 @@ def section(res: dict | None, fig: Figures) -> str:
     ms = res["methods"]
     best_score = []
     for m in ms:
-        e = across_seeds(best_values(res, m, "mean_score"))
-        best_score.append((LABELS.get(m, m), e))
+        best_score.append((LABELS.get(m, m), best(res, m, "mean_score")))
     chart = fig.add("guide-best", interval_chart(
         [("best run's gold score", list(range(len(ms))), [e.mean for _, e in best_score],
           [e.lo for _, e in best_score], [e.hi for _, e in best_score])],
@@ -215,7 +244,7 @@ def section(res: dict | None, fig: Figures) -> str:
         "**The guide:** DPO yields longer responses that stay close to SFT; LN-DPO and "
         "SimPO give shorter responses at equal or better score (best runs: LN-DPO +0.3% "
         "score, −15.9% length; SimPO +2.7%, −22.9%), and SimPO is the most robust across "
-        f"its grid. **Ours:** {overall(cl)} (seeds {', '.join(map(str, res['seeds']))}; "
+        f"its grid. **Ours:** {overall(cl)} ({seeds_text(res['seeds'])}; "
         "grid per seed: " + ", ".join(f"{LABELS.get(m, m)} {n} runs" for m, n in
                                       n_runs.items()) + ").",
         "### Best run per method", _best_table(res), chart,

@@ -31,10 +31,10 @@ METRIC = "token_prob_margin"
 BINS = 10
 QUARTER = 0.25
 
-WHY_NOT = ("Our runs are short (tens to a couple of hundred steps with a decaying learning "
-           "rate) and the margin is logged on single training batches of 16 pairs, so a "
-           "curve has few, noisy points; a peak followed by a fall needs the long training "
-           "of LIONs' runs to show.")
+WHY_NOT = ("We think our runs are too short for it (tens to a couple of hundred steps "
+           "with a decaying learning rate), and the margin is logged on single training "
+           "batches, so a curve has few, noisy points; a peak followed by a fall needs the "
+           "long training of LIONs' runs to show.")
 
 
 def run(ctx: runs.Context) -> None:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 
+from starpo import fileio
 from starpo.recipe import Recipe
 from starpo.report.charts import interval_chart
 from starpo.run.reproduce import runs
-from starpo.run.reproduce.doc import Claim, Figures, claims_notes, claims_table, overall, table
+from starpo.run.reproduce.doc import (Claim, Figures, claims_notes, claims_table, overall,
+                                      seeds_text, table)
 from starpo.run.reproduce.estimate import across_seeds, difference, fmt
 
 NAME = "online"
@@ -35,14 +37,14 @@ JUDGES = {
 }
 
 WHY_NOT = {
-    False: ("The judge is learned from (or is) the same noisy, length-biased annotator that "
-            "labelled the offline pairs, so its preferences add little the offline set did "
-            "not already hold, and the policy can climb the judge's own errors (compare its "
-            "pair-gold agreement and the length column). LIONs' PairRM was trained on "
-            "other, larger human preference data than its policy's offline set."),
-    True: ("Even a judge that reads the gold reward does not beat the offline arm, so the "
-           "online stage's settings (rounds, prompts, samples, learning rate) are too weak "
-           "for this model rather than its judge too noisy."),
+    False: ("We think the reason is the judge: it is learned from (or is) the same noisy, "
+            "length-biased annotator that labelled the offline pairs, so its preferences add "
+            "little the offline set did not already hold, and the policy can climb the judge's own"
+            " errors (compare its pair-gold agreement and the length column). LIONs' PairRM was "
+            "trained on other, larger human preference data than its policy's offline set."),
+    True: ("Even a judge that reads the gold reward does not beat the offline arm, so we "
+           "think the online stage's settings (rounds, prompts, samples, learning rate) are "
+           "too weak for this model, whatever the judge."),
 }
 
 
@@ -104,7 +106,7 @@ def collect(ctx: runs.Context) -> dict | None:
             j = judges.setdefault(jt, {"type": jt, "label": label, "upper_bound": upper,
                                        **_blank(n), "rounds": []})
             _put(j, k, summary.get("online"))
-            for r in runs.fileio.read_jsonl(d / "online" / "rounds.jsonl"):
+            for r in fileio.read_jsonl(d / "online" / "rounds.jsonl"):
                 i = int(r["round"]) - 1
                 while len(j["rounds"]) <= i:
                     j["rounds"].append({f: [None] * n for f in ROUND_FIELDS})
@@ -134,6 +136,15 @@ def claims(res: dict) -> list[Claim]:
     return out
 
 
+def _over_rounds(j: dict, field: str) -> list:
+    """Per seed, the mean of a per-round field over the rounds."""
+    out = []
+    for k in range(len(j["values"]["mean_score"])):
+        xs = [r[field][k] for r in j["rounds"] if runs.finite(r[field][k])]
+        out.append(sum(xs) / len(xs) if xs else None)
+    return out
+
+
 def _round_est(j: dict, field: str, i: int):
     return across_seeds(j["rounds"][i][field]) if i < len(j["rounds"]) else across_seeds([])
 
@@ -154,9 +165,8 @@ def section(res: dict | None, fig: Figures) -> str:
         [(f"online: {j['label']}", j) for j in judges]
     rows = []
     for name, a in named:
-        j = a if a in judges else None
-        agree = across_seeds([x for r in j["rounds"] for x in r["pair_gold_agreement"]]) \
-            if j else None
+        j = a if any(a is x for x in judges) else None
+        agree = across_seeds(_over_rounds(j, "pair_gold_agreement")) if j else None
         rows.append((name, fmt(_e(a)), fmt(_e(a, "win_vs_sft")), fmt(_e(a, "kl_vs_sft"), 2),
                      fmt(_e(a, "mean_length"), 1), fmt(agree) if j else "",
                      fmt(_drift(j, "mean_score")) if j else "",
@@ -190,8 +200,8 @@ def section(res: dict | None, fig: Figures) -> str:
         "**The paper:** online DPO (samples of the policy ranked by PairRM, best vs worst) "
         "improves over offline DPO on chat benchmarks. **Ours:** "
         f"{overall([c for c, j in zip(cl, judges) if not j['upper_bound']])} with judges "
-        "that never read the gold reward (seeds "
-        f"{', '.join(map(str, res['seeds']))}).",
+        "that never read the gold reward "
+        f"({seeds_text(res['seeds'])}).",
         "Both arms start from the same offline DPO model and train for the same number of "
         "steps with the same batch size, learning rate and β: the offline arm on the "
         "preference set, the online arm on pairs its own samples make, judged by each "

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from starpo.report.charts import interval_chart
 from starpo.run.reproduce import runs
-from starpo.run.reproduce.doc import Claim, Figures, claims_notes, claims_table, overall, table
+from starpo.run.reproduce.doc import (Claim, Figures, claims_notes, claims_table, overall,
+                                      seeds_text, table)
 from starpo.run.reproduce.estimate import across_seeds, difference, fmt
 
 NAME = "sft_variants"
@@ -17,12 +18,12 @@ MASK = "stages.sft.packing.loss_masking"
 METRICS = ("mean_score", "mean_length", "win_vs_sft", "kl_vs_sft")
 MODE_NAMES = {"pack": "packing", "pad": "padding", "concat": "concatenate-and-cut"}
 
-WHY_NOT = ("LIONs explains its result by the other variants overfitting the chat template "
-           "(every padded or unmasked row starts with the same template tokens), which "
-           "costs it on benchmarks that use other templates. Our evaluation prompts use the "
-           "training template and come from the same synthetic world, so that mechanism "
-           "has nothing to act on here; what is left is how many assistant tokens each "
-           "variant trains on per step, and one epoch of a 2M-parameter model.")
+WHY_NOT = ("We think this is why: LIONs explains its result by the other variants overfitting the "
+           "chat template (every padded or unmasked row starts with the same template tokens), "
+           "which costs it on benchmarks that use other templates. Our evaluation prompts use the "
+           "training template and come from the same synthetic world, so that mechanism has "
+           "nothing to act on here; what is left is how many assistant tokens each variant trains "
+           "on per step, and one epoch of a 2M-parameter model.")
 
 
 def run(ctx: runs.Context) -> None:
@@ -36,6 +37,7 @@ def label(mode: str, masking: bool) -> str:
 def collect(ctx: runs.Context) -> dict | None:
     """Per variant and seed: the SFT model's and the DPO model's metrics and intervals."""
     variants: dict[tuple, dict] = {}
+    conversations = None
     for k, seed in enumerate(ctx.seeds):
         for rec in runs.trial_records(ctx, NAME, seed):
             if rec.get("status") != "ok":
@@ -46,14 +48,18 @@ def collect(ctx: runs.Context) -> dict | None:
                 **{m: {"values": {x: [None] * len(ctx.seeds) for x in METRICS},
                        "cis": {x: [None] * len(ctx.seeds) for x in METRICS}}
                    for m in ("sft", "dpo")}})
-            summary = runs.eval_summary(runs.record_dir(ctx, NAME, seed, rec))
+            d = runs.record_dir(ctx, NAME, seed, rec)
+            summary = runs.eval_summary(d)
+            conversations = conversations or (runs._read_json(d / "sft" / "stage.json")
+                                              or {}).get("conversations")
             for model in ("sft", "dpo"):
                 for x in METRICS:
                     v[model]["values"][x][k] = (summary.get(model) or {}).get(x)
                     v[model]["cis"][x][k] = (summary.get(model) or {}).get(f"{x}_ci")
     if not variants:
         return None
-    return {"seeds": list(ctx.seeds), "variants": list(variants.values())}
+    return {"seeds": list(ctx.seeds), "conversations": conversations,
+            "variants": list(variants.values())}
 
 
 def _est(v: dict, model: str, metric: str):
@@ -105,8 +111,9 @@ def section(res: dict | None, fig: Figures) -> str:
         f"## {TITLE}",
         "**The paper:** combining packing with loss masking gives the best SFT model on "
         "both data scales (and the best model after DPO). **Ours:** "
-        f"{overall(cl)} (seeds {', '.join(map(str, res['seeds']))}).",
-        "Each variant trains one epoch over the same 5428 conversations (packing: whole "
+        f"{overall(cl)} ({seeds_text(res['seeds'])}).",
+        f"Each variant trains one epoch over the same {res.get('conversations') or ''} "
+        "conversations (packing: whole "
         "conversations placed into 128-token rows; padding: one conversation per row; "
         "concatenate-and-cut: the token stream cut into 128-token rows; masked: loss on "
         "assistant tokens only), then the same DPO stage; gold score on the held-out "
