@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from starpo import fileio
-from starpo.recipe import Recipe
+from starpo.recipe import Recipe, load_recipe
 from starpo.report.charts import interval_chart
 from starpo.run.reproduce import runs
 from starpo.run.reproduce.doc import (Claim, Figures, claims_notes, claims_table, overall,
@@ -114,7 +114,13 @@ def collect(ctx: runs.Context) -> dict | None:
                     j["rounds"][i][f][k] = r.get(f)
     if not found:
         return None
-    return {"seeds": list(ctx.seeds), "arms": arms, "judges": list(judges.values())}
+    budget = None
+    shared = ctx.study_dir(NAME, ctx.seeds[0]) / "shared" / "recipe.yaml"
+    if shared.is_file():
+        t = load_recipe(shared).stage("offline").train
+        budget = {"steps": t.max_steps, "batch_size": t.batch_size, "lr": t.lr}
+    return {"seeds": list(ctx.seeds), "budget": budget, "arms": arms,
+            "judges": list(judges.values())}
 
 
 def _e(arm: dict, metric: str = "mean_score"):
@@ -143,6 +149,12 @@ def _over_rounds(j: dict, field: str) -> list:
         xs = [r[field][k] for r in j["rounds"] if runs.finite(r[field][k])]
         out.append(sum(xs) / len(xs) if xs else None)
     return out
+
+
+def _budget_text(b: dict | None) -> str:
+    if not b:
+        return ""
+    return f" ({b['steps']} steps of {b['batch_size']} pairs, learning rate {b['lr']:g})"
 
 
 def _round_est(j: dict, field: str, i: int):
@@ -203,7 +215,8 @@ def section(res: dict | None, fig: Figures) -> str:
         "that never read the gold reward "
         f"({seeds_text(res['seeds'])}).",
         "Both arms start from the same offline DPO model and train for the same number of "
-        "steps with the same batch size, learning rate and β: the offline arm on the "
+        f"steps{_budget_text(res.get('budget'))} with the same batch size, learning rate and "
+        "β: the offline arm on the "
         "preference set, the online arm on pairs its own samples make, judged by each "
         "judge. The judge columns: the share of selected pairs whose chosen response also "
         "has the higher gold reward (over all rounds), and how the judge's mean score and "
