@@ -48,7 +48,7 @@ def collect(ctx: runs.Context) -> dict | None:
     """Per seed: the sweep's analysis and every trial's metrics."""
     seeds = []
     for seed in ctx.seeds:
-        a = runs._read_json(ctx.study_dir(NAME, seed) / "analysis.json")
+        a = runs.read_json(ctx.study_dir(NAME, seed) / "analysis.json")
         recs = runs.trial_records(ctx, NAME, seed)
         if not a or not recs:
             continue

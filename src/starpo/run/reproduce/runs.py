@@ -42,6 +42,7 @@ import yaml
 
 from starpo import fileio
 from starpo.errors import StarpoError
+from starpo.metrics.analysis import latest_records
 from starpo.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
 from starpo.run import pipeline
 from starpo.run import sweep as S
@@ -272,13 +273,12 @@ def run_study(ctx: Context, study: str, overrides: dict[str, Any] | None = None)
 def trial_records(ctx: Context, study: str, seed: int) -> list[dict]:
     """The latest record of every trial of the study's current sweep (none: ``[]``)."""
     d = ctx.study_dir(study, seed)
-    info = _read_json(d / "sweep.json") or {}
+    info = read_json(d / "sweep.json") or {}
     ids = [t["id"] for t in info.get("trials", [])] or None
-    from starpo.metrics.analysis import latest_records
     return latest_records(fileio.read_jsonl(d / "trials.jsonl"), ids)
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -287,7 +287,7 @@ def _read_json(path: Path) -> Any:
 
 def eval_summary(run_dir: Path, stage: str = "eval") -> dict:
     """``run_dir/<stage>/summary.json`` (model → metrics with ``<metric>_ci``), or {}."""
-    s = _read_json(Path(run_dir) / stage / "summary.json")
+    s = read_json(Path(run_dir) / stage / "summary.json")
     return s if isinstance(s, dict) else {}
 
 

@@ -50,7 +50,7 @@ def collect(ctx: runs.Context) -> dict | None:
                    for m in ("sft", "dpo")}})
             d = runs.record_dir(ctx, NAME, seed, rec)
             summary = runs.eval_summary(d)
-            conversations = conversations or (runs._read_json(d / "sft" / "stage.json")
+            conversations = conversations or (runs.read_json(d / "sft" / "stage.json")
                                               or {}).get("conversations")
             for model in ("sft", "dpo"):
                 for x in METRICS:
