@@ -202,6 +202,31 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
 
 
 @app.command()
+def reproduce(out: Path = typer.Option(Path("runs/reproduction"), "--out", "-o",
+                                       help="Where the runs go (resumable)."),
+              jobs: int = typer.Option(1, "--jobs", "-j", min=1,
+                                       help="Runs at once, each in its own process."),
+              mini: bool = typer.Option(False, "--mini",
+                                        help="A miniature: micro model, one seed, tiny grids "
+                                             "(under a minute)."),
+              only: Optional[str] = typer.Option(None, "--only",
+                                                 help="Comma-separated studies (names or "
+                                                      "1-5); the document keeps the others' "
+                                                      "results."),
+              doc: Path = typer.Option(Path("docs/reproduction.md"), "--doc",
+                                       help="The document to write (figures go next to "
+                                            "it, in <doc stem>/).")):
+    """Regenerate the reproduction study of both papers (docs/reproduction.md): the runs,
+    their numbers (OUT/results.json) and the document with its figures."""
+    def go():
+        from starpo.run.reproduce import reproduce as run_reproduction
+        run_reproduction(out, jobs=jobs, mini=mini,
+                         only=[s for s in only.split(",") if s.strip()] if only else None,
+                         doc=doc)
+    _guard(go)
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run or sweep directory.")):
     """Write RUN_DIR/report.html from the run's metrics and evaluation; for a sweep
     directory, the sweep's analysis.json and report.html."""

@@ -429,6 +429,71 @@ def trials_scatter(points: Sequence[dict], legend: Sequence[tuple[str, str]], *,
     return _svg(width, height, body, "chart scatter-chart", title)
 
 
+
+def interval_chart(series: Sequence[tuple[str, Sequence[Any], Sequence[Any], Sequence[Any],
+                                          Sequence[Any]]], *, title: str, xlabel: str = "",
+                   ylabel: str = "", categories: Sequence[str] | None = None,
+                   baseline: float | None = None, baseline_label: str = "SFT",
+                   width: int = 460, height: int = 260,
+                   colors: Sequence[str] = PALETTE) -> str:
+    """Means with 95% intervals: series ``(label, xs, means, lows, highs)``, each a line
+    through its means with an error bar at every point. With ``categories`` the xs are
+    indices into it (labels under the axis, series side by side at each one); otherwise
+    numeric. A legend when > 1 series; a dashed line marks ``baseline``."""
+    cat = categories is not None
+    ys = [v for _, _, m, lo, hi in series for v in (*m, *lo, *hi) if finite(v)]
+    if finite(baseline):
+        ys.append(float(baseline))
+    if cat:
+        xs = [-0.5, len(categories) - 0.5]
+    else:
+        xs = [float(x) for _, sx, _, _, _ in series for x in sx if finite(x)]
+        if xs:
+            pad = (max(xs) - min(xs)) * 0.05 or 0.5
+            xs = [min(xs) - pad, max(xs) + pad]
+    legend = len(series) > 1
+    fr = _Frame(width, height, xs, ys, top=48 if legend else 30, bottom=52 if cat else 40,
+                xticks=xs if cat else None)
+    if cat:
+        fr.xt = []
+    body = fr.axes(title, xlabel, ylabel, title_y=16 if legend else None)
+    step = 0.5 / max(len(series), 1) if cat else 0.0
+    for k, (label, sx, means, lows, highs) in enumerate(series):
+        color = colors[k % len(colors)]
+        shift = (k - (len(series) - 1) / 2) * step
+        pts = []
+        for x, m, lo, hi in zip(sx, means, lows, highs):
+            if not (finite(x) and finite(m)):
+                continue
+            px, py = fr.px(float(x) + shift), fr.py(float(m))
+            pts.append((px, py))
+            if finite(lo) and finite(hi):
+                a, b = fr.py(float(lo)), fr.py(float(hi))
+                body.append(f'<path class="err" d="M{_num(px)},{_num(a)} L{_num(px)},{_num(b)} '
+                            f'M{_num(px - 3)},{_num(a)} L{_num(px + 3)},{_num(a)} '
+                            f'M{_num(px - 3)},{_num(b)} L{_num(px + 3)},{_num(b)}" '
+                            f'stroke="{color}"/>')
+            where = categories[int(x)] if cat else f"{float(x):g}"
+            ci = f" [{fmt(lo)}, {fmt(hi)}]" if finite(lo) and finite(hi) else ""
+            body.append(f'<circle cx="{_num(px)}" cy="{_num(py)}" r="3.2" fill="{color}">'
+                        f'<title>{esc(label)} {esc(where)}: {fmt(m)}{ci}</title></circle>')
+        if len(pts) >= 2 and not cat:
+            d = " ".join(f"{'M' if i == 0 else 'L'}{_num(x)},{_num(y)}"
+                         for i, (x, y) in enumerate(pts))
+            body.append(f'<path class="line" d="{d}" stroke="{color}"/>')
+        if legend:
+            lx = fr.l + k * 130
+            body.append(f'<rect x="{lx}" y="{fr.t - 19}" width="10" height="10" '
+                        f'fill="{color}"/><text class="legend" x="{lx + 14}" '
+                        f'y="{fr.t - 10}">{esc(label)}</text>')
+    if cat:
+        for i, name in enumerate(categories):
+            body.append(f'<text class="label" x="{_num(fr.px(float(i)))}" '
+                        f'y="{fr.h - fr.b + 16}" text-anchor="middle">{esc(name)}</text>')
+    if finite(baseline):
+        body.append(_baseline_line(fr, float(baseline), baseline_label))
+    return _svg(width, height, body, "chart interval-chart", title)
+
 CSS = """
 :root { --fg:#1f2328; --muted:#656d76; --line:#d0d7de; --bg:#ffffff; --soft:#f6f8fa; }
 * { box-sizing: border-box; }
