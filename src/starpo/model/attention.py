@@ -467,18 +467,14 @@ def checkpoint_kwargs() -> dict:
     return {"use_reentrant": False, "context_fn": checkpoint_context}
 
 
-def one_row_batches(core: nn.Module, *, prefix_shared: bool, checkpointing: bool = False
-                    ) -> bool:
+def one_row_batches(core: nn.Module, *, prefix_shared: bool) -> bool:
     """Whether a micro-batch of packed documents (or of prefix-shared pairs) can be ONE row
     of any length — no row cap, no padding — for ``core``: its attention costs ``Σ
     segment²`` whatever the row length (segment or flex attention; for documents without
     shared prompts also flash-attention varlen), and for prefix-shared pairs the kernel
-    reads each pair's layout from its positions, so no ``L × L`` mask is built.
-
-    ``checkpointing`` (the stage will train with gradient checkpointing, which the loop
-    enables through :func:`checkpoint_kwargs`) no longer changes the answer; it is kept
-    for the callers that pass it."""
-    del checkpointing
+    reads each pair's layout from its positions, so no ``L × L`` mask is built. Gradient
+    checkpointing does not change the answer: the loop enables it through
+    :func:`checkpoint_kwargs`, which keeps these kernels on during recomputation."""
     if prefix_shared:
         return prefix_attention(core) in ("segments", "flex")
     return local_attention(core) in ("segments", "flex", "flash")

@@ -9,16 +9,12 @@ from starpo.model.attention import one_row_batches
 from starpo.model.logprobs import unwrap_model
 
 
-def row_cap(model: nn.Module, cap: int | None, *, prefix_shared: bool,
-            checkpointing: bool = False) -> int | None:
+def row_cap(model: nn.Module, cap: int | None, *, prefix_shared: bool) -> int | None:
     """``None`` — each micro-batch is one unpadded row of any length — when
     :func:`~starpo.model.attention.one_row_batches` allows it for ``model`` (wrappers are
     looked through); else rows of at most ``cap`` tokens, because whole-row attention costs
     ``L²`` (measured on CPU sdpa: one 5265-token row 5.7 s, the same tokens in 256-token
-    rows 0.4 s). ``checkpointing`` no longer changes the answer: the loop's gradient
-    checkpointing keeps the segment kernels on (:func:`starpo.model.attention.checkpoint_kwargs`);
-    it is accepted for the callers that pass it."""
-    if one_row_batches(unwrap_model(model), prefix_shared=prefix_shared,
-                       checkpointing=checkpointing):
+    rows 0.4 s)."""
+    if one_row_batches(unwrap_model(model), prefix_shared=prefix_shared):
         return None
     return cap

@@ -81,10 +81,8 @@ def run_sft(ctx, stage: SFTStage) -> dict:
     layout = layout_sft(docs, mode=p.mode, loss_masking=p.loss_masking, max_length=p.max_length,
                         drop_masked_ratio=p.drop_masked_ratio, seed=seed)
     # one row per micro-batch (no padding) when attention stays inside documents at
-    # Σ document² cost whatever the row length; gradient checkpointing is switched on
-    # by run_loop, so it is checked from the stage's settings here
-    flat = p.mode != "pad" and row_cap(model, p.max_length, prefix_shared=False,
-                                       checkpointing=stage.train.gradient_checkpointing) is None
+    # Σ document² cost whatever the row length
+    flat = p.mode != "pad" and row_cap(model, p.max_length, prefix_shared=False) is None
     first = sft_microbatches(layout, batch_size=stage.train.batch_size, pad_id=tok.pad_token_id,
                              seed=seed, epoch=0, flat=flat)
     pad = padding_fraction(first)

@@ -44,9 +44,7 @@ def one_row(model, stage) -> bool:
     """Micro-batches of ``stage`` as single rows for ``model`` (see ``collate_pairs``)."""
     if not (stage.prefix_sharing or stage.padding_free):
         return False
-    train = getattr(stage, "train", None)
-    return row_cap(model, row_tokens(stage), prefix_shared=stage.prefix_sharing,
-                   checkpointing=bool(train and train.gradient_checkpointing)) is None
+    return row_cap(model, row_tokens(stage), prefix_shared=stage.prefix_sharing) is None
 
 
 # a margin within float noise is a tie and counts one half: at step 0 the policy equals
