@@ -32,6 +32,7 @@ ROUND_FIELDS = ("mean_score", "mean_gold", "pair_gold_agreement", "mean_tokens")
 JUDGES = {
     "reward_model": ("learned reward model", False),
     "world_labeler": ("world labeler (AI-annotator analogue)", False),
+    "pairwise_rm": ("trained pairwise judge (PairRM-like)", False),
     "pairwise": ("PairRM", False),
     "gold": ("gold reward (upper bound)", True),
 }
