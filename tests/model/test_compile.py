@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from starpo.data.packing import layout_sft
-from starpo.data.prefbatch import collate_prefix_shared
 from starpo.data.tokenize import IGNORE, TokenizedPair, TokenizedSFT
 from starpo.errors import TrainingError
 from starpo.model import attention as A
