@@ -16,9 +16,17 @@ tables as Markdown in ``latest.md``); ``--quick`` and ``--only`` runs write
     python -m benchmarks.run --quick    # smaller data, 1 repetition (~2-3 min)
     python -m benchmarks.run --only dpo,sft --rounds 5
     python -m benchmarks.run --no-trl   # starpo only (TRL not installed)
+    python -m benchmarks.run --only pipeline   # the quickstart, stage by stage
 
-Suites: peak (matmul), sft, sft_ablation, dpo, dpo_ablation, rowcap, profile (where the
-time goes, torch.profiler), scale_data, scale_len.
+Suites: peak (matmul), sft, sft_ablation, dpo, dpo_ablation, rowcap, compile
+(``train.compile: true`` against eager, with its compile time), profile (where the time
+goes, torch.profiler, eager and compiled), scale_data, scale_len, pipeline (the quickstart
+recipe run once as shipped and once with ``train.compile: true`` on every training stage:
+seconds per stage, sampling and judging throughput).
+
+TRL runs with ``gradient_checkpointing`` set explicitly (TRL 1.x defaults it to True), both
+ways for the SFT and DPO suites; speed ratios compare with TRL's fastest setting and memory
+ratios with its leanest, and the settings and library versions are printed and saved.
 """
 
 from __future__ import annotations
@@ -38,7 +46,26 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 PROFILE_CATS = ["attention (sdpa fwd+bwd)", "matmul (linear layers + LM head)",
-                "masks / indexing", "elementwise + other aten", "python / framework"]
+                "fused kernels (inductor)", "elementwise + other aten",
+                "optimizer (AdamW, clipping)", "masks / indexing", "python / framework"]
+
+# the quickstart recipe, as the README runs it (the pipeline suite)
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+TRAIN_STAGES = ("sft", "dpo", "reward", "online")
+# a quickstart shrunk to seconds (the smoke test's pipeline suite: plumbing only)
+TINY_PIPELINE = [
+    "model.tiny.hidden_size=32", "model.tiny.num_hidden_layers=1",
+    "model.tiny.num_attention_heads=2", "model.tiny.num_key_value_heads=2",
+    "model.tiny.intermediate_size=64",
+    "stages.sft.data.sources.0.n=40", "stages.sft.train.max_steps=2",
+    "stages.sft.train.save_every=null",
+    "stages.dpo.data.sources.0.n=24", "stages.dpo.train.max_steps=1",
+    "stages.dpo.train.batch_size=8", "stages.dpo.train.save_every=null",
+    "stages.reward.data.sources.0.n=24", "stages.reward.train.max_steps=1",
+    "stages.online.rounds=1", "stages.online.prompts_per_round=4", "stages.online.n_samples=2",
+    "stages.online.generation.max_new_tokens=8", "stages.online.train.batch_size=4",
+    "stages.eval.data.sources.0.n=4", "stages.eval.generation.max_new_tokens=8",
+    "stages.eval.bootstrap=10"]
 
 TARGETS = {"dpo_speed": 2.0, "sft_speed": 1.3, "padding": 0.02}
 
@@ -61,20 +88,26 @@ class Sizes:
     row_caps: tuple = (1024, 2048)
     free_caps: tuple = ()                # padding-free (no prefix sharing) with a row cap
     scale_data_frameworks: tuple = ("starpo", "trl")
-    profiles: tuple = ("dpo:seg", "dpo:noseg", "sft:seg", "sft:noseg")
+    profiles: tuple = ("dpo:seg", "dpo:noseg", "sft:seg", "sft:noseg", "dpo:seg:compile",
+                       "sft:seg:compile")
+    pipeline_overrides: tuple = ()       # applied to recipes/quickstart.yaml (none: as shipped)
+    pipeline_compile: bool = True        # also the quickstart with train.compile: true
 
 
 # microscopic sizes for the smoke test (``--tiny``): checks the plumbing, measures nothing
 TINY = Sizes(sft_convs=8, sft_batch=2, sft_len=256, dpo_pairs=8, dpo_batch=4, dpo_len=512,
              lo=5, hi=40, rounds=1, data_scale=2, len_his=(20,), row_caps=(128,),
-             profiles=("dpo:seg",))
+             profiles=("dpo:seg", "sft:seg:compile"), pipeline_overrides=tuple(TINY_PIPELINE),
+             pipeline_compile=False)
 
 QUICK = Sizes(sft_convs=40, dpo_pairs=16, rounds=1, data_scale=4, len_his=(100,),
               row_caps=(1024,))
 # configurations of these suites run once per round, rounds interleaved (A B C, A B C, ...)
 # so that a slow spell of the machine hits all of them alike; the others run once
-ROUND_SUITES = ("sft", "sft_ablation", "dpo", "dpo_ablation", "rowcap")
-QUICK_SUITES = ["peak", "sft", "dpo"]
+ROUND_SUITES = ("sft", "sft_ablation", "dpo", "dpo_ablation", "rowcap", "compile")
+QUICK_SUITES = ["peak", "sft", "dpo", "compile"]
+ALL_SUITES = ["peak", "sft", "sft_ablation", "dpo", "dpo_ablation", "rowcap", "compile",
+              "profile", "scale_data", "scale_len", "pipeline"]
 
 
 @dataclass
@@ -104,10 +137,17 @@ def plan(sz: Sizes, suites: set[str], trl: bool, data) -> list[Config]:
     add("peak", "matmul", "matmul", "fp32 matmul 2048³", n=2048)
     add("sft", "sft_starpo", "sft_starpo",
         "starpo (BFD packing, segment attention, assistant-only loss)", **sft)
-    add("sft", "sft_trl_bfd", "sft_trl", "TRL SFTTrainer packing='bfd' (padding-free)",
-        packing_strategy="bfd", **sft)
-    add("sft", "sft_trl_wrapped", "sft_trl", "TRL SFTTrainer packing='wrapped' (crosses documents)",
-        packing_strategy="wrapped", **sft)
+    # TRL 1.x defaults to gradient_checkpointing=True: every TRL setting runs both ways
+    for gc in (False, True):
+        sfx, txt = ("_gc", ", gradient checkpointing on") if gc else ("", "")
+        add("sft", f"sft_trl_bfd{sfx}", "sft_trl",
+            f"TRL SFTTrainer packing='bfd' (padding-free){txt}",
+            packing_strategy="bfd", gradient_checkpointing=gc, **sft)
+        add("sft", f"sft_trl_wrapped{sfx}", "sft_trl",
+            f"TRL SFTTrainer packing='wrapped' (crosses documents){txt}",
+            packing_strategy="wrapped", gradient_checkpointing=gc, **sft)
+    add("compile", "sft_starpo_compile", "sft_starpo",
+        "starpo, train.compile: true (regional, inductor)", compile=True, **sft)
     add("sft_ablation", "sft_starpo_pad", "sft_starpo", "starpo, packing off (pad)", mode="pad", **sft)
     add("sft_ablation", "sft_starpo_noseg", "sft_starpo", "starpo, segment attention off "
         "(whole-row attention, rows padded to the longest)", segments=False, **sft)
@@ -117,7 +157,13 @@ def plan(sz: Sizes, suites: set[str], trl: bool, data) -> list[Config]:
     add("dpo", "dpo_starpo", "dpo_starpo",
         "starpo (padding-free + prefix sharing + ref cache + chunked + segment attention)",
         library=True, **dpo)
-    add("dpo", "dpo_trl", "dpo_trl", "TRL DPOTrainer precompute_ref_log_probs=True", **dpo)
+    add("dpo", "dpo_trl", "dpo_trl", "TRL DPOTrainer precompute_ref_log_probs=True",
+        gradient_checkpointing=False, **dpo)
+    add("dpo", "dpo_trl_gc", "dpo_trl", "TRL DPOTrainer precompute_ref_log_probs=True, "
+        "gradient checkpointing on", gradient_checkpointing=True, **dpo)
+    add("compile", "dpo_starpo_compile", "dpo_starpo",
+        "starpo, train.compile: true (regional, inductor; loop and reference pass)",
+        library=True, compile=True, **dpo)
 
     add("dpo_ablation", "dpo_abl_free", "dpo_starpo", "prefix sharing off (padding-free docs)",
         layout="free", **dpo)
@@ -138,15 +184,25 @@ def plan(sz: Sizes, suites: set[str], trl: bool, data) -> list[Config]:
             f"padding-free docs, rows capped at {cap} tokens", layout="free", row_cap=cap, **dpo)
 
     for spec in sz.profiles:
-        what, att = spec.split(":")
-        add("profile", f"profile_{what}_{att}", "profile",
-            f"starpo {what.upper()}, segment attention {'on' if att == 'seg' else 'off'}",
+        what, att, *comp = spec.split(":")
+        c = bool(comp and comp[0] == "compile")
+        add("profile", f"profile_{what}_{att}{'_compile' if c else ''}", "profile",
+            f"starpo {what.upper()}, segment attention {'on' if att == 'seg' else 'off'}"
+            f"{', compiled' if c else ''}",
             **{**(dpo if what == "dpo" else sft), "what": what, "segments": att == "seg",
-               "reps": 1})
+               "compile": c, "reps": 1})
+
+    ov = list(sz.pipeline_overrides)
+    add("pipeline", "pipeline", "pipeline", "quickstart (recipes/quickstart.yaml)",
+        recipe=str(QUICKSTART), overrides=ov, reps=1)
+    if sz.pipeline_compile:
+        add("pipeline", "pipeline_compile", "pipeline", "quickstart, train.compile: true",
+            recipe=str(QUICKSTART), compile=True, reps=1,
+            overrides=ov + [f"stages.{st}.train.compile=true" for st in TRAIN_STAGES])
 
     big = data("pref", sz.dpo_pairs * sz.data_scale, sz.lo, sz.hi)
     for fw in ("starpo", "trl"):
-        extra = {"library": True} if fw == "starpo" else {}
+        extra = {"library": True} if fw == "starpo" else {"gradient_checkpointing": False}
         kind = "dpo_trl" if fw == "trl" else "dpo_starpo"
         if fw in sz.scale_data_frameworks:
             add("scale_data", f"dpo_{fw}_x{sz.data_scale}", kind,
@@ -189,14 +245,11 @@ def machine() -> dict:
         info["avx2"] = " avx2 " in f" {lscpu} "
     except OSError:
         pass
-    try:
-        import torch
-        import transformers
-        info.update(torch=torch.__version__, transformers=transformers.__version__)
-        import trl
-        info["trl"] = trl.__version__
-    except ImportError:
-        pass
+    for lib in ("torch", "transformers", "trl", "accelerate"):
+        try:
+            info[lib] = __import__(lib).__version__
+        except ImportError:
+            info[lib] = None
     try:
         info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                      capture_output=True, text=True).stdout.strip()
@@ -304,6 +357,12 @@ def verdict(value: float | None, target: float, higher: bool = True) -> str:
     return f"MISSED by {100 * (value / target - 1):.0f}% over"
 
 
+def _trl_name(r: dict) -> str:
+    st = r.get("trl_settings", {})
+    what = f"packing={r['packing_strategy']}, " if "packing_strategy" in r else ""
+    return f"{what}gradient_checkpointing={st.get('gradient_checkpointing')}"
+
+
 def report(res: dict[str, dict], meta: dict) -> tuple[str, dict]:
     g = res.get
     peak = g("matmul", {}).get("gflops_best")
@@ -315,8 +374,9 @@ def report(res: dict[str, dict], meta: dict) -> tuple[str, dict]:
 
     # SFT
     sft_rows = []
-    for n in ("sft_starpo", "sft_trl_bfd", "sft_trl_wrapped", "sft_starpo_noseg",
-              "sft_starpo_pad", "sft_starpo_plain"):
+    for n in ("sft_starpo", "sft_starpo_compile", "sft_trl_bfd", "sft_trl_wrapped",
+              "sft_trl_bfd_gc", "sft_trl_wrapped_gc", "sft_starpo_noseg", "sft_starpo_pad",
+              "sft_starpo_plain"):
         r = g(n)
         if r:
             sft_rows.append([r["label"], _f(r["trainable_tokens_per_s"], 0),
@@ -331,7 +391,8 @@ def report(res: dict[str, dict], meta: dict) -> tuple[str, dict]:
 
     # DPO main + ablations + row caps
     dpo_rows = []
-    for n in ["dpo_starpo", "dpo_trl", "dpo_abl_free", "dpo_abl_padded", "dpo_abl_inline",
+    for n in ["dpo_starpo", "dpo_starpo_compile", "dpo_trl", "dpo_trl_gc", "dpo_abl_free",
+              "dpo_abl_padded", "dpo_abl_inline",
               "dpo_abl_plain", "dpo_abl_noseg"] + sorted(k for k in res if k.startswith(("dpo_prefix_cap",
                                                                          "dpo_free_cap"))):
         r = g(n)
@@ -373,47 +434,125 @@ def report(res: dict[str, dict], meta: dict) -> tuple[str, dict]:
             ["framework", "data", "pairs", "ref+train s", "ms/pair", "pairs/s",
              "tokens/pair computed", "peak RSS MiB"], sc_rows))
 
+    # compile
+    comp_rows = []
+    for what, e_name, c_name in (("SFT", "sft_starpo", "sft_starpo_compile"),
+                                 ("DPO", "dpo_starpo", "dpo_starpo_compile")):
+        e, c = g(e_name), g(c_name)
+        if not (e and c):
+            continue
+        cs = c.get("compile_stats") or {}
+        over = c["first_step_s"] - e["first_step_s"] + c.get("ref_s", 0) - e.get("ref_s", 0)
+        gain = e["step_median_s"] - c["step_median_s"]
+        be = over / gain if gain > 0 else None
+        ratios[f"{what.lower()}_compile_step_speedup"] = e["step_median_s"] / c["step_median_s"]
+        ratios[f"{what.lower()}_compile_overhead_s"] = over
+        comp_rows.append([what, f"{_f(e['first_step_s'], 2)} → {_f(c['first_step_s'], 2)}",
+                          f"{_f(e.get('ref_s'), 2)} → {_f(c.get('ref_s'), 2)}",
+                          f"{_f(e['step_median_s'], 3)} → {_f(c['step_median_s'], 3)}",
+                          f"{e['step_median_s'] / c['step_median_s']:.2f}×", _f(over),
+                          _f(be, 0) if be is not None else "never",
+                          cs.get("graphs", "–"), cs.get("graph_breaks", "–")])
+    if comp_rows:
+        parts.append("train.compile (regional torch.compile, cold inductor cache; eager → "
+                     "compiled; overhead = extra first-step + reference-pass seconds; "
+                     "break-even = overhead / seconds saved per step)\n" + _table(
+                         ["stage", "first step s", "ref pass s", "median step s",
+                          "step speed-up", "compile overhead s", "break-even steps",
+                          "graphs compiled", "graph breaks"], comp_rows))
+
     # profiles
     prof_rows = []
     for k in sorted(x for x in res if x.startswith("profile_")):
         r = res[k]
         cats = r.get("categories", {})
-        prof_rows.append([r["label"], " ".join("×".join(map(str, sh)) for sh in r["shapes"])] +
+        mm = (r["mm_flops"] / r["mm_s"] / (peak * 1e9)) if (peak and r.get("mm_s")) else None
+        prof_rows.append([r["label"], " ".join("×".join(map(str, sh)) for sh in r["shapes"]),
+                          _f(r.get("steps_s"), 2),
+                          _f(100 * r["flops"] / (peak * 1e9) if peak and "flops" in r else None),
+                          _f(100 * mm if mm else None)] +
                          [f"{100 * cats.get(c, 0):.0f}%" for c in PROFILE_CATS])
     if prof_rows:
-        parts.append("Where starpo's time goes (torch.profiler, self CPU time of forward+backward)\n"
-                     + _table(["profile", "batch shapes"] + PROFILE_CATS, prof_rows))
+        parts.append("Where starpo's time goes (torch.profiler, self CPU time of whole training "
+                     "steps: forward, backward, clipping, AdamW; '% of peak' = model FLOPs of "
+                     "the steps timed without the profiler / matmul peak; 'matmul ops' = the "
+                     "profiler's FLOPs of the matmul operators / their own time / peak)\n"
+                     + _table(["profile", "batch shapes", "steps s", "% of peak",
+                               "matmul ops % of peak"] + PROFILE_CATS, prof_rows))
+
+    # the quickstart, stage by stage
+    pe, pc_ = g("pipeline"), g("pipeline_compile")
+    if pe:
+        cst = {x["stage"]: x for x in (pc_ or {}).get("stages", [])}
+        pipe_rows = []
+        for x in pe["stages"]:
+            y = cst.get(x["stage"], {})
+            pipe_rows.append([x["stage"], _f(x.get("seconds")),
+                              _f(y.get("seconds")) if pc_ else "–", x.get("steps") or "–",
+                              _f(x.get("train_tokens_per_s"), 0),
+                              _f(x.get("sampling_s")), _f(x.get("sampling_tokens_per_s"), 0),
+                              _f(x.get("judging_s")), _f(x.get("judging_per_s"), 0)])
+        pipe_rows.append(["total (incl. setup)", _f(pe["total_s"]),
+                          _f(pc_["total_s"]) if pc_ else "–", "", "", "", "", "", ""])
+        parts.append("The quickstart stage by stage (one run each; train tok/s = median of the "
+                     "loop's logged windows; sampling = generated tokens/s; judging = "
+                     "responses scored/s)\n" + _table(
+                         ["stage", "seconds", "seconds, train.compile", "steps",
+                          "train tok/s", "sampling s", "gen tok/s", "judging s",
+                          "judged/s"], pipe_rows))
+        ratios["quickstart_s"] = pe["total_s"]
+        if pc_:
+            ratios["quickstart_compile_s"] = pc_["total_s"]
+
+    # TRL settings
+    trl_rows = [[k, ", ".join(f"{a}={b}" for a, b in res[k]["trl_settings"].items()
+                              if b is not None)]
+                for k in sorted(res) if res[k].get("trl_settings")]
+    if trl_rows:
+        parts.append("TRL settings used (from its config objects)\n" +
+                     _table(["configuration", "settings"], trl_rows))
 
     # ratios (last)
     rat = []
-    s, tb, tw = g("sft_starpo"), g("sft_trl_bfd"), g("sft_trl_wrapped")
-    trl_sft = [t for t in (tb, tw) if t]
+    s = g("sft_starpo")
+    trl_sft = [g(n) for n in ("sft_trl_bfd", "sft_trl_wrapped", "sft_trl_bfd_gc",
+                              "sft_trl_wrapped_gc") if g(n)]
+    bfd = [t for t in trl_sft if t["packing_strategy"] == "bfd"]
     if s and trl_sft:
         best = max(trl_sft, key=lambda t: t["trainable_tokens_per_s"])
         v = s["trainable_tokens_per_s"] / best["trainable_tokens_per_s"]
         ratios["sft_tokens_per_s"] = v
-        rat.append(["SFT trainable tokens/s", f"TRL best = {best['packing_strategy']}",
+        ratios["sft_trl_fastest"] = best["name"]
+        rat.append(["SFT trainable tokens/s", f"TRL fastest = {_trl_name(best)}",
                     f"{v:.2f}×", f"≥ {TARGETS['sft_speed']}×", verdict(v, TARGETS["sft_speed"])])
-        if tb and best is not tb:
-            v2 = s["trainable_tokens_per_s"] / tb["trainable_tokens_per_s"]
+        if bfd and best not in bfd:
+            b = max(bfd, key=lambda t: t["trainable_tokens_per_s"])
+            v2 = s["trainable_tokens_per_s"] / b["trainable_tokens_per_s"]
             ratios["sft_tokens_per_s_vs_bfd"] = v2
-            rat.append(["SFT trainable tokens/s", "TRL bfd (document-isolated)", f"{v2:.2f}×",
+            rat.append(["SFT trainable tokens/s", f"TRL fastest document-isolated = "
+                        f"{_trl_name(b)}", f"{v2:.2f}×",
                         f"≥ {TARGETS['sft_speed']}×", verdict(v2, TARGETS["sft_speed"])])
-        m = s["peak_rss_mib"] / min(t["peak_rss_mib"] for t in trl_sft)
+        lean = min(trl_sft, key=lambda t: t["peak_rss_mib"])
+        m = s["peak_rss_mib"] / lean["peak_rss_mib"]
         ratios["sft_peak_rss"] = m
-        rat.append(["SFT peak RSS (starpo/TRL, < 1 better)", "lowest TRL", f"{m:.2f}×", "≤ 1×",
-                    verdict(m, 1.0, higher=False)])
+        ratios["sft_trl_leanest"] = lean["name"]
+        rat.append(["SFT peak RSS (starpo/TRL, < 1 better)", f"TRL leanest = {_trl_name(lean)}",
+                    f"{m:.2f}×", "≤ 1×", verdict(m, 1.0, higher=False)])
     if s:
         rat.append(["SFT padding fraction, starpo", "", f"{100 * s['padding_fraction']:.2f}%",
                     "< 2%", verdict(s["padding_fraction"], TARGETS["padding"], higher=False)])
     for t in trl_sft:
-        rat.append([f"SFT padding fraction, TRL {t['packing_strategy']}", "",
-                    f"{100 * t['padding_fraction']:.2f}%", "(info)", ""])
-    d, t = g("dpo_starpo"), g("dpo_trl")
+        if not t.get("trl_settings", {}).get("gradient_checkpointing"):
+            rat.append([f"SFT padding fraction, TRL {t['packing_strategy']}", "",
+                        f"{100 * t['padding_fraction']:.2f}%", "(info)", ""])
+    d = g("dpo_starpo")
+    trl_dpo = [g(n) for n in ("dpo_trl", "dpo_trl_gc") if g(n)]
+    t = max(trl_dpo, key=lambda x: x["pairs_per_s"]) if trl_dpo else None
     if d and t:
         v = d["pairs_per_s"] / t["pairs_per_s"]
         ratios["dpo_pairs_per_s"] = v
-        rat.append(["DPO pairs/s incl. reference pass", "TRL precompute_ref_log_probs",
+        ratios["dpo_trl_fastest"] = t["name"]
+        rat.append(["DPO pairs/s incl. reference pass", f"TRL fastest = {_trl_name(t)}",
                     f"{v:.2f}×", f"≥ {TARGETS['dpo_speed']}×", verdict(v, TARGETS["dpo_speed"])])
         v2 = d["train_pairs_per_s"] / t["train_pairs_per_s"]
         ratios["dpo_train_pairs_per_s"] = v2
@@ -421,10 +560,12 @@ def report(res: dict[str, dict], meta: dict) -> tuple[str, dict]:
         v3 = (t["ref_s"] / t["pairs"]) / (d["ref_s"] / d["pairs"])
         ratios["dpo_ref_pass"] = v3
         rat.append(["DPO reference pass speed", "", f"{v3:.2f}×", "(info)", ""])
-        m = d["peak_rss_mib"] / t["peak_rss_mib"]
+        lean = min(trl_dpo, key=lambda x: x["peak_rss_mib"])
+        m = d["peak_rss_mib"] / lean["peak_rss_mib"]
         ratios["dpo_peak_rss"] = m
-        rat.append(["DPO peak RSS (starpo/TRL, < 1 better)", "", f"{m:.2f}×", "≤ 1×",
-                    verdict(m, 1.0, higher=False)])
+        ratios["dpo_trl_leanest"] = lean["name"]
+        rat.append(["DPO peak RSS (starpo/TRL, < 1 better)", f"TRL leanest = {_trl_name(lean)}",
+                    f"{m:.2f}×", "≤ 1×", verdict(m, 1.0, higher=False)])
         for k in sorted(res):
             if k.startswith("dpo_starpo_") and k.replace("starpo", "trl") in res:
                 a, b = res[k], res[k.replace("starpo", "trl")]
@@ -474,8 +615,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small data, 1 repetition (~2-3 min)")
     ap.add_argument("--rounds", "--reps", type=int, dest="rounds",
                     help="round-robin repetitions of the compared configurations (median)")
-    ap.add_argument("--only", help="comma-separated suites: peak,sft,sft_ablation,dpo,"
-                                   "dpo_ablation,rowcap,scale_data,scale_len")
+    ap.add_argument("--only", help="comma-separated suites: " + ",".join(ALL_SUITES))
+    ap.add_argument("--pipeline", action="store_true",
+                    help="add the pipeline suite (the quickstart stage by stage, ~4 min) to "
+                         "--quick or --only")
     ap.add_argument("--no-trl", action="store_true", help="skip TRL (also automatic if absent)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in every child (default: all cores)")
@@ -497,10 +640,11 @@ def main(argv: list[str] | None = None) -> int:
         sz = TINY
     if args.rounds:
         sz.rounds = args.rounds
-    all_suites = ["peak", "sft", "sft_ablation", "dpo", "dpo_ablation", "rowcap",
-                  "profile", "scale_data", "scale_len"]
+    all_suites = ALL_SUITES
     suites = set(args.only.split(",")) if args.only else set(
         QUICK_SUITES if args.quick else all_suites)
+    if args.pipeline:
+        suites.add("pipeline")
     unknown = suites - set(all_suites)
     if unknown:
         ap.error(f"unknown suites {sorted(unknown)}; choose from {all_suites}")
@@ -549,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.setdefault(c.name, []).append(r)
         (work / "runs.json").write_text(json.dumps({"meta": meta, "runs": runs}))
         key = next((x for x in ("pairs_per_s", "trainable_tokens_per_s", "gflops_best",
-                                "profiled_s") if x in r), None)
+                                "profiled_s", "total_s") if x in r), None)
         val = r[key]
         val = f"{val:.2f}" if isinstance(val, float) else json.dumps(val)
         log(f"[{i}/{len(order)}] {c.name:<22}{f' r{k + 1}' if c.rounds > 1 else '   '} {key}={val}"
@@ -580,7 +724,9 @@ def finish(meta: dict, runs: dict[str, list[dict]], out: Path, kind: str, *,
               f"{load_start[0]:.2f} before the run (our own children push it to ~{threads} "
               f"while they run); CPU used by other processes during the run: mean "
               f"{meta['other_cores_busy_mean']:.2f}, max {meta['other_cores_busy_max']:.2f} "
-              f"cores (per configuration); total {meta.get('wall_s', 0):.0f} s")
+              f"cores (per configuration); total {meta.get('wall_s', 0):.0f} s\n"
+              "versions: " + ", ".join(f"{k} {meta['machine'].get(k)}" for k in
+                                       ("torch", "transformers", "trl", "accelerate")))
     print()
     print(header)
     print(text)

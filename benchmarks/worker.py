@@ -128,10 +128,14 @@ def _train_spec(cfg, **kw):
     from starpo.recipe import TrainSpec
     return TrainSpec(lr=cfg.get("lr", 1e-5), epochs=1, batch_size=cfg["batch_size"],
                      grad_accum=1, scheduler="cosine", warmup_ratio=0.0, log_every=1,
-                     mixed_precision="no", max_grad_norm=1.0, **kw)
+                     mixed_precision="no", max_grad_norm=1.0,
+                     compile=cfg.get("compile", False), **kw)
 
 
 def _run_starpo_loop(model, task, spec, n_steps: int) -> dict:
+    """The library loop; ``first_step_s`` (loop start to the end of the first step) holds
+    the compilation when ``train.compile`` is on, ``compile_stats`` what dynamo did."""
+    from starpo.model import compile as C
     from starpo.train.loop import LoopHooks, run_loop
     ends: list[float] = []
     with tempfile.TemporaryDirectory() as d:
@@ -140,7 +144,18 @@ def _run_starpo_loop(model, task, spec, n_steps: int) -> dict:
                        hooks=LoopHooks(on_step=lambda step, rec: ends.append(time.perf_counter())))
         t1 = time.perf_counter()
     assert res.steps == n_steps == len(ends), (res.steps, n_steps, len(ends))
-    return {"loop_s": t1 - t0, "step_ends": ends, "loop_t0": t0}
+    gaps = sorted(b - a for a, b in zip(ends, ends[1:]))
+    return {"loop_s": t1 - t0, "step_ends": ends, "loop_t0": t0, "first_step_s": ends[0] - t0,
+            "step_median_s": gaps[len(gaps) // 2] if gaps else None,
+            "compile_stats": dict(C.LAST) if spec.compile else None}
+
+
+def _loop_fields(loop: dict, cfg) -> dict:
+    out = {"first_step_s": loop["first_step_s"], "step_median_s": loop["step_median_s"],
+           "compile": bool(cfg.get("compile", False))}
+    if loop["compile_stats"]:
+        out["compile_stats"] = loop["compile_stats"]
+    return out
 
 
 def run_sft_starpo(cfg, rep: int) -> dict:
@@ -187,7 +202,7 @@ def run_sft_starpo(cfg, rep: int) -> dict:
         "trainable_tokens_per_s": tgt / steady, "tokens_per_s": real / steady,
         "flops": flops(pc, train_tokens=real, train_targets=tgt) / steady,
         "rss_after_load_mib": rss_loaded, **pc,
-        "rows_shape_max": max(list(b.input_ids.shape) for b in mbs),
+        "rows_shape_max": max(list(b.input_ids.shape) for b in mbs), **_loop_fields(loop, cfg),
     }
 
 
@@ -228,7 +243,8 @@ def run_dpo_starpo(cfg, rep: int) -> dict:
     if ref_mode == "cache":
         if library_path:
             ref_c, ref_r = compute_reference(model, pairs, Runtime.cpu(), batch_size=bs,
-                                             prefix_sharing=layout == "prefix", progress=False)
+                                             prefix_sharing=layout == "prefix", progress=False,
+                                             compile=cfg.get("compile", False))
         else:
             ref_c, ref_r = V.reference_pass(model, pairs, batch_size=bs, logprobs=lpk,
                                             collate=V.collate_fn(layout, cap, tok.pad_token_id))
@@ -277,6 +293,7 @@ def run_dpo_starpo(cfg, rep: int) -> dict:
         "row_len_max": max(b.input_ids.shape[1] for b in mbs),
         "flops": f / (steady + ref_s * frac),
         "rss_after_load_mib": rss_loaded, "rss_after_ref_mib": rss_after_ref, **pc,
+        **_loop_fields(loop, cfg),
     }
 
 
@@ -319,7 +336,26 @@ def _trl_common(cfg, out_dir: str) -> dict:
                 warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
                 use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**6,
                 disable_tqdm=True, dataloader_num_workers=0, seed=0,
-                optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.95)
+                optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.95,
+                # TRL 1.x's SFTConfig/DPOConfig default to True; the benchmark runs both
+                gradient_checkpointing=cfg.get("gradient_checkpointing", False))
+
+
+# the TRL arguments printed with the results (what decides its speed and memory)
+TRL_SETTINGS = ("gradient_checkpointing", "gradient_checkpointing_kwargs", "packing",
+                "packing_strategy", "padding_free", "assistant_only_loss", "max_length",
+                "precompute_ref_log_probs", "precompute_ref_batch_size", "loss_type",
+                "per_device_train_batch_size", "bf16", "fp16", "use_cpu", "torch_compile",
+                "optim", "use_liger_kernel")
+
+
+def trl_settings(args) -> dict:
+    out = {}
+    for k in TRL_SETTINGS:
+        if hasattr(args, k):
+            v = getattr(args, k)
+            out[k] = v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
+    return out
 
 
 def run_sft_trl(cfg, rep: int) -> dict:
@@ -368,7 +404,7 @@ def run_sft_trl(cfg, rep: int) -> dict:
         "flops": flops(pc, train_tokens=real, train_targets=tgt) / steady,
         "rss_after_load_mib": rss_loaded, **pc,
         "packing_strategy": cfg.get("packing_strategy", "bfd"),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "trl_settings": trl_settings(args),
     }
 
 
@@ -432,6 +468,7 @@ def run_dpo_trl(cfg, rep: int) -> dict:
         "tokens_real": sum(times.tokens) - sum(times.pad),
         "flops": f / (steady + ref["s"] * frac),
         "rss_after_load_mib": rss_loaded, "rss_after_ref_mib": ref["rss"], **pc,
+        "trl_settings": trl_settings(args),
     }
 
 
@@ -443,6 +480,10 @@ def _category(name: str) -> str:
         return "attention (sdpa fwd+bwd)"
     if n in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"):
         return "matmul (linear layers + LM head)"
+    if "cpp_fused" in n or "triton_" in n:      # inductor kernels: graph_<id>_cpp_fused_…
+        return "fused kernels (inductor)"
+    if n.startswith("aten::_foreach") or "optimizer" in n:
+        return "optimizer (AdamW, clipping)"
     if n in ("aten::where", "aten::logical_and", "aten::logical_or", "aten::eq", "aten::ge",
              "aten::le", "aten::lt", "aten::gt", "aten::index", "aten::arange"):
         return "masks / indexing"
@@ -452,23 +493,35 @@ def _category(name: str) -> str:
 
 
 def run_profile(cfg, rep: int) -> dict:
-    """torch.profiler over starpo's forward+backward of the first micro-batches.
+    """torch.profiler over starpo's training steps (forward, backward, gradient clipping,
+    AdamW) on the first micro-batches, eager or with ``train.compile`` (``cfg["compile"]``).
 
     Self CPU time is grouped by operator family; ``top_ops`` keeps the biggest operators.
+    The same steps are also timed without the profiler (``steps_s``) and their model FLOPs
+    (:func:`flops`) counted, so the report can put the step's share of the matmul peak
+    beside the profile. ``mm_flops``/``mm_s``: the FLOPs the profiler attributes to the
+    matmul operators and their self time, i.e. how fast the matmuls themselves run at
+    this model's shapes. With compile, inductor's fused C++ kernels are recorded as
+    profiler events of their own (``cpp.enable_kernel_profile``).
     """
+    import contextlib
+    import torch
     from torch.profiler import ProfilerActivity, profile
     from benchmarks import variants as V
+    from starpo.model import compile as C
 
     tok, model = load(cfg)
+    pc = param_counts(model)
     model.train()
     rows = json.loads(Path(cfg["data"]).read_text())
     fn = V.logprob_fn(cfg.get("logprobs", "chunked"))
+    n_batches = cfg.get("profile_batches", 3)
     if cfg["what"] == "dpo":
         pairs, _ = _tokenize_pairs(tok, rows, cfg)
         collate = V.collate_fn(cfg.get("layout", "prefix"), cfg.get("row_cap"), tok.pad_token_id)
         bs = cfg["batch_size"]
         batches = [collate([p.as_dict() for p in pairs[k:k + bs]])
-                   for k in range(0, min(len(pairs), 3 * bs), bs)]
+                   for k in range(0, min(len(pairs), n_batches * bs), bs)]
     else:
         from starpo.data.packing import layout_sft, sft_microbatches
         from starpo.stages.sft import tokenize_sft_rows
@@ -476,36 +529,148 @@ def run_profile(cfg, rep: int) -> dict:
         layout = layout_sft(docs, mode="pack", loss_masking=True, max_length=cfg["max_length"])
         from starpo.model.attention import one_row_batches
         batches = sft_microbatches(layout, batch_size=cfg["batch_size"], pad_id=tok.pad_token_id,
-                                   seed=0, epoch=0, flat=one_row_batches(model, prefix_shared=False))[:3]
+                                   seed=0, epoch=0,
+                                   flat=one_row_batches(model, prefix_shared=False))[:n_batches]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95))
 
     def step(b):
-        model.zero_grad(set_to_none=True)
         lp = fn(model, b)[0]
         lp.sum().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    step(batches[0])                       # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    compiled = bool(cfg.get("compile", False))
+    if compiled:
+        import torch._inductor.config as ic
+        ic.cpp.enable_kernel_profile = True
+    with C.compiled_blocks(model, compiled) if compiled else contextlib.nullcontext():
+        t = time.perf_counter()
+        step(batches[0])                       # warm-up (and compilation)
+        first_s = time.perf_counter() - t
         t = time.perf_counter()
         for b in batches[1:]:
             step(b)
-        wall = time.perf_counter() - t
+        steps_s = time.perf_counter() - t
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            t = time.perf_counter()
+            for b in batches[1:]:
+                step(b)
+            wall = time.perf_counter() - t
     cats: dict[str, float] = {}
     ops = []
+    mm_flops = mm_us = 0.0
     for e in prof.key_averages():
-        cats[_category(e.key)] = cats.get(_category(e.key), 0.0) + e.self_cpu_time_total
+        cat = _category(e.key)
+        cats[cat] = cats.get(cat, 0.0) + e.self_cpu_time_total
         ops.append((e.self_cpu_time_total, e.key, e.count))
+        if cat.startswith("matmul"):
+            mm_flops += float(getattr(e, "flops", 0) or 0)
+            mm_us += e.self_cpu_time_total
     total = sum(cats.values())
     ops.sort(reverse=True)
+    real = sum(b.num_tokens - b.num_pad for b in batches[1:])
+    tgt = sum(b.num_targets for b in batches[1:])
     return {"what": cfg["what"], "logprobs": cfg.get("logprobs", "chunked"),
-            "segments": cfg.get("segments", True),
-            "profiled_s": wall, "batches": len(batches) - 1,
+            "segments": cfg.get("segments", True), "compile": compiled,
+            "profiled_s": wall, "steps_s": steps_s, "first_step_s": first_s,
+            "batches": len(batches) - 1,
             "shapes": [list(b.input_ids.shape) for b in batches[1:]],
+            "flops": flops(pc, train_tokens=real, train_targets=tgt) / steps_s,
+            "mm_flops": mm_flops, "mm_s": mm_us / 1e6,
             "categories": {k: v / total for k, v in sorted(cats.items(), key=lambda x: -x[1])},
-            "top_ops": [{"op": k, "share": v / total, "calls": c} for v, k, c in ops[:12]]}
+            "top_ops": [{"op": k, "share": v / total, "calls": c} for v, k, c in ops[:12]],
+            **({"compile_stats": dict(C.LAST)} if compiled else {})}
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+def _timed(module, name: str, sink: dict, count=None):
+    """Wrap ``module.name`` so that its calls add their wall time (and ``count(result)``
+    items) to ``sink``; the function itself is unchanged (a benchmark-side timer)."""
+    real = getattr(module, name)
+
+    def wrapped(*a, **k):
+        t = time.perf_counter()
+        out = real(*a, **k)
+        sink["s"] = sink.get("s", 0.0) + time.perf_counter() - t
+        if count is not None:
+            sink["n"] = sink.get("n", 0) + count(out)
+        return out
+    setattr(module, name, wrapped)
+
+
+def _median_of(path: Path, key: str):
+    if not path.is_file():
+        return None
+    vals = [json.loads(line).get(key) for line in path.open() if line.strip()]
+    vals = sorted(v for v in vals if isinstance(v, (int, float)))
+    return vals[len(vals) // 2] if vals else None
+
+
+def run_pipeline(cfg, rep: int) -> dict:
+    """One quickstart-shaped run (``cfg["recipe"]`` with ``cfg["overrides"]``) through
+    ``starpo.run.pipeline``, and a row per stage: seconds, optimizer steps, training
+    tokens/s (median of the loop's logged windows), and for the online and eval stages the
+    time and throughput of sampling (generated tokens/s) and judging (responses/s).
+
+    The online stage's phases come from its ``round_<k>/round.json``; the eval stage has
+    no phase timer of its own, so its sampling, judging and log-prob calls are timed by
+    wrapping them here (``_timed``; what they compute is unchanged)."""
+    import torch
+    from starpo.metrics import evaluation as E
+    from starpo.recipe import load_recipe
+    from starpo.run import pipeline
+    torch.set_num_threads(cfg["threads"])
+    ev = {"sampling": {}, "judging": {}, "logprobs": {}}
+    _timed(E, "sample_model", ev["sampling"], lambda ms: sum(ms.n_tokens))
+    _timed(E, "score_in_chunks", ev["judging"], len)
+    _timed(E, "_logprobs_under_sft", ev["logprobs"])
+    rec = load_recipe(cfg["recipe"], cfg.get("overrides") or [])
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "run"
+        t0 = time.perf_counter()
+        pipeline.run(rec, out, log=lambda m: None, progress=False, report=False)
+        total = time.perf_counter() - t0
+        stages = []
+        for st in rec.stages:
+            info = json.loads((out / st.name / "stage.json").read_text())
+            row = {"stage": st.name, "type": st.type, "seconds": info.get("seconds"),
+                   "steps": info.get("steps")}
+            tps = _median_of(out / st.name / "metrics.jsonl", "tokens_per_s")
+            if tps is not None and st.type != "online":
+                row["train_tokens_per_s"] = tps
+            if st.type == "online":
+                ph = {"sampling": 0.0, "judging": 0.0, "training": 0.0}
+                gen_tok = gen_s = judged = steps = 0
+                for rj in sorted(out.joinpath(st.name).glob("round_*/round.json")):
+                    r = json.loads(rj.read_text())
+                    for k in ph:
+                        ph[k] += r.get("seconds", {}).get(k, 0.0)
+                    gen_tok += r["sampling"]["tokens"]
+                    gen_s += r["sampling"]["seconds"]
+                    judged += r["sampling"]["sequences"]
+                    steps += r.get("steps") or 0
+                row.update(steps=steps, sampling_s=ph["sampling"], judging_s=ph["judging"],
+                           training_s=ph["training"], generated_tokens=gen_tok,
+                           sampling_tokens_per_s=gen_tok / gen_s if gen_s else None,
+                           judged=judged,
+                           judging_per_s=judged / ph["judging"] if ph["judging"] else None)
+            if st.type == "eval":
+                smp, jud = ev["sampling"], ev["judging"]
+                row.update(sampling_s=smp.get("s"), generated_tokens=smp.get("n"),
+                           sampling_tokens_per_s=smp["n"] / smp["s"] if smp.get("s") else None,
+                           judging_s=jud.get("s"), judged=jud.get("n"),
+                           judging_per_s=jud["n"] / jud["s"] if jud.get("s") else None,
+                           logprobs_s=ev["logprobs"].get("s"))
+            stages.append(row)
+    return {"total_s": total, "stages": stages, "recipe": str(cfg["recipe"]),
+            "overrides": cfg.get("overrides") or []}
 
 
 KINDS = {"matmul": run_matmul, "sft_starpo": run_sft_starpo, "sft_trl": run_sft_trl,
-         "dpo_starpo": run_dpo_starpo, "dpo_trl": run_dpo_trl, "profile": run_profile}
+         "dpo_starpo": run_dpo_starpo, "dpo_trl": run_dpo_trl, "profile": run_profile,
+         "pipeline": run_pipeline}
 
 
 def _median(xs):
@@ -520,6 +685,13 @@ def main(argv: list[str]) -> int:
     the peak RSS after the first repetition (one run's peak) and after all of them."""
     import gc
     cfg = json.loads(Path(argv[0]).read_text())
+    if cfg.get("compile"):
+        # a cold inductor cache: the compile time a first run pays
+        import shutil
+        cache = tempfile.mkdtemp(prefix="starpo-bench-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        import atexit
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     t = time.perf_counter()
     reps, peak_first = [], None
     for rep in range(cfg.get("reps", 1)):

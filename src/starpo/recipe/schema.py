@@ -89,6 +89,9 @@ class TrainSpec(Strict):
     adam_betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    # torch.compile each repeated block (regional) for the loop and the reference pass;
+    # measured not to pay off on the quickstart's CPU runs: docs/performance.md
+    compile: bool = False
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU
     log_every: int = Field(10, gt=0)
     save_every: int | None = Field(None, gt=0)  # checkpoint every N steps (None = at end only)

@@ -56,7 +56,7 @@ def prepare_reference(ctx, stage, tok, pairs, ref_path: str, *, batch_size: int)
                           batch_size=batch_size, chunk_size=stage.train.logprob_chunk_size,
                           prefix_sharing=stage.prefix_sharing, progress=ctx.progress,
                           max_tokens_per_row=row_tokens(stage),
-                          log=ctx.log)
+                          compile=stage.train.compile, log=ctx.log)
     return ref.chosen, ref.rejected, ref
 
 

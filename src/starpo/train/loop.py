@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from starpo.data.batch import TokenBatch
 from starpo.errors import TrainingError
+from starpo.model.compile import compiled_blocks
 from starpo.recipe import TrainSpec
 from starpo.runtime import Runtime
 from starpo.train.checkpoint import (latest_checkpoint, load_checkpoint,
@@ -88,6 +89,14 @@ def sharded(acc) -> bool:
     collective calls see whole weights, optimizer states and checkpoints."""
     from accelerate.utils import DistributedType
     return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def sharded_launch() -> bool:
+    """:func:`sharded` before the loop's ``Accelerator`` exists: what ``accelerate launch``
+    was told (the environment it sets for FSDP and DeepSpeed configs)."""
+    import os
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes")
+               for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
 
 
 def _configure_deepspeed(acc, spec: TrainSpec, desc: str) -> None:
@@ -199,8 +208,20 @@ def _accumulate(acc, runtime: Runtime, module, task: Task, mbs: list[TokenBatch]
 def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, seed: int,
              runtime: Runtime | None = None, resume: bool = False, desc: str = "train",
              progress: bool = True, hooks: LoopHooks | None = None) -> LoopResult:
-    """Train ``model`` in place on ``task`` on the runtime's device (its processes)."""
+    """Train ``model`` in place on ``task`` on the runtime's device (its processes). With
+    ``train.compile`` its repeated blocks run compiled for the loop's duration
+    (:mod:`starpo.model.compile`)."""
     runtime = runtime or Runtime.create()
+    with compiled_blocks(model, spec.compile, device=runtime.device, what=desc,
+                         sharded=sharded_launch(),
+                         log=print if runtime.is_main else (lambda msg: None)):
+        return _run_loop(model, task, spec, out_dir, seed=seed, runtime=runtime,
+                         resume=resume, desc=desc, progress=progress, hooks=hooks)
+
+
+def _run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, seed: int,
+              runtime: Runtime, resume: bool, desc: str, progress: bool,
+              hooks: LoopHooks | None) -> LoopResult:
     hooks = hooks or LoopHooks()
     acc = runtime.accelerator(spec.mixed_precision)
     world, rank = acc.num_processes, acc.process_index

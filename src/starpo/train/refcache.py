@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from starpo import fileio
 from starpo.data.prefbatch import collate_pairs
+from starpo.model.compile import compiled_blocks
 from starpo.model.layout import row_cap
 from starpo.model.logprobs import sequence_logprobs
 from starpo.runtime import Runtime, release_memory
@@ -104,32 +105,36 @@ def cache_key(ref_path: str, tokenizer, pairs: list, extra: dict | None = None) 
 @torch.no_grad()
 def compute_reference(model, pairs: list, runtime: Runtime, *, batch_size: int = 16,
                       chunk_size: int = 1024, prefix_sharing: bool = True,
-                      progress: bool = True, max_tokens_per_row: int | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      progress: bool = True, max_tokens_per_row: int | None = None,
+                      compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of chosen and rejected responses under ``model`` (no grad), on the
-    runtime's device.
+    runtime's device; ``compile``: its repeated blocks run compiled for the pass
+    (:mod:`starpo.model.compile`, ``train.compile``).
 
     Micro-batches are single rows (no cap, no dense mask) when the model's attention allows
     it (:func:`starpo.model.layout.row_cap`), else rows of ``max_tokens_per_row``."""
     model.eval()
     cap = row_cap(model, max_tokens_per_row, prefix_shared=prefix_sharing)
     ch, rj = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs",
-                  disable=not progress, leave=False):
-        chunk = [p.as_dict() if hasattr(p, "as_dict") else p for p in pairs[s:s + batch_size]]
-        b = runtime.batch(collate_pairs(chunk, prefix_sharing=prefix_sharing,
-                                        padding_free=True, cap=cap))
-        lp, _, _ = sequence_logprobs(model, b, chunk_size=chunk_size)
-        lp = lp.float().cpu()
-        ch[s:s + len(chunk)] = lp[0::2]
-        rj[s:s + len(chunk)] = lp[1::2]
+    with compiled_blocks(model, compile, device=runtime.device, what="reference log-probs",
+                         log=print if runtime.is_main else (lambda msg: None)):
+        for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs",
+                      disable=not progress, leave=False):
+            chunk = [p.as_dict() if hasattr(p, "as_dict") else p
+                     for p in pairs[s:s + batch_size]]
+            b = runtime.batch(collate_pairs(chunk, prefix_sharing=prefix_sharing,
+                                            padding_free=True, cap=cap))
+            lp, _, _ = sequence_logprobs(model, b, chunk_size=chunk_size)
+            lp = lp.float().cpu()
+            ch[s:s + len(chunk)] = lp[0::2]
+            rj[s:s + len(chunk)] = lp[1::2]
     return ch, rj
 
 
 def reference_logps(ref_path: str, tokenizer, pairs: list, *, cache_dir: Path, load_model,
                     runtime: Runtime, batch_size: int = 16, chunk_size: int = 1024,
                     prefix_sharing: bool = True, progress: bool = True, log=print,
-                    max_tokens_per_row: int | None = None) -> RefLogps:
+                    max_tokens_per_row: int | None = None, compile: bool = False) -> RefLogps:
     """Cached reference log-probs; ``load_model()`` is called only on a cache miss, and the
     model runs on the runtime's device (where the policy trains). Within a multi-process
     run the main process computes and the others read its file; across runs sharing
@@ -159,7 +164,8 @@ def reference_logps(ref_path: str, tokenizer, pairs: list, *, cache_dir: Path, l
             return _compute_and_store(path, key, ref_path, pairs, load_model, runtime, log,
                                       batch_size=batch_size, chunk_size=chunk_size,
                                       prefix_sharing=prefix_sharing, progress=progress,
-                                      max_tokens_per_row=max_tokens_per_row)
+                                      max_tokens_per_row=max_tokens_per_row,
+                                      compile=compile)
 
 
 # the lock of a reference pass is touched this often by its holder, and broken when it has
