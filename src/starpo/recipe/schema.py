@@ -90,8 +90,9 @@ class TrainSpec(Strict):
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
     # torch.compile each repeated block (regional) for the loop and the reference pass;
-    # measured not to pay off on the quickstart's CPU runs: docs/performance.md
-    compile: bool = False
+    # measured not to pay off on the quickstart's CPU runs: docs/performance.md (left out
+    # of dumps when off, so stage hashes of runs made before the field existed stay the same)
+    compile: bool = Field(False, exclude_if=lambda v: not v)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU
     log_every: int = Field(10, gt=0)
     save_every: int | None = Field(None, gt=0)  # checkpoint every N steps (None = at end only)
