@@ -51,7 +51,14 @@ PROFILE_CATS = ["attention (sdpa fwd+bwd)", "matmul (linear layers + LM head)",
 
 # the quickstart recipe, as the README runs it (the pipeline suite)
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
-TRAIN_STAGES = ("sft", "dpo", "reward", "online")
+
+
+def training_stages(recipe: Path) -> list[str]:
+    """The names of the recipe's stages that train (those with a ``train`` section)."""
+    from starpo.recipe import load_recipe
+    return [s.name for s in load_recipe(recipe).stages if getattr(s, "train", None) is not None]
+
+
 # a quickstart shrunk to seconds (the smoke test's pipeline suite: plumbing only)
 TINY_PIPELINE = [
     "model.tiny.hidden_size=32", "model.tiny.num_hidden_layers=1",
@@ -61,7 +68,6 @@ TINY_PIPELINE = [
     "stages.sft.train.save_every=null",
     "stages.dpo.data.sources.0.n=24", "stages.dpo.train.max_steps=1",
     "stages.dpo.train.batch_size=8", "stages.dpo.train.save_every=null",
-    "stages.reward.data.sources.0.n=24", "stages.reward.train.max_steps=1",
     "stages.online.rounds=1", "stages.online.prompts_per_round=4", "stages.online.n_samples=2",
     "stages.online.generation.max_new_tokens=8", "stages.online.train.batch_size=4",
     "stages.eval.data.sources.0.n=4", "stages.eval.generation.max_new_tokens=8",
@@ -198,7 +204,8 @@ def plan(sz: Sizes, suites: set[str], trl: bool, data) -> list[Config]:
     if sz.pipeline_compile:
         add("pipeline", "pipeline_compile", "pipeline", "quickstart, train.compile: true",
             recipe=str(QUICKSTART), compile=True, reps=1,
-            overrides=ov + [f"stages.{st}.train.compile=true" for st in TRAIN_STAGES])
+            overrides=ov + [f"stages.{st}.train.compile=true"
+                                 for st in training_stages(QUICKSTART)])
 
     big = data("pref", sz.dpo_pairs * sz.data_scale, sz.lo, sz.hi)
     for fw in ("starpo", "trl"):

@@ -65,7 +65,7 @@ def test_harness_runs_and_prints_ratios_last(bench):
     assert res["dpo_starpo"]["pairs"] == run.TINY.dpo_pairs
     # the pipeline suite: a row per quickstart stage, sampling and judging measured
     stages = {x["stage"]: x for x in res["pipeline"]["stages"]}
-    assert list(stages) == ["sft", "dpo", "reward", "online", "eval"]
+    assert list(stages) == ["sft", "dpo", "online", "eval"]
     assert all(x["seconds"] > 0 for x in stages.values())
     for st in ("online", "eval"):
         assert stages[st]["sampling_tokens_per_s"] > 0 and stages[st]["judging_per_s"] > 0
