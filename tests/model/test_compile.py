@@ -11,13 +11,15 @@ cached on disk by inductor for later runs).
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
+import attention_cases
+from attention_cases import VOCAB, docs
+
 from starpo.data.packing import layout_sft
-from starpo.data.tokenize import IGNORE, TokenizedPair, TokenizedSFT
+from starpo.data.tokenize import TokenizedPair
 from starpo.errors import TrainingError
 from starpo.model import attention as A
 from starpo.model import compile as C
@@ -29,7 +31,6 @@ from starpo.train.preference import PreferenceTask
 from starpo.train.refcache import compute_reference
 from starpo.train.task import TargetLogprobs
 
-VOCAB = 61
 # float32, different kernels (fused C++ vs aten): sums of log-probs and gradients agree
 # to these (measured: 4e-8 relative on losses, 6e-7 on gradients)
 RTOL, ATOL = 1e-5, 1e-5
@@ -44,25 +45,10 @@ def llama(seed: int = 0):
     return T.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").float()
 
 
-def docs(n: int, seed: int = 0) -> list[TokenizedSFT]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        p, r = rng.randint(2, 12), rng.randint(1, 15)
-        ids = [rng.randrange(1, VOCAB) for _ in range(p + r)]
-        out.append(TokenizedSFT(ids, [IGNORE] * p + ids[p:], "t", i))
-    return out
-
-
 def pairs(n: int = 6, seed: int = 1) -> list[TokenizedPair]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(2, 9))]
-        ch = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 8))]
-        rj = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 8))]
-        out.append(TokenizedPair(prompt, ch, ch, rj, rj))
-    return out
+    return [TokenizedPair(d["prompt_ids"], d["chosen_ids"], d["chosen_labels"],
+                          d["rejected_ids"], d["rejected_labels"])
+            for d in attention_cases.pairs(n, seed)]
 
 
 def sft_task():
