@@ -408,19 +408,13 @@ def run_sft_trl(cfg, rep: int) -> dict:
     }
 
 
-def run_dpo_trl(cfg, rep: int) -> dict:
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+def timed_dpo_trainer(base, times: "_StepTimes", ref: dict):
+    """``base`` (TRL's ``DPOTrainer``) recording, per training micro-batch, pairs, target
+    and computed tokens and padding into ``times``, and the reference pass's seconds
+    (``ref["s"]``) and the RSS after it (``ref["rss"]``) — the same measurement for the CPU
+    benchmark and the GPU check (scripts/gpu_bench.py)."""
 
-    tok, model = load(cfg)
-    pc = param_counts(model)
-    rss_loaded = current_rss_mib()
-    warm_up(model)
-    rows = json.loads(Path(cfg["data"]).read_text())
-    times = _StepTimes()
-    ref = {"s": 0.0, "rss": 0.0}
-
-    class Timed(DPOTrainer):
+    class Timed(base):
         def _precompute_ref_logps(self, *a, **kw):
             t = time.perf_counter()
             out = super()._precompute_ref_logps(*a, **kw)
@@ -433,9 +427,26 @@ def run_dpo_trl(cfg, rep: int) -> dict:
             times.units.append(cm.shape[0] // 2)
             times.targets.append(int(cm[..., 1:].sum()))
             n = inputs["input_ids"].numel()
+            am = inputs.get("attention_mask")      # absent in TRL's padding-free batches
             times.tokens.append(n)
-            times.pad.append(int(n - inputs["attention_mask"].sum()))
+            times.pad.append(int(n - am.sum()) if am is not None else 0)
             return super().compute_loss(model, inputs, *a, **kw)
+
+    return Timed
+
+
+def run_dpo_trl(cfg, rep: int) -> dict:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tok, model = load(cfg)
+    pc = param_counts(model)
+    rss_loaded = current_rss_mib()
+    warm_up(model)
+    rows = json.loads(Path(cfg["data"]).read_text())
+    times = _StepTimes()
+    ref = {"s": 0.0, "rss": 0.0}
+    Timed = timed_dpo_trainer(DPOTrainer, times, ref)
 
     _clear_datasets_tmp()   # TRL caches reference log-probs by data+weights fingerprint
     with tempfile.TemporaryDirectory() as d:

@@ -276,29 +276,14 @@ def sft_trl(model_dir: str, sizes: dict) -> dict:
 def dpo_trl(model_dir: str, sizes: dict) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
-    from benchmarks.worker import _StepTimes, _trl_callback, flops, param_counts
+    from benchmarks.worker import (_StepTimes, _trl_callback, flops, param_counts,
+                                   timed_dpo_trainer)
     tok, model = _trl_model(model_dir)
     pc = param_counts(model)
     warm = _warm(model)
     times = _StepTimes()
-    ref = {"s": 0.0}
-
-    class Timed(DPOTrainer):
-        def _precompute_ref_logps(self, *a, **kw):
-            t = time.perf_counter()
-            out = super()._precompute_ref_logps(*a, **kw)
-            ref["s"] += time.perf_counter() - t
-            return out
-
-        def compute_loss(self, model, inputs, *a, **kw):
-            cm = inputs["completion_mask"]
-            times.units.append(cm.shape[0] // 2)
-            times.targets.append(int(cm[..., 1:].sum()))
-            n = inputs["input_ids"].numel()
-            am = inputs.get("attention_mask")
-            times.tokens.append(n)
-            times.pad.append(int(n - am.sum()) if am is not None else 0)
-            return super().compute_loss(model, inputs, *a, **kw)
+    ref = {"s": 0.0, "rss": 0.0}
+    Timed = timed_dpo_trainer(DPOTrainer, times, ref)
 
     rows = _rows("dpo", sizes)
     with tempfile.TemporaryDirectory() as d:
