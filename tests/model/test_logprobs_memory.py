@@ -52,8 +52,10 @@ def _growth(n: int, plain: bool = False) -> int:
 @pytest.mark.slow
 def test_peak_memory_does_not_scale_with_vocab_times_tokens():
     small, big = _growth(1024), _growth(4096)
-    # the measurement sees the full logits when they exist (≥ 0.5 GB at 1024 targets)
-    assert _growth(1024, plain=True) > 1024 * VOCAB * 4
+    # the measurement sees the full logits when they exist (0.5 GB at 1024 targets); the
+    # warm-up step's freed [128, V] buffers (66 MB) may be reused by the allocator, so the
+    # peak can rise by a little less than one full logits tensor (measured 98.6% of it)
+    assert _growth(1024, plain=True) > 0.85 * 1024 * VOCAB * 4
     full_big = 4096 * VOCAB * 4                     # the [N, V] float32 logits: 2.1 GB
     chunk_buffers = 3 * CHUNK * VOCAB * 4           # ≈ 197 MB, the documented bound
     assert big < chunk_buffers, (small, big)        # nowhere near the full logits
