@@ -312,3 +312,21 @@ def test_markdown_table_and_standalone_svg():
     root = ET.fromstring(svg)
     style = root.find("{http://www.w3.org/2000/svg}style").text
     assert ".line {" in style and "svg ." not in style
+
+
+def test_a_section_names_only_the_seeds_that_have_results(tmp_path):
+    """A study interrupted after seed 0 (seed 1 started, seed 2 never) is a mean over
+    seed 0 alone, and the document must say so rather than 'seeds 0, 1, 2'."""
+    from starpo import fileio
+    from starpo.run.reproduce import runs
+    ctx = runs.Context(tmp_path, runs.FULL)
+    d0 = ctx.study_dir("sft_variants", 0)
+    d0.mkdir(parents=True)
+    fileio.write_json(d0 / "sweep.json", {"trials": [{"id": "a"}, {"id": "b"}]})
+    (d0 / "trials.jsonl").write_text(json.dumps({"id": "a", "status": "ok"}) + "\n"
+                                     + json.dumps({"id": "b", "status": "failed"}) + "\n")
+    d1 = ctx.study_dir("sft_variants", 1)
+    d1.mkdir(parents=True)
+    fileio.write_json(d1 / "sweep.json", {"trials": [{"id": "a"}]})
+    assert list(ctx.seeds) == [0, 1, 2]
+    assert runs.seeds_with_results(ctx, "sft_variants") == [0]

@@ -48,7 +48,7 @@ def collect(ctx: runs.Context) -> dict | None:
                 dpo = {"loss": st.loss, "beta": st.beta, "batch_size": st.train.batch_size}
     if not cells:
         return None
-    return {"seeds": list(ctx.seeds), "sft_score": sft, "dpo": dpo,
+    return {"seeds": runs.seeds_with_results(ctx, NAME), "sft_score": sft, "dpo": dpo,
             "cells": sorted(cells.values(), key=lambda c: (c["size"], c["steps"]))}
 
 

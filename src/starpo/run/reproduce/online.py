@@ -120,7 +120,7 @@ def collect(ctx: runs.Context) -> dict | None:
     if shared.is_file():
         t = load_recipe(shared).stage("offline").train
         budget = {"steps": t.max_steps, "batch_size": t.batch_size, "lr": t.lr}
-    return {"seeds": list(ctx.seeds), "budget": budget, "arms": arms,
+    return {"seeds": runs.seeds_with_results(ctx, NAME), "budget": budget, "arms": arms,
             "judges": list(judges.values())}
 
 

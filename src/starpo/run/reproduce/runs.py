@@ -278,6 +278,13 @@ def trial_records(ctx: Context, study: str, seed: int) -> list[dict]:
     return latest_records(fileio.read_jsonl(d / "trials.jsonl"), ids)
 
 
+def seeds_with_results(ctx: Context, study: str) -> list[int]:
+    """The seeds of which at least one trial of the study finished: what its figures are
+    means over (a seed still running or never run is not named in the document)."""
+    return [seed for seed in ctx.seeds
+            if any(r.get("status") == "ok" for r in trial_records(ctx, study, seed))]
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())

@@ -58,7 +58,7 @@ def collect(ctx: runs.Context) -> dict | None:
                     v[model]["cis"][x][k] = (summary.get(model) or {}).get(f"{x}_ci")
     if not variants:
         return None
-    return {"seeds": list(ctx.seeds), "conversations": conversations,
+    return {"seeds": runs.seeds_with_results(ctx, NAME), "conversations": conversations,
             "variants": list(variants.values())}
 
 
