@@ -32,16 +32,21 @@ class AuditRuntime(Runtime):
         super().__init__(torch.device("cpu"))
         self.modules: set[int] = set()
         self.storages: set[int] = set()
+        # what was placed is kept alive: ids and data pointers of freed objects are reused,
+        # and a model or batch made without the runtime could otherwise pass for a placed one
+        self._alive: list = []
 
     def model(self, model):
         model = super().model(model)
         self.modules.update(id(m) for m in model.modules())
+        self._alive.append(model)
         return model
 
     def batch(self, batch):
         batch = super().batch(batch)
         for t in _tensors(batch):
             self.storages.add(t.untyped_storage().data_ptr())
+        self._alive.append(batch)
         return batch
 
 
