@@ -117,6 +117,33 @@ def test_bootstrap_ci_by_hand():
     assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 4
 
 
+def test_gap_pairs_follow_the_stage_order_and_the_reference():
+    assert ST.gap_pairs(["sft", "dpo", "online"]) == [
+        ("dpo", "sft"), ("online", "dpo"), ("online", "sft")]
+    assert ST.gap_pairs(["sft", "dpo"]) == [("dpo", "sft")]
+    assert ST.gap_pairs(["a", "sft", "b"], "sft") == [("sft", "a"), ("b", "sft"), ("a", "sft")]
+    assert ST.gap_pairs(["sft"]) == []
+
+
+def test_score_gaps_by_hand():
+    scores = {"sft": [0.0, 1.0, -1.0, 0.5], "dpo": [0.5, 1.0, -0.5, 0.5]}
+    (g,) = ST.score_gaps(scores, [("dpo", "sft")], n_boot=2000, seed=3)
+    assert g["model"] == "dpo" and g["baseline"] == "sft" and g["n"] == 4
+    assert g["gap"] == pytest.approx(0.25)
+    # the interval is the bootstrap of the per-prompt differences [0.5, 0, 0.5, 0]
+    ci = ST.bootstrap_ci([0.5, 0.0, 0.5, 0.0], indices=ST.bootstrap_indices(4, 2000, 3))
+    assert g["gap_ci"] == pytest.approx(list(ci))
+    assert 0.0 <= g["gap_ci"][0] <= 0.25 <= g["gap_ci"][1] <= 0.5
+    # pairing is what narrows it: a constant shift has a zero-width interval although
+    # the scores themselves spread over [-1, 1]
+    (h,) = ST.score_gaps({"a": [-1.0, 1.0, 0.0], "b": [-0.9, 1.1, 0.1]}, [("b", "a")],
+                         n_boot=500)
+    assert h["gap"] == pytest.approx(0.1) and h["gap_ci"] == pytest.approx([0.1, 0.1])
+    assert ST.score_gaps(scores, [("dpo", "sft")], n_boot=0)[0]["gap_ci"] is None
+    with pytest.raises(ValueError, match="score_gaps"):
+        ST.score_gaps({"a": [1.0], "b": [1.0, 2.0]}, [("a", "b")])
+
+
 def test_summarize_model_by_hand():
     scores = [1.0, 0.2, -0.6, 1.0]
     chosen = [0.2, None, -0.6, 1.0]      # prompt 1 has no reference response
@@ -228,6 +255,15 @@ def test_gold_scores_and_outputs(evaluated, prompts):
     res, out = evaluated
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["sft", "dpo", "sft_copy"]
+    gaps = json.loads((out / "gaps.json").read_text())
+    assert [(g["model"], g["baseline"]) for g in gaps] == [
+        ("dpo", "sft"), ("sft_copy", "dpo"), ("sft_copy", "sft")]
+    assert gaps == res.gaps
+    for g in gaps:
+        assert g["gap"] == pytest.approx(summary[g["model"]]["mean_score"]
+                                         - summary[g["baseline"]]["mean_score"])
+        assert g["gap_ci"][0] <= g["gap"] <= g["gap_ci"][1]
+    assert gaps[2]["gap"] == 0.0   # the same samples as the SFT model's
     for name, m in summary.items():
         for k in E.EVAL_METRICS:
             assert k in m and f"{k}_ci" in m
@@ -325,6 +361,10 @@ def test_eval_stage_in_the_pipeline(ckpts, tmp_path):
     stage = json.loads((run / "eval" / "stage.json").read_text())
     assert stage["models"] == ["sft", "dpo"] and stage["reference"] == "sft"
     assert set(stage["metrics"]["dpo"]) == set(E.EVAL_METRICS)
+    (gap,) = stage["gaps"]
+    assert (gap["model"], gap["baseline"]) == ("dpo", "sft")
+    assert any(line.strip().startswith("gap dpo − sft ") and "(5 prompts, paired)" in line
+               for line in logs)
     assert (run / "report.html").is_file()
     assert any("dpo2: no trained model" in line for line in logs)
     assert not any("rm:" in line for line in logs)

@@ -108,11 +108,18 @@ def compared(one_thread, tmp_path_factory):
             compiled = [loss_and_grads(model, sft, b) for b in sft_b] + \
                 [loss_and_grads(model, dpo, b) for b in dpo_b]
             during = type(model.model.layers[0]._compiled_call_impl).__name__
+            kernel_during = _kernel()
             model.save_pretrained(save)
     finally:
         A.segment_sdpa = real
     return dict(model=model, eager=eager, compiled=compiled, found=found, calls=calls,
-                during=during, stats=dict(C.LAST), save=save)
+                during=during, stats=dict(C.LAST), save=save, kernel_during=kernel_during,
+                kernel_after=_kernel())
+
+
+def _kernel():
+    from transformers import AttentionInterface
+    return AttentionInterface._global_mapping[A.NAME]
 
 
 def test_compiled_sft_packed_rows_equal_eager(compared):
@@ -139,6 +146,10 @@ def test_segment_attention_stays_eager_and_lengths_do_not_recompile(compared):
 def test_blocks_are_eager_again_after_the_block(compared):
     assert compared["during"] != "NoneType"
     assert all(b._compiled_call_impl is None for b in compared["found"])
+    # and segment attention is the plain function again: sampling and evaluation after a
+    # compiled stage do not pass through dynamo's disable wrapper
+    assert getattr(compared["kernel_during"], "_starpo_eager", False)
+    assert compared["kernel_after"] is A._dispatch
 
 
 def test_a_checkpoint_saved_while_compiled_loads_with_from_pretrained(compared):

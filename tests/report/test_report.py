@@ -95,6 +95,11 @@ def make_run(d: Path, *, with_eval: bool = True) -> Path:
         {"prompts": 40, "reference": "sft", "seed": 0, "bootstrap": 1000, "judge": "gold",
          "generation": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 256},
          "files": {n: f"{n}.jsonl" for n in MODELS}}))
+    (d / "eval" / "gaps.json").write_text(json.dumps([
+        {"model": "dpo", "baseline": "sft", "n": 40, "gap": 0.1, "gap_ci": [0.04, 0.16]},
+        {"model": "simpo", "baseline": "dpo", "n": 40, "gap": -0.02, "gap_ci": [-0.09, 0.05]},
+        {"model": "simpo", "baseline": "sft", "n": 40, "gap": -0.08, "gap_ci": [-0.15, -0.01]},
+        {"model": "broken"}]))
     (d / "eval" / "stage.json").write_text(json.dumps({"complete": True, "seconds": 3.0}))
     return d
 
@@ -127,6 +132,13 @@ def test_full_report_contents(tmp_path):
         assert header in table
     assert "[2.50, 3.50]" in table and "[10.0, 30.0]" in table
     assert "ties 20%" in table and 'class="best"' in table
+    # paired gaps (gaps.json): one row each, with the interval and what it says
+    gaps = re.search(r"Score gaps.*?</table>", page, flags=re.S).group(0)
+    assert gaps.count("<tr>") == 1 + 3
+    assert "dpo − sft</th><td><span class=\"v\">+0.100</span>" in gaps
+    assert "[+0.040, +0.160]</span></td><td>higher" in gaps
+    assert "simpo − dpo" in gaps and "not distinguishable" in gaps
+    assert "simpo − sft" in gaps and "lower" in gaps
     svgs = _svgs(page)
     kinds = [re.search(r'class="chart ([\w-]+)"', s).group(1) for s in svgs]
     assert kinds.count("scatter-chart") == 1

@@ -93,6 +93,38 @@ def test_mini_rerun_skips_every_finished_run(mini, tmp_path):
     assert not any(": running" in ln for ln in lines)
 
 
+def test_changed_recipes_set_the_old_runs_aside_and_run_again(mini, tmp_path, monkeypatch):
+    """A run of another recipe is never reused: after an edit of the SFT settings, the
+    seed's SFT run and the study sweeps built on it move to OUT/stale/ and run again;
+    a study that was not asked for stays as it was."""
+    import dataclasses
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(mini["out"], out, symlinks=True)
+    guide_before = (out / "guide" / "seed0" / "trials.jsonl").read_text()
+    scaling_before = (out / "dpo_scaling" / "seed0" / "trials.jsonl").read_text()
+    edited = dataclasses.replace(R.runs.MINI, overrides={
+        **R.runs.MINI.overrides, "stages.sft.train.max_steps": 4})
+    monkeypatch.setattr(R.runs, "MINI", edited)
+    lines: list[str] = []
+    R.reproduce(out, mini=True, only=["dpo_scaling"], doc=None, log=lines.append)
+    moved = [ln for ln in lines if "its recipe changed since it ran" in ln]
+    assert [ln.split(":")[0] for ln in moved] == ["[sft] seed 0", "[dpo_scaling] seed 0"]
+    (stale,) = (out / "stale").iterdir()
+    assert (stale / "dpo_scaling" / "seed0" / "trials.jsonl").read_text() == scaling_before
+    assert (stale / "sft" / "seed0" / "sft" / "stage.json").is_file()
+    new_sft = R.runs.load_recipe(out / "sft" / "seed0" / "recipe.yaml")
+    assert new_sft.stage("sft").train.max_steps == 4
+    assert (out / "dpo_scaling" / "seed0" / "trials.jsonl").read_text() != scaling_before
+    assert any(": running" in ln for ln in lines)
+    assert (out / "guide" / "seed0" / "trials.jsonl").read_text() == guide_before
+    # the same recipes again: nothing is set aside, nothing runs
+    again: list[str] = []
+    R.reproduce(out, mini=True, only=["dpo_scaling"], doc=None, log=again.append)
+    assert not any("its recipe changed" in ln or ": running" in ln for ln in again)
+    assert len(list((out / "stale").iterdir())) == 1
+
+
 def test_offline_arm_gets_the_online_budget():
     from starpo.recipe import load_recipe
     rec = load_recipe(R.runs.RECIPES / "pipeline.yaml")

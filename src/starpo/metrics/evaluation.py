@@ -41,6 +41,9 @@ Bootstrap
 Files written by :func:`evaluate_models` (``out_dir``)::
 
     summary.json      {model: {metric: value, metric_ci: [lo, hi], ...}}
+    gaps.json         paired score gaps: [{model, baseline, n, gap, gap_ci}] for each model
+                      against the one before it and against the SFT reference
+                      (:func:`starpo.metrics.stats.score_gaps`)
     <model>.jsonl     one record per prompt (see :func:`_records`)
     meta.json         prompts, sampling spec, seed, judge, reference model
 
@@ -65,7 +68,8 @@ from starpo.judges.base import PairwiseJudge
 from starpo.metrics.names import EVAL_METRICS
 from starpo.metrics.samples import (ModelRef, ModelSamples, load_for_sampling,
                                     response_logprobs, sample_model)
-from starpo.metrics.stats import kl_terms, summarize_model, win_outcomes
+from starpo.metrics.stats import (gap_pairs, kl_terms, score_gaps, summarize_model,
+                                  win_outcomes)
 from starpo.recipe import GenerationSpec
 from starpo.runtime import default_device, release_memory
 
@@ -73,6 +77,7 @@ from starpo.runtime import default_device, release_memory
 @dataclass
 class EvalResult:
     summary: dict[str, dict]                 # model -> metrics (what summary.json holds)
+    gaps: list[dict]                         # paired score gaps (what gaps.json holds)
     records: dict[str, list[dict]]           # model -> per-prompt records (<model>.jsonl)
     samples: dict[str, ModelSamples]
     reference: str | None
@@ -196,6 +201,8 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
 
     summary, records = _measure(models, samples, prompts, messages, chosen, chosen_scores,
                                 sft=sft, bootstrap=bootstrap, seed=seed)
+    gaps = score_gaps({n: samples[n].scores for n in models}, gap_pairs(list(models), sft),
+                      n_boot=bootstrap, seed=seed)
     meta_out = {"prompts": len(messages), "models": {n: samples[n].source for n in models},
                 "reference": sft, "seed": seed, "bootstrap": bootstrap,
                 "generation": spec.model_dump(mode="json"),
@@ -204,9 +211,9 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
                 "length": "response tokens without the final end-of-turn token",
                 **(meta or {})}
     if out_dir is not None and (runtime is None or runtime.is_main):
-        write_outputs(Path(out_dir), summary, records, meta_out)
-    return EvalResult(summary=summary, records=records, samples=samples, reference=sft,
-                      meta=meta_out)
+        write_outputs(Path(out_dir), summary, records, meta_out, gaps)
+    return EvalResult(summary=summary, gaps=gaps, records=records, samples=samples,
+                      reference=sft, meta=meta_out)
 
 
 def _score_references(judge, messages, chosen, progress: bool) -> list[float | None]:
@@ -309,7 +316,7 @@ def _records(rows, messages, ms: ModelSamples, chosen, chosen_scores, ref_ms, kl
 
 
 def write_outputs(out_dir: Path, summary: dict, records: dict[str, list[dict]],
-                  meta: dict) -> None:
+                  meta: dict, gaps: list[dict] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = {}
     for name, recs in records.items():
@@ -317,6 +324,8 @@ def write_outputs(out_dir: Path, summary: dict, records: dict[str, list[dict]],
         names[name] = fname
         fileio.write_jsonl(out_dir / fname, recs)
     fileio.write_json(out_dir / "meta.json", {**meta, "files": names})
+    if gaps is not None:
+        fileio.write_json(out_dir / "gaps.json", gaps)
     fileio.write_json(out_dir / "summary.json", summary)
 
 

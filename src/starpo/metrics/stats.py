@@ -5,7 +5,7 @@ length quantiles, and the summary of one model (the metric definitions are in
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -99,6 +99,48 @@ def _finite_or_none(x: float | None) -> float | None:
     if x is None or not math.isfinite(x):
         return None
     return float(x)
+
+
+def gap_pairs(names: Sequence[str], reference: str | None = None) -> list[tuple[str, str]]:
+    """Which paired score gaps an evaluation reports, as ``(model, baseline)`` pairs: each
+    model against the one before it (the pipeline's stage order: dpo vs sft, online vs
+    dpo), and each later model against ``reference`` (default: the first) when that pair
+    is not already listed."""
+    names = list(names)
+    ref = reference if reference is not None else (names[0] if names else None)
+    pairs = [(b, a) for a, b in zip(names, names[1:])]
+    pairs += [(b, ref) for b in names if b != ref and (b, ref) not in pairs]
+    return pairs
+
+
+def score_gaps(scores: Mapping[str, Sequence[float]], pairs: Sequence[tuple[str, str]], *,
+               n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Paired differences of mean score, with a bootstrap 95% interval over prompts.
+
+    For each ``(model, baseline)`` pair: ``gap = mean_i (s_model[i] − s_baseline[i])``,
+    where ``i`` runs over the same prompts. Pairing removes the prompt-to-prompt spread
+    that the per-model intervals carry, so a gap whose interval excludes 0 is a
+    difference between the models, not between easy and hard prompts; two overlapping
+    per-model intervals say much less. The resamples are shared by every pair.
+
+    Returns ``[{"model", "baseline", "n", "gap", "gap_ci": [lo, hi] | None}]``.
+    """
+    out: list[dict[str, Any]] = []
+    idx = None
+    for model, base in pairs:
+        a = np.asarray(scores[model], dtype=np.float64)
+        b = np.asarray(scores[base], dtype=np.float64)
+        if a.shape != b.shape:
+            raise ValueError(f"score_gaps: {model} has {a.size} scores, {base} {b.size}")
+        d = a - b
+        if idx is None and n_boot > 0 and d.size:
+            idx = bootstrap_indices(d.size, n_boot, seed)
+        ci = bootstrap_ci(d, indices=idx) if idx is not None else None
+        out.append({"model": model, "baseline": base, "n": int(d.size),
+                    "gap": _finite_or_none(float(d.mean())) if d.size else None,
+                    "gap_ci": None if ci is None else [_finite_or_none(ci[0]),
+                                                       _finite_or_none(ci[1])]})
+    return out
 
 
 def summarize_model(scores: Sequence[float], lengths: Sequence[int], n_tokens: Sequence[int], *,

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from typing import Callable
 
 import torch
 from torch import nn
@@ -102,17 +103,21 @@ def check_available(device: torch.device | str) -> None:
                                 f"is not installed (pip install triton) {hint}")
 
 
-def keep_segment_attention_eager() -> None:
+def keep_segment_attention_eager() -> Callable[[], None]:
     """Register segment attention's function wrapped in ``torch.compiler.disable`` (see the
-    module docstring): a compiled block runs it eagerly between two graphs."""
+    module docstring): a compiled block runs it eagerly between two graphs. Returns the
+    function that registers the plain one again (called when the compiled region ends, so
+    that sampling and evaluation afterwards do not go through dynamo's wrapper)."""
     from transformers import AttentionInterface
     attention.register()
     fn = AttentionInterface._global_mapping[attention.NAME]
-    if not getattr(fn, "_starpo_eager", False):
-        eager = torch.compiler.disable(fn, reason="starpo segment attention reads the "
-                                       "row layout from position_ids in Python")
-        eager._starpo_eager = True
-        AttentionInterface.register(attention.NAME, eager)
+    if getattr(fn, "_starpo_eager", False):      # nested: the outer region restores
+        return lambda: None
+    eager = torch.compiler.disable(fn, reason="starpo segment attention reads the "
+                                   "row layout from position_ids in Python")
+    eager._starpo_eager = True
+    AttentionInterface.register(attention.NAME, eager)
+    return lambda: AttentionInterface.register(attention.NAME, fn)
 
 
 def counters() -> dict[str, int]:
@@ -145,7 +150,7 @@ def compiled_blocks(model: nn.Module, enabled: bool, *, device=None, log=print,
     if device is None:
         device = next(model.parameters()).device
     check_available(device)
-    keep_segment_attention_eager()
+    restore_attention = keep_segment_attention_eager()
     base = counters()
     for b in found:
         b.compile(dynamic=True)
@@ -154,6 +159,7 @@ def compiled_blocks(model: nn.Module, enabled: bool, *, device=None, log=print,
     finally:
         for b in found:
             b._compiled_call_impl = None       # nn.Module.compile's slot: back to eager
+        restore_attention()
         LAST.clear()
         LAST.update({k: v - base[k] for k, v in counters().items()}, blocks=len(found))
         torch._dynamo.reset()

@@ -127,6 +127,30 @@ def _metrics_table(summary: dict[str, dict], colors: dict[str, str], reference: 
             f'</thead><tbody>{"".join(rows)}</tbody></table>')
 
 
+def _gaps_table(gaps: Any) -> str:
+    """Paired score gaps (``gaps.json``): one line per (model, baseline) pair."""
+    rows = []
+    for g in gaps if isinstance(gaps, list) else []:
+        if not isinstance(g, dict) or not finite(g.get("gap")):
+            continue
+        ci = g.get("gap_ci")
+        ci_txt = (f'<span class="ci">[{ci[0]:+.3f}, {ci[1]:+.3f}]</span>'
+                  if isinstance(ci, list) and len(ci) == 2 and all(finite(v) for v in ci)
+                  else "")
+        verdict = ""
+        if ci_txt:
+            verdict = ("higher" if ci[0] > 0 else "lower" if ci[1] < 0
+                       else "not distinguishable")
+        rows.append(f"<tr><th>{esc(str(g.get('model')))} − {esc(str(g.get('baseline')))}</th>"
+                    f'<td><span class="v">{g["gap"]:+.3f}</span>{ci_txt}</td>'
+                    f"<td>{esc(verdict)}</td></tr>")
+    if not rows:
+        return ""
+    return ('<h3>Score gaps (paired over the same prompts)</h3><table class="metrics">'
+            '<thead><tr><th>models</th><th>mean score gap [95% interval]</th>'
+            f'<th>the first is</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
 def _scatter_section(summary: dict[str, dict], colors: dict[str, str]) -> str:
     pts = []
     for name, m in summary.items():
@@ -354,8 +378,9 @@ def _eval_section(run_dir: Path, d: Path) -> str:
     return (
         f'<section id="eval-{esc(rel)}"><h2>Evaluation <span class="kind">{esc(rel)}/'
         f'</span></h2><p class="facts">{esc(" · ".join(facts))}</p>'
-        + _metrics_table(summary, colors, reference) +
-        '<p class="legend-note">win rates count ties as ½; KL = Σ<sub>t</sub> [log π − log '
+        + _metrics_table(summary, colors, reference)
+        + _gaps_table(fileio.read_json(d / "gaps.json"))
+        + '<p class="legend-note">win rates count ties as ½; KL = Σ<sub>t</sub> [log π − log '
         'π<sub>sft</sub>] over the model\'s own sampled tokens (end of turn included); KL / '
         'token divides by those tokens; length = response tokens without the end-of-turn '
         'token; finished = share of responses that ended their turn (the rest hit '

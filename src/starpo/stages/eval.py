@@ -29,8 +29,23 @@ def run_eval(ctx, stage: EvalStage) -> dict:
     for name, m in headline.items():
         parts = [f"{k} {v:.3f}" for k, v in m.items() if v is not None]
         ctx.log(f"  {name}: " + ", ".join(parts))
+    for line in gap_lines(res.gaps):
+        ctx.log(f"  {line}")
     return {"models": list(res.summary), "reference": res.reference,
-            "prompts": res.meta["prompts"], "metrics": headline}
+            "prompts": res.meta["prompts"], "metrics": headline, "gaps": res.gaps}
+
+
+def gap_lines(gaps: list[dict]) -> list[str]:
+    """``gap online − dpo +0.031 [+0.012, +0.050] (665 prompts, paired)`` per gap."""
+    out = []
+    for g in gaps:
+        if g["gap"] is None:
+            continue
+        ci = g["gap_ci"]
+        span = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and None not in ci else ""
+        out.append(f"gap {g['model']} − {g['baseline']} {g['gap']:+.3f}{span} "
+                   f"({g['n']} prompts, paired)")
+    return out
 
 
 def _stage_model_exists(out: Path, name: str) -> bool:

@@ -23,6 +23,12 @@ is not trained again. The copy is made only when the recipe's seed, model, world
 
 Resuming: rerunning skips the finished SFT runs and, through the sweeps, every finished
 trial; an interrupted trial resumes from its checkpoints.
+
+Changed recipes: a finished run is reused only while it is what the recipes ask for now.
+An SFT run, or a seed's study sweep with a trial or shared run, whose ``recipe.yaml``
+differs from the one the current recipes resolve to (``recipes/reproduction/`` was
+edited since it ran) is moved to ``OUT/stale/<time>/`` (kept, never deleted) and run
+again, with one line saying so.
 """
 
 from __future__ import annotations
@@ -110,6 +116,8 @@ class Context:
 
     def __post_init__(self):
         self.out = Path(self.out).resolve()
+        # names this invocation's OUT/stale/<started>/ (runs set aside, see the docstring)
+        self.started = time.strftime("%Y%m%dT%H%M%S")
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -158,9 +166,27 @@ def _sft_done(run_dir: Path) -> bool:
     return (run_dir / "sft" / "stage.json").is_file()
 
 
+def _ran_other_recipe(run_dir: Path, recipe: Recipe) -> bool:
+    """Whether ``run_dir`` holds a run of a recipe other than ``recipe`` (no run: False)."""
+    f = run_dir / "recipe.yaml"
+    return f.is_file() and f.read_text() != dump_recipe(recipe)
+
+
+def set_aside(ctx: Context, d: Path, why: str) -> Path:
+    """Move ``d`` under ``OUT/stale/<time>/`` (same relative path) and say so."""
+    dst = ctx.out / "stale" / ctx.started / d.relative_to(ctx.out)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(d), str(dst))
+    ctx.log(f"{why}: its recipe changed since it ran; moved to {dst}, running it again")
+    return dst
+
+
 def train_sft_models(ctx: Context) -> None:
     """Train the SFT model of every seed that has none (``jobs`` at a time, each in a
-    child process when ``jobs > 1``)."""
+    child process when ``jobs > 1``); a seed's run of another SFT recipe is set aside."""
+    for s in ctx.seeds:
+        if _ran_other_recipe(ctx.sft_dir(s), sft_recipe(ctx, s)):
+            set_aside(ctx, ctx.sft_dir(s), f"[sft] seed {s}")
     todo = [s for s in ctx.seeds if not _sft_done(ctx.sft_dir(s))]
     for s in ctx.seeds:
         if s not in todo:
@@ -254,6 +280,11 @@ def run_study(ctx: Context, study: str, overrides: dict[str, Any] | None = None)
     seed's SFT model, then write each sweep's analysis and report."""
     for seed in ctx.seeds:
         plan = study_plan(ctx, study, seed, overrides)
+        runs = [(plan.shared_dir, plan.shared)] if plan.shared is not None else []
+        runs += [(S.trial_dir(plan.out, t.id), rec) for t, rec in plan.trials]
+        if any(_ran_other_recipe(d, rec) for d, rec in runs):
+            set_aside(ctx, plan.out, f"[{study}] seed {seed}")
+            plan = study_plan(ctx, study, seed, overrides)
         if plan.shared is not None:
             reuse_sft(ctx, seed, plan.shared_dir, plan.shared)
         for t, rec in plan.trials:
