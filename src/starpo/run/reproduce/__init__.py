@@ -24,6 +24,7 @@ made-up numbers, without running anything.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import subprocess
@@ -96,7 +97,8 @@ def write_document(results: dict, doc: Path, *, meta: dict | None = None) -> Pat
             "by hand, rerun it.", ""]
     facts = [("code version", meta.get("code_version")), ("date", meta.get("date")),
              ("machine", meta.get("machine")), ("scale", meta.get("scale")),
-             ("wall time of the run that wrote this", meta.get("wall_time"))]
+             ("wall time of the run that wrote this", meta.get("wall_time")),
+             ("compute of all the runs it reads", meta.get("compute"))]
     head += [f"- {k}: {v}" for k, v in facts if v]
     head += ["", INTRO.format(prompts=meta.get("eval_prompts") or "the"), "", "## Contents",
              ""]
@@ -117,6 +119,31 @@ def _eval_prompts(ctx: runs.Context) -> int | None:
                 if rec.get("n_prompts"):
                     return int(rec["n_prompts"])
     return None
+
+
+def stage_seconds(out: Path) -> float:
+    """Seconds of every finished stage under ``out`` (each ``stage.json``'s own clock),
+    set-aside runs (``out/stale``) left out; a stage directory hard-linked into several
+    runs (the shared SFT model) counts once."""
+    seen, total = set(), 0.0
+    for f in Path(out).rglob("stage.json"):
+        rel = f.relative_to(out).parts
+        if rel[0] == "stale":
+            continue
+        st = f.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        sec = (fileio.read_json(f) or {}).get("seconds")
+        if isinstance(sec, (int, float)) and math.isfinite(sec):
+            total += float(sec)
+    return total
+
+
+def _compute(ctx: runs.Context, jobs: int) -> str:
+    minutes = stage_seconds(ctx.out) / 60
+    return (f"{minutes:.0f} process-min summed over every run's stages, so about "
+            f"{minutes / max(jobs, 1):.0f} min from scratch with --jobs {jobs}")
 
 
 def _anchor(title: str) -> str:
@@ -173,7 +200,8 @@ def reproduce(out: str | Path, *, jobs: int = 1, mini: bool = False,
                 "machine": _machine(jobs), "scale": f"{ctx.scale.name}, seeds "
                 f"{', '.join(map(str, ctx.seeds))}",
                 "wall_time": f"{wall / 60:.1f} min (finished runs are skipped, so a rerun "
-                             f"takes less)"}
+                             f"takes less)",
+                "compute": _compute(ctx, jobs)}
         path = write_document(results, Path(doc), meta=meta)
         log(f"document → {path}")
     return results
