@@ -267,6 +267,27 @@ def test_online_verdict_flips_with_the_numbers(tmp_path):
     assert _verdicts(up) == ["reproduces", "reproduces"] and "**Ours:** reproduces" in up
     assert _verdicts(down) == ["does not reproduce (the opposite direction)"] * 2
     assert "gold reward (upper bound)" in up
+    assert "Where this does not reproduce" in down and "stays inconclusive" not in down
+
+
+def test_online_inconclusive_but_leaning_says_so(tmp_path):
+    """A small positive gap with seed spread: inconclusive, and the note says the sign is
+    the paper's instead of giving the reasons it fails; a ranking judge has no score drift."""
+    res = _online(0.0)
+    for j, spread in zip(res["judges"], ([0.08, -0.03, 0.04], [0.1, -0.02, 0.05])):
+        j["values"]["mean_score"] = [o + d for o, d in
+                                     zip(res["arms"]["offline"]["values"]["mean_score"], spread)]
+    res["judges"].append({**copy.deepcopy(res["judges"][0]), "type": "world_labeler",
+                          "label": online.JUDGES["world_labeler"][0]})
+    text = _section(online, res, tmp_path)
+    assert _verdicts(text) == ["inconclusive at this scale (the interval includes 0)"] * 3
+    assert text.count("*Where this stays inconclusive") == 2     # one per distinct reason
+    assert "the difference has the paper's sign (+0.030)" in text
+    assert "*Where this does not reproduce" not in text
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in text.splitlines()
+            if ln.startswith("| online:")}
+    assert "— (scores are ranks)" in rows["online: " + online.JUDGES["world_labeler"][0]]
+    assert "— (scores are ranks)" not in rows["online: learned reward model"]
 
 
 def _guide(simpo_length):

@@ -74,6 +74,14 @@ class Claim:
     direction: int = 1
     no_worse: bool = False
     why_not: str = ""
+    # said instead of why_not when the result is inconclusive but the mean difference has
+    # the paper's sign (a direction too small for the seeds to settle)
+    why_weak: str = ""
+
+    @property
+    def leans_the_papers_way(self) -> bool:
+        return (self.verdict == INCONCLUSIVE and self.diff.known and self.diff.has_interval
+                and self.diff.mean * self.direction > 0)
 
     @property
     def verdict(self) -> str:
@@ -109,7 +117,15 @@ def claims_notes(claims: Sequence[Claim]) -> str:
     said once per distinct reason)."""
     seen, out = set(), []
     for c in claims:
-        if c.verdict != REPRODUCES and c.diff.known and c.why_not and c.why_not not in seen:
+        if c.verdict == REPRODUCES or not c.diff.known:
+            continue
+        if c.leans_the_papers_way and c.why_weak:
+            if c.why_weak not in seen:
+                seen.add(c.why_weak)
+                out.append(f"*Where this stays inconclusive ({c.measure}):* the difference "
+                           f"has the paper's sign ({c.diff.mean:+.3f}) but its interval "
+                           f"includes 0. {c.why_weak}")
+        elif c.why_not and c.why_not not in seen:
             seen.add(c.why_not)
             out.append(f"*Where this does not reproduce ({c.measure}):* {c.why_not}")
     return "\n\n".join(out)
