@@ -50,12 +50,12 @@ WHY_NOT = {
 }
 
 WHY_WEAK = {
-    False: ("Online DPO is ahead of the offline arm on average. The seeds' models differ "
-            "widely in gold score (see the SFT row's interval), so a difference of a few "
-            "hundredths needs more than three seeds to settle. The quickstart (README) "
-            "measures online DPO against the offline DPO model it starts from (not an "
-            "offline arm given the same extra steps, as here) on six seeds, each with a "
-            "paired interval over 665 prompts, and finds it ahead for all six."),
+    False: ("Online DPO is ahead of the offline arm on average, but the gap (paired by "
+            "seed) varies from seed to seed by about as much as its size, and three seeds "
+            "give a wide 95% interval (4.3 standard errors each side). The quickstart "
+            "(README) measures online DPO against the offline DPO model it starts from "
+            "(not an offline arm given the same extra steps, as here) on six seeds, each "
+            "with a paired interval over 665 prompts, and finds it ahead for all six."),
     True: ("Even with the gold reward as the judge the online arm's lead stays within the "
            "seed-to-seed spread of three seeds; the online stage at this budget (two rounds "
            "of 128 prompts) moves the model by a few hundredths, whatever the judge."),
