@@ -79,6 +79,17 @@ def warm_up(model) -> None:
     model.train(was)
 
 
+def load_measured(cfg):
+    """What every training runner starts from, starpo and TRL alike: ``(tokenizer, model,
+    param_counts, RSS after loading (before the warm-up), the data rows)``."""
+    tok, model = load(cfg)
+    pc = param_counts(model)
+    rss_loaded = current_rss_mib()
+    warm_up(model)
+    rows = json.loads(Path(cfg["data"]).read_text())
+    return tok, model, pc, rss_loaded, rows
+
+
 def param_counts(model) -> dict:
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
@@ -164,11 +175,7 @@ def run_sft_starpo(cfg, rep: int) -> dict:
     from starpo.stages.sft import SFTTask, tokenize_sft_rows
     from benchmarks import variants as V
 
-    tok, model = load(cfg)
-    pc = param_counts(model)
-    rss_loaded = current_rss_mib()
-    warm_up(model)
-    rows = json.loads(Path(cfg["data"]).read_text())
+    tok, model, pc, rss_loaded, rows = load_measured(cfg)
     t0 = time.perf_counter()
     docs = tokenize_sft_rows(tok, rows, progress=False)
     layout = layout_sft(docs, mode=cfg.get("mode", "pack"), loss_masking=True,
@@ -226,11 +233,7 @@ def run_dpo_starpo(cfg, rep: int) -> dict:
     from starpo.train.preference import PreferenceTask
     from benchmarks import variants as V
 
-    tok, model = load(cfg)
-    pc = param_counts(model)
-    rss_loaded = current_rss_mib()
-    warm_up(model)
-    rows = json.loads(Path(cfg["data"]).read_text())
+    tok, model, pc, rss_loaded, rows = load_measured(cfg)
     t0 = time.perf_counter()
     pairs, spec = _tokenize_pairs(tok, rows, cfg)
     prep_s = time.perf_counter() - t0
@@ -363,11 +366,7 @@ def run_sft_trl(cfg, rep: int) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    tok, model = load(cfg)
-    pc = param_counts(model)
-    rss_loaded = current_rss_mib()
-    warm_up(model)
-    rows = json.loads(Path(cfg["data"]).read_text())
+    tok, model, pc, rss_loaded, rows = load_measured(cfg)
     times = _StepTimes()
 
     class Timed(SFTTrainer):
@@ -439,11 +438,7 @@ def run_dpo_trl(cfg, rep: int) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    tok, model = load(cfg)
-    pc = param_counts(model)
-    rss_loaded = current_rss_mib()
-    warm_up(model)
-    rows = json.loads(Path(cfg["data"]).read_text())
+    tok, model, pc, rss_loaded, rows = load_measured(cfg)
     times = _StepTimes()
     ref = {"s": 0.0, "rss": 0.0}
     Timed = timed_dpo_trainer(DPOTrainer, times, ref)
