@@ -57,8 +57,8 @@ WHY_WEAK = {
             "(not an offline arm given the same extra steps, as here) on six seeds, each "
             "with a paired interval over 665 prompts, and finds it ahead for all six."),
     True: ("Even with the gold reward as the judge the online arm's lead stays within the "
-           "seed-to-seed spread of three seeds; the online stage at this budget (two rounds "
-           "of 128 prompts) moves the model by a few hundredths, whatever the judge."),
+           "seed-to-seed spread of three seeds; the online stage at this budget (the steps "
+           "above) moves the model by a few hundredths, whatever the judge."),
 }
 
 
