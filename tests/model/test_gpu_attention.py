@@ -98,9 +98,12 @@ def _assert_close_run(a, b, *, rel=3e-2):
         assert err < rel, (k, float(err))
 
 
-def _twin(model, attn):
+def _twin(model, attn, kernel="segments"):
+    """A copy of ``model`` with another attention; an sdpa copy runs the per-document
+    loop (``kernel``), the reference every fused path is held against."""
     other = _model(attn, next(model.parameters()).dtype)
     other.load_state_dict(model.state_dict())
+    other.starpo_packed_attention = kernel
     return other
 
 
@@ -142,6 +145,7 @@ def test_compiled_flex_prefix_shared_rows_equal_sdpa_segments(attn, checkpointin
         pytest.skip("flash-attn not installed")
     pairs = _pairs(24, seed=3)                 # a row of a few thousand tokens: many blocks
     model = _model(attn).train()
+    model.starpo_packed_attention = "flex"     # on CUDA a flash model's default is varlen
     sdpa = _twin(model, "sdpa").train()
     b = collate_prefix_shared(pairs, dense_mask=False)
     assert A.attention_for(model, None, prefix_shared=True) == "flex"
@@ -183,3 +187,46 @@ def test_loop_autocasts_bf16_over_fp32_master_weights(tmp_path):
     h.remove()
     assert seen == [torch.bfloat16]
     assert next(trained.parameters()).grad.dtype == torch.float32
+
+
+needs_varlen = pytest.mark.skipif(importlib.util.find_spec("torch.nn.attention.varlen") is None,
+                                  reason="this torch has no torch.nn.attention.varlen")
+
+
+@needs_varlen
+def test_varlen_is_what_sdpa_models_get_on_cuda():
+    """The start-up check holds torch's varlen kernel to its specification on this GPU, and
+    an sdpa model's packed rows (and prefix-shared pairs) then run it."""
+    from starpo.model import attention as A
+    assert A.varlen_device(torch.device("cuda"))
+    model = _model("sdpa")
+    assert A.local_attention(model) == A.prefix_attention(model) == "varlen"
+    assert "varlen" in A.describe(model)
+
+
+@needs_varlen
+@pytest.mark.parametrize("layout", ["sft_flat", "sft_rows", "padding_free", "prefix_shared"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_varlen_equals_sdpa_segments(layout, checkpointing):
+    """torch's varlen kernel (bf16, grouped heads) against the per-document loop on the same
+    weights, values and gradients: packed SFT rows (one row, and several rows flattened),
+    padding-free pairs, prefix-shared pairs (gathered prompt keys, bottom-right causal)."""
+    from starpo.data.packing import layout_sft, sft_microbatches
+    from starpo.model import attention as A
+    from starpo.train.loop import _enable_checkpointing
+    model = _model("sdpa").train()
+    ref = _twin(model, "sdpa").train()
+    if layout.startswith("sft"):
+        lay = layout_sft(_docs(), mode="pack", loss_masking=True, max_length=256)
+        b = sft_microbatches(lay, batch_size=4, pad_id=0, seed=0, epoch=0,
+                             flat=layout == "sft_flat")[0]
+    elif layout == "padding_free":
+        b = collate_padding_free(_pairs(), None)
+    else:
+        b = collate_prefix_shared(_pairs(24, seed=3), dense_mask=False)
+    assert A.attention_for(model, b.attention_mask,
+                           prefix_shared=layout == "prefix_shared") == "varlen"
+    if checkpointing:
+        _enable_checkpointing(model)
+        _enable_checkpointing(ref)
+    _assert_close_run(_grads_run(model, b), _grads_run(ref, b))

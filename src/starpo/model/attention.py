@@ -71,14 +71,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 NAME = "starpo_segments"
-# no "flex"/"flash"/"sdpa" inside the name: transformers picks mask builders by substring
+# no "flex"/"flash"/"sdpa" inside the names: transformers picks mask builders by substring
 FLEX_NAME = "starpo_block_sparse"
+VARLEN_NAME = "starpo_varlen"
+KERNELS = {"segments": NAME, "flex": FLEX_NAME, "varlen": VARLEN_NAME}
 BLOCK = 128
 _registered = False
 
@@ -316,6 +320,227 @@ def flex_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
 
 
 # ---------------------------------------------------------------------------------------
+# varlen: torch's flash-attention varlen kernel, one call per layer (CUDA)
+# ---------------------------------------------------------------------------------------
+
+
+class VarlenLayout(NamedTuple):
+    """What one varlen call needs for ``B`` rows of ``L`` tokens flattened to ``[B·L]``.
+
+    ``cu_q``/``cu_k`` ``[N+1]`` int32: boundaries of the ``N`` query sequences in the
+    flattened queries and of their key sequences in the (gathered) keys; ``max_q``/``max_k``
+    their longest lengths; ``k_index`` ``[T_k]`` long: which flattened key each gathered key
+    is (None when keys are the queries' own tokens, i.e. no prefix-shared pair)."""
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    k_index: torch.Tensor | None
+
+
+def varlen_layout(plans: list, length: int, device=None) -> VarlenLayout:
+    """The :class:`VarlenLayout` of rows parsed by :func:`_segments`.
+
+    A plain document is one sequence whose keys are its own tokens (square, causal). A
+    prefix-shared pair ``prompt · chosen · rejected`` is two sequences: queries ``prompt ·
+    chosen`` over the same keys (square, causal), and queries ``rejected`` over the keys
+    ``prompt · rejected`` gathered side by side, causal aligned to the bottom right (the
+    first rejected token sees the whole prompt and itself): rejected tokens never see the
+    chosen ones and the queries stay in row order, so only keys and values are gathered.
+    """
+    cu_q, cu_k, max_q, max_k, keys, branched = [0], [0], 0, 0, [], False
+    for b, segs in enumerate(plans):
+        o = b * length
+        for s, n, branch, plen in segs:
+            if branch is None:
+                pieces = [(n, [(o + s, n)])]
+            else:
+                branched = True
+                pieces = [(branch, [(o + s, branch)]),
+                          (n - branch, [(o + s, plen), (o + s + branch, n - branch)])]
+            for qn, spans in pieces:
+                kn = sum(m for _, m in spans)
+                cu_q.append(cu_q[-1] + qn)
+                cu_k.append(cu_k[-1] + kn)
+                max_q, max_k = max(max_q, qn), max(max_k, kn)
+                keys.extend(spans)
+    index = None
+    if branched:
+        index = torch.cat([torch.arange(a, a + m) for a, m in keys]).to(device)
+    as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return VarlenLayout(as_i32(cu_q), as_i32(cu_k), max_q, max_k, index)
+
+
+def varlen_dense(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, gqa=False):
+    """The varlen kernel's meaning spelled out densely (one sdpa call, a ``[T_q, T_k]``
+    mask): query ``i`` of sequence ``s`` sees key ``j`` of the same sequence iff
+    ``j ≤ i + (len_k(s) − len_q(s))`` (causal aligned to the bottom right, as flash
+    attention defines it). ``q`` ``[T_q, H, D]``, ``k``/``v`` ``[T_k, Hkv, D]`` ->
+    ``[T_q, H, D]``.
+
+    It is what :func:`_varlen_probe` holds torch's kernel against on a GPU, and the CPU
+    stand-in for that kernel in the tests: there it proves the layout (sequence boundaries,
+    gathered keys, row order of the output), the dispatch and the call count; it does not
+    prove the fused kernel's arithmetic, which the probe and the ``gpu`` tests do."""
+    tq, tk = q.shape[0], k.shape[0]
+    cq, ck = cu_q.long().cpu(), cu_k.long().cpu()
+    sq = torch.searchsorted(cq, torch.arange(tq), right=True) - 1       # sequence of a query
+    sk = torch.searchsorted(ck, torch.arange(tk), right=True) - 1
+    iq = torch.arange(tq) - cq[sq]                                       # index in sequence
+    ik = torch.arange(tk) - ck[sk]
+    shift = (ck[1:] - ck[:-1]) - (cq[1:] - cq[:-1])                      # len_k − len_q
+    mask = (sq[:, None] == sk[None, :]) & (ik[None, :] <= iq[:, None] + shift[sq][:, None])
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                         v.transpose(0, 1)[None], attn_mask=mask.to(q.device),
+                                         scale=scale, enable_gqa=gqa)
+    return out[0].transpose(0, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_signature() -> frozenset:
+    import inspect
+    from torch.nn.attention.varlen import varlen_attn
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, gqa=False):
+    """``torch.nn.attention.varlen.varlen_attn``, causal, across the torch releases that
+    have it: 2.9/2.10 take ``is_causal``, later ones ``window_size=(-1, 0)``; releases
+    without ``enable_gqa`` get the key/value heads repeated; ``scale`` is passed where
+    the signature has it (else the kernel's default ``1/√D``, which :func:`_varlen_kernel`
+    requires). Same arguments and result as :func:`varlen_dense`."""
+    from torch.nn.attention.varlen import varlen_attn
+    params = _varlen_signature()
+    kw = {}
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0)
+    else:
+        kw["is_causal"] = True
+    if "scale" in params:
+        kw["scale"] = scale
+    if gqa:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+
+def _varlen_importable() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def varlen_device(device: torch.device) -> bool:
+    """Whether the varlen kernel can serve a model on ``device``: CUDA with a torch that
+    has ``torch.nn.attention.varlen`` and a kernel that passes :func:`_varlen_probe`."""
+    device = torch.device(device)
+    return device.type == "cuda" and _varlen_importable() and _varlen_probe(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_probe(device: torch.device) -> bool:
+    """Hold torch's varlen kernel against :func:`varlen_dense` once per device, in bf16,
+    on a case that needs both a square and a bottom-right-aligned sequence with grouped
+    heads: a torch whose kernel means something else (or fails) is not used, with a warning
+    saying why, and the flex kernel runs instead."""
+    import warnings
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lens_q, lens_k = [5, 3, 4], [5, 7, 4]
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, 4, 64, generator=g).to(device, torch.bfloat16)
+    k = torch.randn(tk, 2, 64, generator=g).to(device, torch.bfloat16)
+    v = torch.randn(tk, 2, 64, generator=g).to(device, torch.bfloat16)
+    cum = lambda x: torch.tensor([0] + list(itertools.accumulate(x)), dtype=torch.int32,  # noqa: E731
+                                 device=device)
+    args = (cum(lens_q), cum(lens_k), max(lens_q), max(lens_k))
+    try:
+        got = torch_varlen(q, k, v, *args, gqa=True).float()
+    except Exception as err:        # noqa: BLE001 — any failure means: do not use it
+        warnings.warn(f"starpo: torch's varlen attention failed its check on {device} "
+                      f"({type(err).__name__}: {err}); packed rows use flex attention")
+        return False
+    want = varlen_dense(q.float(), k.float(), v.float(), *args, gqa=True)
+    err = float((got - want).abs().max())
+    if err > 3e-2:
+        warnings.warn(f"starpo: torch's varlen attention differs from its specification by "
+                      f"{err:.3g} on {device} (causal alignment?); packed rows use flex "
+                      "attention")
+        return False
+    return True
+
+
+def _varlen_kernel(query: torch.Tensor, scaling, dropout: float):
+    """The varlen function for these inputs, or None when the fused kernel cannot take them
+    (not CUDA, not fp16/bf16 — e.g. fp32 without autocast —, head dim over 256, attention
+    dropout, or a scale the torch release cannot pass)."""
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if dropout or query.shape[-1] > 256:
+        return None
+    if scaling is not None and "scale" not in _varlen_signature() and \
+            abs(scaling * query.shape[-1] ** 0.5 - 1) > 1e-6:
+        return None
+    return torch_varlen
+
+
+def _row_varlen_layout(position_ids: torch.Tensor, rows: int, length: int, device):
+    plans = _row_plans(position_ids, rows)
+    st = _state
+    if st.get("varlen") is None:
+        st["varlen"] = varlen_layout(plans, length, device)
+    return st["varlen"]
+
+
+_fallback_warned: set = set()
+
+
+def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
+                scaling: float | None = None, is_causal=None, position_ids=None, **kwargs):
+    """query ``[B, H, L, D]``, key/value ``[B, Hkv, L, D]`` -> (``[B, L, H, D]``, None):
+    every packed document and prefix-shared pair of every row in ONE varlen call (see
+    :func:`varlen_layout`); nothing is looped over in Python but the row plans, once per
+    forward. Inputs the fused kernel cannot take (see :func:`_varlen_kernel`) run the flex
+    kernel instead, with a warning once per reason."""
+    if position_ids is None:
+        raise ValueError(f"{VARLEN_NAME} attention needs position_ids")
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise ValueError(f"{VARLEN_NAME} attention does not implement sliding windows or "
+                         "softcapping")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"{VARLEN_NAME} attention is for training forwards (no KV cache)")
+    if attention_mask is not None:
+        raise ValueError(f"{VARLEN_NAME} attention reads the layout from position_ids; it "
+                         "takes no attention mask")
+    kernel = _varlen_kernel(query, scaling, dropout)
+    if kernel is None:
+        why = f"{query.device.type}/{query.dtype}/dropout={dropout}"
+        if why not in _fallback_warned:
+            import warnings
+            _fallback_warned.add(why)
+            warnings.warn(f"starpo: varlen attention cannot take these inputs ({why}); "
+                          "packed rows run the flex kernel")
+        return flex_sdpa(module, query, key, value, None, dropout, scaling,
+                         position_ids=position_ids)
+    B, H, L, D = query.shape
+    Hkv = key.shape[1]
+    lay = _row_varlen_layout(position_ids, B, L, query.device)
+    # [B, H, L, D] is a transposed view of the projections' [B, L, H, D]: no copy here
+    q = query.transpose(1, 2).reshape(B * L, H, D)
+    k = key.transpose(1, 2).reshape(B * L, Hkv, D)
+    v = value.transpose(1, 2).reshape(B * L, Hkv, D)
+    if lay.k_index is not None:
+        k, v = k.index_select(0, lay.k_index), v.index_select(0, lay.k_index)
+    out = kernel(q, k, v, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, scale=scaling,
+                 gqa=Hkv != H)
+    return out.view(B, L, H, D), None
+
+
+# ---------------------------------------------------------------------------------------
 # selection, the switch, checkpointing
 # ---------------------------------------------------------------------------------------
 
@@ -329,12 +554,17 @@ def _dispatch_flex(*args, **kwargs):
     return flex_sdpa(*args, **kwargs)
 
 
+def _dispatch_varlen(*args, **kwargs):
+    return varlen_sdpa(*args, **kwargs)
+
+
 def register() -> None:
     global _registered
     if not _registered:
         from transformers import AttentionInterface
         AttentionInterface.register(NAME, _dispatch)
         AttentionInterface.register(FLEX_NAME, _dispatch_flex)
+        AttentionInterface.register(VARLEN_NAME, _dispatch_varlen)
         _registered = True
 
 
@@ -368,38 +598,82 @@ def _unsupported(core: nn.Module) -> bool:
                getattr(c, "attn_logit_softcapping", None) is not None for c in _configs(core))
 
 
+def _device(core: nn.Module) -> torch.device:
+    p = next(core.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _choose(core: nn.Module, off_gpu: str) -> str:
+    """The starpo kernel for ``core``'s packed rows: the recipe's ``model.packed_attention``
+    when the device offers it, else ``"varlen"`` on CUDA where torch has it, ``"flex"`` on
+    CUDA without it, ``off_gpu`` elsewhere (``"segments"``: on a CPU the per-document loop
+    is the fastest of them, docs/performance.md)."""
+    want = getattr(core, "starpo_packed_attention", "auto")
+    dev = _device(core)
+    if want in ("varlen", "auto") and (want == "varlen" or dev.type == "cuda") \
+            and varlen_device(dev):
+        return "varlen"
+    if want in ("segments", "flex"):
+        return want
+    return "flex" if dev.type == "cuda" else off_gpu
+
+
 def local_attention(core: nn.Module) -> str | None:
     """How ``core`` (an unwrapped HF model) keeps packed documents apart at a cost of
-    ``Σ segment²``: ``"flash"`` (its own varlen kernel), ``"flex"`` or ``"segments"``
-    (this module), or None (whole-row attention with a block mask: keep rows short)."""
+    ``Σ segment²``: ``"flash"`` (its own varlen kernel), ``"varlen"``, ``"flex"`` or
+    ``"segments"`` (this module), or None (whole-row attention with a block mask: keep rows
+    short)."""
     impl = _impl(core)
     if "flash" in impl:
         return "flash"
     if impl not in ("sdpa", "eager", "flex_attention") or _unsupported(core):
         return None
-    return "flex" if impl == "flex_attention" else "segments"
+    return "flex" if impl == "flex_attention" else _choose(core, "segments")
 
 
 def prefix_attention(core: nn.Module) -> str | None:
     """The kernel that runs ``core``'s prefix-shared rows without a dense mask:
-    ``"segments"``, ``"flex"`` (also for flash-attention models) or None."""
+    ``"segments"``, ``"varlen"`` or ``"flex"`` (the latter two also for flash-attention
+    models, whose own varlen path cannot keep the rejected response from the chosen one), or
+    None."""
     kind = local_attention(core)
     if kind == "flash":
-        return None if _unsupported(core) else "flex"
+        return None if _unsupported(core) else _choose(core, "flex")
     return kind
 
 
 def attention_for(core: nn.Module, attention_mask, *, prefix_shared: bool = False) -> str | None:
     """The starpo kernel a training forward of ``core`` on a batch with this mask runs
-    (``"segments"`` / ``"flex"``), or None for the model's own kernel. ``prefix_shared``:
-    the rows hold prefix-shared pairs (read from positions)."""
+    (``"segments"`` / ``"varlen"`` / ``"flex"``), or None for the model's own kernel.
+    ``prefix_shared``: the rows hold prefix-shared pairs (read from positions)."""
     if attention_mask is not None:
         if attention_mask.dim() != 4 or attention_mask.dtype != torch.bool:
             return None                       # a padding mask: the model's own kernel
         # a dense prefix mask: only segment attention reads it
         return "segments" if local_attention(core) == "segments" else None
     kind = prefix_attention(core) if prefix_shared else local_attention(core)
-    return kind if kind in ("segments", "flex") else None
+    return kind if kind in KERNELS else None
+
+
+_WHAT = {
+    "segments": "sdpa once per packed document (Python loop; the fastest on a CPU)",
+    "varlen": "torch's flash-attention varlen kernel, one call per layer",
+    "flex": "flex attention with a block-sparse mask (compiled on CUDA)",
+    "flash": "flash-attention's own varlen kernel",
+}
+
+
+def describe(core: nn.Module, *, prefix_shared: bool = False) -> str:
+    """One log line: which kernel keeps ``core``'s packed rows apart, and whether the
+    recipe asked for another one that this device does not offer."""
+    kind = prefix_attention(core) if prefix_shared else local_attention(core)
+    text = (f"attention: {kind} ({_WHAT[kind]})" if kind else
+            "attention: the model's own kernel over whole rows (rows capped; "
+            "documents kept apart by masks)")
+    want = getattr(core, "starpo_packed_attention", "auto")
+    if kind and want != "auto" and want != kind and kind != "flash":
+        text += f"; model.packed_attention={want} is not available on {_device(core).type}"
+    return text
 
 
 def segments_apply(core: nn.Module, attention_mask) -> bool:
@@ -409,17 +683,17 @@ def segments_apply(core: nn.Module, attention_mask) -> bool:
 
 @contextlib.contextmanager
 def segment_attention(core: nn.Module, kind: str = "segments"):
-    """Run ``core`` (an unwrapped HF model) with the ``kind`` kernel (``"segments"`` or
-    ``"flex"``) inside the block.
+    """Run ``core`` (an unwrapped HF model) with the ``kind`` kernel (``"segments"``,
+    ``"varlen"`` or ``"flex"``) inside the block.
 
     The attention layers read ``config._attn_implementation`` at every call, so switching
     it for the duration of one forward is enough; generation (KV cache) never sees it.
     """
     global _state
-    if kind not in ("segments", "flex"):
+    if kind not in KERNELS:
         raise ValueError(f"unknown starpo attention kernel {kind!r}")
     register()
-    name = NAME if kind == "segments" else FLEX_NAME
+    name = KERNELS[kind]
     cfgs = _configs(core)
     old = [c._attn_implementation for c in cfgs]
     _state = {}
@@ -471,10 +745,10 @@ def one_row_batches(core: nn.Module, *, prefix_shared: bool) -> bool:
     """Whether a micro-batch of packed documents (or of prefix-shared pairs) can be ONE row
     of any length — no row cap, no padding — for ``core``: its attention costs ``Σ
     segment²`` whatever the row length (segment or flex attention; for documents without
-    shared prompts also flash-attention varlen), and for prefix-shared pairs the kernel
+    shared prompts also flash-attention's own varlen), and for prefix-shared pairs the kernel
     reads each pair's layout from its positions, so no ``L × L`` mask is built. Gradient
     checkpointing does not change the answer: the loop enables it through
     :func:`checkpoint_kwargs`, which keeps these kernels on during recomputation."""
     if prefix_shared:
-        return prefix_attention(core) in ("segments", "flex")
-    return local_attention(core) in ("segments", "flex", "flash")
+        return prefix_attention(core) in KERNELS
+    return local_attention(core) in (*KERNELS, "flash")

@@ -16,9 +16,9 @@ length. A few variants still compile once each — training (with autograd) and 
 reference pass (no grad), a micro-batch of one row and one of several rows (size 1 is
 specialised), segment attention and whole-row attention (different code paths).
 
-Segment attention (:mod:`starpo.model.attention`) reads each row's documents from its
-``position_ids`` in Python (``tolist``, a loop over segments): traced, it would recompile
-for every new set of document lengths. Its attention function is therefore registered
+Segment and varlen attention (:mod:`starpo.model.attention`) read each row's documents
+from its ``position_ids`` in Python (``tolist``, a loop over segments): traced, they would
+recompile for every new set of document lengths. Their attention functions are therefore registered
 wrapped in ``torch.compiler.disable``: inside a compiled block the graph stops before the
 attention kernel and resumes after it (two graphs per block, the attention eager between
 them). Everything else it needs (``config._attn_implementation`` switched per forward) is a
@@ -104,20 +104,28 @@ def check_available(device: torch.device | str) -> None:
 
 
 def keep_segment_attention_eager() -> Callable[[], None]:
-    """Register segment attention's function wrapped in ``torch.compiler.disable`` (see the
-    module docstring): a compiled block runs it eagerly between two graphs. Returns the
-    function that registers the plain one again (called when the compiled region ends, so
-    that sampling and evaluation afterwards do not go through dynamo's wrapper)."""
+    """Register the attention functions that read the row layout in Python (segment and
+    varlen attention) wrapped in ``torch.compiler.disable`` (see the module docstring): a
+    compiled block runs them eagerly between two graphs. Returns the function that
+    registers the plain ones again (called when the compiled region ends, so that sampling
+    and evaluation afterwards do not go through dynamo's wrapper)."""
     from transformers import AttentionInterface
     attention.register()
-    fn = AttentionInterface._global_mapping[attention.NAME]
-    if getattr(fn, "_starpo_eager", False):      # nested: the outer region restores
-        return lambda: None
-    eager = torch.compiler.disable(fn, reason="starpo segment attention reads the "
-                                   "row layout from position_ids in Python")
-    eager._starpo_eager = True
-    AttentionInterface.register(attention.NAME, eager)
-    return lambda: AttentionInterface.register(attention.NAME, fn)
+    plain = {}
+    for name in (attention.NAME, attention.VARLEN_NAME):
+        fn = AttentionInterface._global_mapping[name]
+        if getattr(fn, "_starpo_eager", False):      # nested: the outer region restores
+            continue
+        eager = torch.compiler.disable(fn, reason="starpo attention reads the row layout "
+                                       "from position_ids in Python")
+        eager._starpo_eager = True
+        AttentionInterface.register(name, eager)
+        plain[name] = fn
+
+    def restore() -> None:
+        for name, fn in plain.items():
+            AttentionInterface.register(name, fn)
+    return restore
 
 
 def counters() -> dict[str, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from starpo.model.attention import one_row_batches
+from starpo.model.attention import describe, one_row_batches
 from starpo.model.logprobs import unwrap_model
 
 
@@ -18,3 +18,9 @@ def row_cap(model: nn.Module, cap: int | None, *, prefix_shared: bool) -> int | 
     if one_row_batches(unwrap_model(model), prefix_shared=prefix_shared):
         return None
     return cap
+
+
+def attention_note(model: nn.Module, *, prefix_shared: bool) -> str:
+    """The log line naming the kernel that keeps ``model``'s packed rows apart
+    (:func:`~starpo.model.attention.describe`)."""
+    return describe(unwrap_model(model), prefix_shared=prefix_shared)

@@ -264,6 +264,7 @@ def build_or_load(spec, corpus_fn: Callable[[], list[str]], seed: int = 0,
             model = model.to(device)
         _set_mode(model, for_training)
         model.starpo_segment_attention = spec.segment_attention
+        model.starpo_packed_attention = spec.packed_attention
     if for_training and spec.lora:
         model = apply_lora(model, spec.lora)
     return model, tok
@@ -405,6 +406,7 @@ def load_model(name_or_path: str, spec=None, *, for_training: bool = True, devic
         model = model.to(device)
     _set_mode(model, for_training)
     model.starpo_segment_attention = spec.segment_attention   # read by starpo.model.attention
+    model.starpo_packed_attention = spec.packed_attention
     if for_training and spec.lora and lora:
         model = apply_lora(model, spec.lora, task_type="SEQ_CLS" if kind == "reward"
                            else "CAUSAL_LM")

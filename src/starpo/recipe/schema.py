@@ -70,6 +70,14 @@ class ModelSpec(Strict):
     # sdpa/eager: attention of packed rows per document (starpo.model.attention); false = the
     # kernel over whole rows with a block mask (slower, for comparison)
     segment_attention: bool = True
+    # which kernel keeps packed documents (and prefix-shared pairs) apart, for sdpa/eager
+    # models and the prefix-shared rows of flash-attention models: auto = torch's
+    # flash-attention varlen on CUDA (one call per layer; flex where torch lacks it), the
+    # per-document loop on CPU (fastest there); a kernel the device does not offer falls
+    # back to auto. Each training stage logs which one runs. (Left out of dumps when auto,
+    # so stage hashes of runs made before the field existed stay the same.)
+    packed_attention: Literal["auto", "segments", "varlen", "flex"] = Field(
+        "auto", exclude_if=lambda v: v == "auto")
     trust_remote_code: bool = False
     chat_template: str | None = None   # override; ChatML is used when the tokenizer has none
     lora: dict[str, Any] | None = None  # peft LoraConfig kwargs; None = full fine-tuning

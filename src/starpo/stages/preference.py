@@ -15,6 +15,7 @@ from starpo.data.sources import load_mixture, split_eval
 from starpo.data.tokenize import PairStats, TokenizedPair, tokenize_pair
 from starpo.errors import BadRows, DataError
 from starpo.model import loading
+from starpo.model.layout import attention_note
 from starpo.recipe import PreferenceSpec
 from starpo.train.loop import run_loop
 from starpo.train.preference import PreferenceTask, evaluate_pairs, one_row, row_tokens
@@ -70,6 +71,8 @@ def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: 
                                     batch_size=max(stage.train.batch_size, 8))
     n = len(train_pairs)
     rows1 = one_row(model, stage)
+    if stage.prefix_sharing or stage.padding_free:
+        ctx.log(f"  {attention_note(model, prefix_shared=stage.prefix_sharing)}")
     mk = lambda ps, a, b, bs: PreferenceTask(  # noqa: E731
         ps, stage, batch_size=bs, pad_id=tok.pad_token_id, seed=seed,
         ref_chosen=a, ref_rejected=b, one_row=rows1)

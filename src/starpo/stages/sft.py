@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from starpo.data.batch import TokenBatch
 from starpo.losses.sft import nll_sum
-from starpo.model.layout import row_cap
+from starpo.model.layout import attention_note, row_cap
 from starpo.recipe import SFTStage
 from starpo.data.packing import SFTLayout, layout_sft, padding_fraction, sft_microbatches
 from starpo.data.tokenize import TokenizedSFT, tokenize_conversation
@@ -91,6 +91,8 @@ def run_sft(ctx, stage: SFTStage) -> dict:
             f"{'assistant-only' if p.loss_masking else 'all-token'} loss), "
             f"{ntok} trainable tokens/epoch, padding {pad:.1%}, truncated {layout.truncated}"
             + (f", dropped rows {layout.dropped_rows}" if layout.dropped_rows else ""))
+    if p.mode != "pad":
+        ctx.log(f"  {attention_note(model, prefix_shared=False)}")
     task = SFTTask(layout, batch_size=stage.train.batch_size, pad_id=tok.pad_token_id, seed=seed,
                    flat=flat)
     res = run_loop(model, task, stage.train, ctx.stage_dir(stage.name), seed=seed,
