@@ -16,15 +16,30 @@ prompt ``0..P-1``, chosen ``P..``, then a drop back to ``P`` where the rejected 
 starts (it stays inside its pair's segment and must not see the chosen tokens).
 
 Kernels (:func:`local_attention` says which one a model gets, :func:`attention_for` which
-one a given training forward runs):
+one a given training forward runs, :func:`describe` the line each training stage logs;
+``model.packed_attention`` in a recipe forces one where the device offers it):
 
-``"segments"`` — sdpa or eager models, any device. An attention function registered with
-  transformers' ``AttentionInterface`` as ``starpo_segments`` runs sdpa once per segment:
+``"segments"`` — sdpa or eager models on a CPU (the default there, where it is the
+  fastest). An attention function registered with transformers' ``AttentionInterface`` as
+  ``starpo_segments`` runs sdpa once per segment:
   ``is_causal=True`` inside a plain document (no mask built at all: this implementation
   has no entry in transformers' mask registry); a segment's own diagonal block of a
   ``[B, 1, L, L]`` bool mask when the batch has one; for a prefix-shared pair without a
   mask, a small ``segment × segment`` mask of its own (causal, rejected rows blind to the
   chosen columns).
+
+``"varlen"`` — sdpa/eager models on CUDA (the default there), and the prefix-shared rows
+  of flash-attention models: ``torch.nn.attention.varlen.varlen_attn`` (flash attention's
+  variable-length kernel inside PyTorch; no flash-attn package needed) runs every document
+  of every row of a micro-batch in ONE call per layer (:func:`varlen_sdpa`), the rows
+  flattened to ``[B·L]`` and the documents given as cumulative lengths. A prefix-shared
+  pair is two sequences: ``prompt · chosen`` (square, causal) and ``rejected`` over the
+  keys ``prompt · rejected`` gathered side by side, causal aligned to the bottom right
+  (:func:`varlen_layout`). That alignment is flash attention's definition; a start-up
+  check per device (:func:`_varlen_probe`) holds torch's kernel to it before any model
+  uses it. The fused kernel takes fp16/bf16 (the loop's bf16 autocast on a GPU); fp32
+  inputs run the flex kernel instead. The per-document loop launched ~10 small kernels
+  per document and layer, which on a GPU cost more than the attention itself.
 
 ``"flex"`` — models loaded with ``attn_implementation: flex_attention``, and the
   prefix-shared rows of flash-attention models (flash varlen cannot express "rejected sees
@@ -35,8 +50,11 @@ one a given training forward runs):
   blocks are empty, partial or full is decided from per-block min/max segment ids
   (:func:`block_mask`, ``O((L/128)²)`` work) instead of evaluating the mask function on an
   ``L × L`` grid as ``create_block_mask`` does in eager mode. On CUDA the kernel is
-  ``torch.compile(flex_attention)`` (one compilation per new shape, then fused; the
-  scores are never materialised). On CPU torch 2.13 offers flex attention only without
+  ``torch.compile(flex_attention, dynamic=True)`` (fused; the scores are never
+  materialised). Compiled with static shapes it compiled three times for rows of six
+  random lengths (static, then automatic-dynamic, then once more) where ``dynamic=True``
+  compiles twice (inductor on this CPU, forward only) — rows change length every step, so
+  early steps pay those compilations. On CPU torch 2.13 offers flex attention only without
   gradients (``NotImplementedError: FlexAttention does not support backward on CPU``) and
   uncompiled it materialises the ``[B, H, L, L]`` scores (compiled through inductor it is
   fused, but the first call compiles for ~20 s here); so on CPU a forward without
@@ -58,13 +76,13 @@ kernel and the segment metadata of the forward and reinstates both around each l
 recomputation. A model checkpointed any other way gets no segment kernel
 (:func:`local_attention` returns None for it).
 
-When a kernel applies: the model runs sdpa/eager (segments), flex_attention (flex) or
-flash-attention; the batch has no 2D padding mask (a 4D bool mask only for segments); the
+When a kernel applies: the model runs sdpa/eager (segments or varlen), flex_attention
+(flex) or flash-attention; the batch has no 2D padding mask (a 4D bool mask only for segments); the
 model has no sliding window and no attention-logit softcapping; and
 ``model.starpo_segment_attention`` is not False (``model.segment_attention: false`` in a
 recipe). The results equal transformers' whole-row computation to float tolerance
-(tests/model/test_attention.py, tests/model/test_flex_attention.py, values and gradients;
-tests/model/test_gpu_attention.py on CUDA).
+(tests/model/test_attention.py, test_flex_attention.py, test_varlen_attention.py, values
+and gradients; tests/model/test_gpu_attention.py on CUDA).
 """
 
 from __future__ import annotations
@@ -272,7 +290,7 @@ def _flex_has_backward(device: torch.device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def _flex_kernel(device: torch.device):
