@@ -55,10 +55,19 @@ class TokenBatch:
         return int(self.tgt_ids.numel())
 
     def to(self, device) -> "TokenBatch":
+        """The batch on ``device``. Moving off the CPU keeps the CPU ``position_ids`` in
+        ``meta["host_position_ids"]``: the attention kernels read each row's documents from
+        them (:mod:`starpo.model.attention`), and reading the device copy would make the
+        host wait for the GPU at the start of every forward."""
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
             kw[f.name] = v.to(device) if isinstance(v, torch.Tensor) else v
+        host = self.meta.get("host_position_ids")
+        if host is None and self.position_ids.device.type == "cpu":
+            host = self.position_ids
+        if host is not None and kw["position_ids"].device.type != "cpu":
+            kw["meta"] = {**self.meta, "host_position_ids": host}
         return TokenBatch(**kw)
 
 

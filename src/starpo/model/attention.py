@@ -700,12 +700,16 @@ def segments_apply(core: nn.Module, attention_mask) -> bool:
 
 
 @contextlib.contextmanager
-def segment_attention(core: nn.Module, kind: str = "segments"):
+def segment_attention(core: nn.Module, kind: str = "segments", *, position_ids=None,
+                      rows: int | None = None, host_position_ids=None):
     """Run ``core`` (an unwrapped HF model) with the ``kind`` kernel (``"segments"``,
     ``"varlen"`` or ``"flex"``) inside the block.
 
     The attention layers read ``config._attn_implementation`` at every call, so switching
     it for the duration of one forward is enough; generation (KV cache) never sees it.
+    ``host_position_ids``: a CPU copy of the ``position_ids`` tensor the forward will get
+    for its ``rows`` rows; the row plans are read from it, so the host does not wait for
+    the device to read them.
     """
     global _state
     if kind not in KERNELS:
@@ -715,6 +719,10 @@ def segment_attention(core: nn.Module, kind: str = "segments"):
     cfgs = _configs(core)
     old = [c._attn_implementation for c in cfgs]
     _state = {}
+    if position_ids is not None and host_position_ids is not None and rows is not None:
+        host = host_position_ids.expand(rows, -1) if host_position_ids.shape[0] != rows \
+            else host_position_ids
+        _state.update(ids=position_ids, plan=[_segments(row) for row in host])
     _active.append((cfgs, name))
     try:
         for c in cfgs:

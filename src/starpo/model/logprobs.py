@@ -330,7 +330,8 @@ def body_hidden_states(core: nn.Module, body: nn.Module, batch: TokenBatch) -> T
     _check_implicit_prefix(batch, kind is not None)
     ids, pos = batch.input_ids, batch.position_ids
     if kind is not None:
-        with segment_attention(core, kind):
+        with segment_attention(core, kind, position_ids=pos, rows=ids.shape[0],
+                               host_position_ids=batch.meta.get("host_position_ids")):
             out = body(input_ids=ids, attention_mask=batch.attention_mask, position_ids=pos,
                        use_cache=False)
         return out[0] if isinstance(out, tuple) else out.last_hidden_state

@@ -43,6 +43,7 @@ from starpo.data.canonical import response_text
 from starpo.judges.pairwise_rm import LAYOUT, LAYOUT_KEY, pair_response
 from starpo.losses.pairwise import pairwise_bce
 from starpo.stages.reward import PairObjective, train_pair_scorer
+from starpo.train.task import metric_sum
 
 
 def pairwise_rows(rows: list[dict]) -> list[dict]:
@@ -60,7 +61,7 @@ def pairwise_metrics(first_chosen: Tensor, first_rejected: Tensor, losses: Tenso
     """Sums (with counts) of the logged metrics for a micro-batch of pairs, from the
     logits of the two presentations (chosen first, rejected first)."""
     n = float(first_chosen.numel())
-    s = lambda t: float(t.detach().float().sum())  # noqa: E731
+    s = metric_sum
     zc, zr = first_chosen.detach(), first_rejected.detach()
     d = zc - zr
     return {"loss": (s(losses), n),

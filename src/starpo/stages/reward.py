@@ -64,6 +64,7 @@ from starpo.model import loading
 from starpo.model.logprobs import body_hidden_states, unwrap_model
 from starpo.stages.preference import prepare_pairs
 from starpo.train.loop import run_loop
+from starpo.train.task import metric_sum
 
 TRAIN_PROBE = 256   # training pairs scored before/after (accuracy on what it fits)
 
@@ -154,7 +155,7 @@ REWARD_TIE = 0.0
 def reward_metrics(chosen: Tensor, rejected: Tensor, losses: Tensor) -> dict:
     """Sums (with counts) of the logged metrics for a micro-batch of pairs."""
     n = float(chosen.numel())
-    s = lambda t: float(t.detach().float().sum())  # noqa: E731
+    s = metric_sum
     d = (chosen - rejected).detach()
     return {"loss": (s(losses), n),
             "reward_accuracy": (s((d > REWARD_TIE).float() + 0.5 * (d.abs() <= REWARD_TIE).float()),
@@ -245,7 +246,7 @@ def evaluate_reward(model: nn.Module, pairs, runtime: Runtime, *, batch_size: in
                 t[1] += c
     finally:
         model.train(was)
-    return {k: s / c for k, (s, c) in tot.items() if c}
+    return {k: float(s / c) for k, (s, c) in tot.items() if c}
 
 
 # --------------------------------------------------------------------------- stage

@@ -16,6 +16,7 @@ from starpo.data.prepare import fingerprint, prepared
 from starpo.data.sources import load_mixture
 from starpo.model import loading
 from starpo.train.loop import run_loop
+from starpo.train.task import metric_sum
 from starpo.train.refcache import tokenizer_fingerprint
 
 
@@ -38,7 +39,7 @@ class SFTTask:
         _, _, tok_lp = module(batch)
         loss_sum = nll_sum(tok_lp)
         n = batch.num_targets
-        return loss_sum, {"loss": (loss_sum.item(), n),
+        return loss_sum, {"loss": (metric_sum(loss_sum), n),
                           "trained_tokens": (float(n), 1.0)}
 
 

@@ -155,14 +155,18 @@ def _enable_checkpointing(model: nn.Module) -> None:
 
 
 class _Window:
-    """Metric sums between two logged steps, reduced across processes when logged."""
+    """Metric sums between two logged steps, reduced across processes when logged.
+
+    Sums stay where the task computed them (device tensors, float64) and are read back
+    once per logged step, not once per micro-batch: on a GPU every read makes the host wait
+    for the device, which then idles while the host queues the next kernels."""
 
     def __init__(self):
-        self.sums: dict[str, list[float]] = {}
+        self.sums: dict[str, list] = {}
         self.tokens = 0
         self.t0 = time.time()
 
-    def add(self, metrics: dict[str, list[float]]) -> None:
+    def add(self, metrics: dict[str, list]) -> None:
         for name, (s, c) in metrics.items():
             w = self.sums.setdefault(name, [0.0, 0.0])
             w[0] += s
@@ -170,10 +174,15 @@ class _Window:
 
     def record(self, acc, done: int, sched: _Schedule, lr: float, t_start: float,
                world: int) -> dict:
+        names = list(self.sums)
         red = {}
-        for name, (s, c) in self.sums.items():
-            t = acc.reduce(torch.tensor([s, c], device=acc.device), reduction="sum")
-            red[name] = float(t[0] / t[1]) if t[1] > 0 else float("nan")
+        if names:
+            as64 = lambda v: torch.as_tensor(v, dtype=torch.float64, device=acc.device)  # noqa: E731
+            sc = torch.stack([torch.stack([as64(s), as64(c)]) for s, c in
+                              self.sums.values()]).float()
+            t = acc.reduce(sc, reduction="sum")
+            for name, ratio, c in zip(names, (t[:, 0] / t[:, 1]).tolist(), t[:, 1].tolist()):
+                red[name] = ratio if c > 0 else float("nan")
         dt = max(time.time() - self.t0, 1e-9)
         return {"step": done, "epoch": round(done / sched.steps_per_epoch, 4), "lr": lr, **red,
                 "tokens_per_s": self.tokens * world / dt,
@@ -181,10 +190,12 @@ class _Window:
 
 
 def _accumulate(acc, runtime: Runtime, module, task: Task, mbs: list[TokenBatch],
-                units: torch.Tensor, world: int, window: _Window) -> tuple[dict[str, list[float]], bool]:
+                units: float, world: int, window: _Window) -> tuple[dict[str, list], torch.Tensor]:
     """Forward and backward over one step's micro-batches. Returns the step's metric sums
-    and whether every loss was finite (a non-finite one stops before its backward)."""
-    step_metrics: dict[str, list[float]] = {}
+    and whether every loss was finite, both still on the device (read once per step by the
+    loop: a non-finite loss stops the run before the optimizer step)."""
+    step_metrics: dict[str, list] = {}
+    finite = torch.ones((), dtype=torch.bool, device=acc.device)
     for k, mb in enumerate(mbs):
         mb = runtime.batch(mb)
         sync = k == len(mbs) - 1
@@ -192,17 +203,16 @@ def _accumulate(acc, runtime: Runtime, module, task: Task, mbs: list[TokenBatch]
         with ctx:
             with acc.autocast():
                 loss_sum, metrics = task.loss(module, mb)
-            if not torch.isfinite(loss_sum.detach()):
-                return step_metrics, False
+            finite &= torch.isfinite(loss_sum.detach())
             # DDP averages gradients over processes; multiply back so the result is the
             # sum over every unit of the step divided by the global unit count
             acc.backward(loss_sum * world / units)
         window.tokens += mb.num_tokens
         for name, (s, c) in metrics.items():
             acc_s = step_metrics.setdefault(name, [0.0, 0.0])
-            acc_s[0] += float(s)
-            acc_s[1] += float(c)
-    return step_metrics, True
+            acc_s[0] += s
+            acc_s[1] += c
+    return step_metrics, finite
 
 
 def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, seed: int,
@@ -276,19 +286,20 @@ def _run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, s
             break
         epoch, j = divmod(step, sched.steps_per_epoch)
         mbs = epoch_batches(epoch)[j * spec.grad_accum:(j + 1) * spec.grad_accum]
-        units = torch.tensor(float(sum(task.units(b) for b in mbs)), device=acc.device)
-        units = acc.reduce(units, reduction="sum")
-        if units.item() <= 0:
+        units = float(sum(task.units(b) for b in mbs))
+        if world > 1:
+            units = acc.reduce(torch.tensor(units, device=acc.device), reduction="sum").item()
+        if units <= 0:
             raise TrainingError(f"{desc}: step {step + 1} has no trainable units")
         step_metrics, finite = _accumulate(acc, runtime, module, task, mbs, units,
                                              world, window)
-        flag = torch.tensor(0.0 if finite else 1.0, device=acc.device)
-        if acc.reduce(flag, reduction="sum").item() > 0:
+        # the step's one read from the device (the losses must be finite before the update)
+        if acc.reduce((~finite).float(), reduction="sum").item() > 0:
             _stop_non_finite(acc, optimizer, scheduler, raw, ckpt_dir, step, spec, desc, bar, log)
         grad_norm = None
         if spec.max_grad_norm:
             gn = acc.clip_grad_norm_(module.parameters(), spec.max_grad_norm)
-            grad_norm = float(gn) if gn is not None else None
+            grad_norm = gn.detach().double() if gn is not None else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ from starpo.data.tokenize import TokenizedPair
 from starpo.model.layout import row_cap
 from starpo.recipe import PreferenceSpec
 from starpo.runtime import Runtime
-from starpo.train.task import TargetLogprobs
+from starpo.train.task import TargetLogprobs, metric_sum
 
 
 def row_tokens(spec: PreferenceSpec) -> int:
@@ -61,7 +61,7 @@ def _per_seq_mean_prob(tok_lp: torch.Tensor, batch: TokenBatch, counts: torch.Te
 def pair_metrics(spec, pc, pr, nc, nr, rc, rr, losses, cr, rjr, mean_p) -> dict:
     """Sums (with counts) of the logged metrics for a micro-batch of pairs."""
     n = float(pc.numel())
-    s = lambda t: float(t.detach().float().sum())  # noqa: E731
+    s = metric_sum
     return {
         "loss": (s(losses), n),
         "reward_chosen": (s(cr), n),
@@ -142,4 +142,4 @@ def evaluate_pairs(model, task: PreferenceTask, runtime: Runtime, *,
             t[0] += s
             t[1] += c
     model.train(was)
-    return {k: s / c for k, (s, c) in tot.items() if c}
+    return {k: float(s / c) for k, (s, c) in tot.items() if c}

@@ -10,7 +10,15 @@ from torch import nn
 from starpo.data.batch import TokenBatch
 from starpo.model.logprobs import sequence_logprobs
 
-Metrics = dict[str, tuple[float, float]]  # name -> (sum, count); averaged as sum/count
+# name -> (sum, count), averaged as sum/count; a sum may be a device tensor (metric_sum)
+Metrics = dict[str, tuple]
+
+
+def metric_sum(t: torch.Tensor) -> torch.Tensor:
+    """``Σ t`` as a float64 scalar left on ``t``'s device: the loop adds these up and reads
+    them once per logged step (reading each one would make the host wait for the GPU once
+    per metric and micro-batch). Same value as ``float(t.float().sum())``."""
+    return t.detach().float().sum().double()
 
 
 class Task(Protocol):
