@@ -258,12 +258,14 @@ def bench_plan(step_limit: float, configs: str | None, realdata: Path, *,
     problems = []
     steps = {}
     tok = _tokenizer(realdata)
+    per_conv: dict = {}
     for kind, sz in (("sft", sizes), ("sft-large", {**sizes, **large}), ("dpo", sizes)):
         need = sz["steps"] * sz["grad_accum"]
         if kind == "dpo":
             have = sz["dpo_pairs"] // sz["dpo_batch"]
         else:
-            per_row = _tokens_per_conv(tok, sz)
+            key = (sz["lo"], sz["hi"])
+            per_row = per_conv[key] = per_conv.get(key) or _tokens_per_conv(tok, sz)
             have = int(sz["sft_convs"] * per_row / (sz["sft_len"] * 0.97) // sz["sft_batch"])
         steps[kind] = {"micro_batches_needed": need, "micro_batches_estimated": have,
                        "timed_steps": sz["steps"] - max(sz["warm_steps"], 1)}
@@ -387,12 +389,12 @@ class Runner:
 
     def step(self, name: str, cmd: list[str], limit: float) -> bool:
         left = self.deadline - time.time()
-        lim = min(limit, left)
-        if lim < 5:
-            self.log.append({"step": name, "rc": None, "seconds": 0, "limit": round(lim, 1),
+        if left < 5:
+            self.log.append({"step": name, "rc": None, "seconds": 0, "limit": 0,
                              "skipped": "no time left before the deadline"})
             print(f"[{name}] skipped: no time left", flush=True)
             return False
+        lim = min(limit, left)
         t0 = time.time()
         with (self.work / f"{name}.txt").open("w") as f:
             f.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
