@@ -1,6 +1,6 @@
 """The GPU check behind ``scripts/gpu_check.sh``: one command, under 8 minutes on one H200,
 on the machine this project is lent (no registry, no flash-attn, no vLLM; see
-docs/performance.md, "The GPU machine").
+BENCHMARKS.md, "GPU check").
 
 Steps, in this order, each in its own process with its own time limit, all under one
 deadline (a failing step is recorded and the next one still runs; a step with no time
@@ -90,8 +90,8 @@ CPU_BENCH_SIZES = {"sft_convs": 48, "sft_batch": 2, "sft_len": 256, "dpo_pairs":
                    "online_prompts": 3, "online_n": 2, "eval_prompts": 4, "new_tokens": 8}
 CPU_LARGE_SIZES = {"sft_convs": 64, "sft_batch": 2, "grad_accum": 2}
 
-# The distributions the lent H200's image lacks (docs/performance.md): with --wheels, the
-# dry run checks that DIR holds each of them
+# The distributions the lent H200's image lacks or has too old (BENCHMARKS.md, "GPU
+# check"): with --wheels, the dry run checks that DIR holds each of them
 CARRIED = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection",
            "typing-extensions", "transformers", "trl", "datasets", "dill", "multiprocess")
 # modules the steps import: starpo's (pipeline, tests, bench) and the bench's TRL side
@@ -534,6 +534,12 @@ def make_plan(a, work: Path) -> dict:
         print(f"gpu_check: unknown step(s) in --skip: {', '.join(sorted(unknown))} "
               f"(steps: {', '.join(STEPS)})", file=sys.stderr)
         raise SystemExit(2)
+    if a.bench_configs:
+        try:
+            _import_bench().select(a.bench_configs)
+        except SystemExit as err:
+            print(f"gpu_check: --bench-configs: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     realdata = find_realdata(a.realdata)
     return {"work": str(work), "cpu": cpu, "steps": STEPS, "skip": sorted(skip),
             "limits_s": limits, "budget_s": budget_for(cpu), "hard_limit_s": HARD_LIMIT_S,

@@ -11,7 +11,7 @@ Not here, because it takes minutes: the wiring check, every step end to end on a
 
 (add ``--wheels DIR`` with wheels built for this machine's Python to try the install
 step too). What needs the GPU — bf16, the varlen and compiled flex kernels, the figures —
-runs only on the GPU machine (docs/performance.md, "The GPU machine")."""
+runs only on the GPU machine (BENCHMARKS.md, "GPU check")."""
 
 from __future__ import annotations
 
@@ -125,13 +125,22 @@ def test_dry_run_reports_missing_data_and_bad_wheels(tmp_path, gc):
     assert res.stdout.count("problem:") == len(problems)
 
 
-def test_a_wheels_directory_that_does_not_exist_is_one_line_and_status_2(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--dry-run",
-                          "--out", str(tmp_path), "--wheels", str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [f"gpu_check: --wheels {tmp_path / 'nope'}: "
-                                               "no such directory"]
+def test_bad_arguments_are_one_line_and_status_2(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"),
+                               "--dry-run", "--out", str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=60)
+    for args, line in (
+            (["--wheels", str(tmp_path / "nope")],
+             f"gpu_check: --wheels {tmp_path / 'nope'}: no such directory"),
+            (["--skip", "bench,warp"], "gpu_check: unknown step(s) in --skip: warp (steps: "
+                                       "install, env, model, gpu-tests, bench, pipeline)"),
+            (["--bench-configs", "sft-trl,sft-nope"], "gpu_check: --bench-configs: unknown "
+                                                      "configuration(s): sft-nope")):
+        res = run(*args)
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(line), lines
 
 
 # --------------------------------------------------------------------------- pure parts
