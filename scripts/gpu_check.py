@@ -93,7 +93,11 @@ CPU_LARGE_SIZES = {"sft_convs": 64, "sft_batch": 2, "grad_accum": 2}
 # The distributions the lent H200's image lacks or has too old (BENCHMARKS.md, "GPU
 # check"): with --wheels, the dry run checks that DIR holds each of them
 CARRIED = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection",
-           "typing-extensions", "transformers", "trl", "datasets", "dill", "multiprocess")
+           "typing-extensions", "transformers", "trl", "datasets", "dill", "multiprocess",
+           "regex")
+# the lent machine's Python and processor: the python tags and platforms a wheel may have
+MACHINE_PYTHON_TAGS = {"py3", "py312", "cp312"}
+MACHINE_PLATFORM = "x86_64"
 # modules the steps import: starpo's (pipeline, tests, bench) and the bench's TRL side
 NEEDED_MODULES = ("torch", "transformers", "tokenizers", "accelerate", "safetensors", "yaml",
                   "pydantic", "typer", "rich", "tqdm", "numpy", "datasets", "trl", "pytest")
@@ -209,12 +213,18 @@ def wheels_report(wheels: str | None) -> dict:
     if not d.is_dir():
         return {"dir": str(d), "wheels": {}, "problems": [f"--wheels {d}: no such directory"]}
     found: dict[str, list[str]] = {}
+    problems = []
     for p in sorted(d.glob("*.whl")):
         m = _WHEEL.match(p.name)
         if m:
             found.setdefault(_dist(m["name"]), []).append(m["version"])
-    problems = [f"--wheels {d}: no wheel of {c} (the lent machine lacks it)"
-                for c in CARRIED if c not in found]
+        tags = p.name[:-len(".whl")].split("-")[-3:]
+        if len(tags) == 3 and (not set(tags[0].split(".")) & MACHINE_PYTHON_TAGS or
+                               tags[2] != "any" and MACHINE_PLATFORM not in tags[2]):
+            problems.append(f"--wheels {d}: {p.name} is not for the lent machine "
+                            f"(Python 3.12 on {MACHINE_PLATFORM})")
+    problems += [f"--wheels {d}: no wheel of {c} (the lent machine lacks it)"
+                 for c in CARRIED if c not in found]
     problems += [f"--wheels {d}: {n} in {len(v)} versions ({', '.join(v)}); keep one"
                  for n, v in found.items() if len(v) > 1]
     return {"dir": str(d), "wheels": found, "problems": problems}

@@ -111,7 +111,10 @@ def test_dry_run_checks_the_plan(tmp_path, gc, realdata):
 
 def test_dry_run_reports_missing_data_and_bad_wheels(tmp_path, gc):
     wheels = _fake_wheels(tmp_path / "whl", gc, drop="trl",
-                          extra=("pydantic-2.0-py3-none-any.whl",))
+                          extra=("pydantic-2.0-py3-none-any.whl",
+                                 "zz-1.0-cp311-cp311-manylinux2014_x86_64.whl",
+                                 "zy-1.0-cp312-cp312-macosx_11_0_arm64.whl",
+                                 "zx-1.0-cp312-cp312-manylinux_2_17_x86_64.whl"))
     env = {**os.environ, "PYTHON": sys.executable, "STARPO_REALDATA": str(tmp_path / "none")}
     res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run",
                           "--out", str(tmp_path / "gc"), "--wheels", str(wheels),
@@ -121,6 +124,8 @@ def test_dry_run_reports_missing_data_and_bad_wheels(tmp_path, gc):
     problems = json.loads((tmp_path / "gc" / "plan.json").read_text())["problems"]
     assert any("no wheel of trl" in p for p in problems)
     assert any("pydantic in 2 versions" in p for p in problems)
+    wrong = [p for p in problems if "is not for the lent machine" in p]
+    assert len(wrong) == 2 and "zz-1.0-cp311" in wrong[0] and "zy-1.0" in wrong[1]
     assert any("data files not found" in p and "nowhere" in p for p in problems)
     assert res.stdout.count("problem:") == len(problems)
 
