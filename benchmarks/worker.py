@@ -312,10 +312,15 @@ class _StepTimes:
 
 
 def _trl_callback(times: _StepTimes):
+    import torch
     from transformers import TrainerCallback
 
     class CB(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
+            # on a GPU the step's kernels may still be queued: its end is when they finish
+            # (starpo's loop reads the loss before its step ends, which waits the same way)
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
             times.ends.append(time.perf_counter())
 
     return CB()
