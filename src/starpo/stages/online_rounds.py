@@ -48,6 +48,7 @@ from starpo import world
 from starpo.data.canonical import last_user_text, msg, preference_row
 from starpo.generate.sampling import generate
 from starpo.judges.base import rank_groups
+from starpo.train import preempt
 
 DROP_IDENTICAL = "identical"   # fewer than two distinct responses
 DROP_TIE = "tie"               # best and worst (or every worse) score within the tolerance
@@ -166,6 +167,8 @@ def judge_groups(judge, prompts: Sequence[list[dict]], groups: Sequence[Sequence
     bar = tqdm(total=total, desc=desc, unit="resp", disable=not progress, leave=False)
     try:
         for s in range(0, len(prompts), chunk_prompts):
+            if s:   # nothing of the judging is kept: it is redone from the saved samples
+                preempt.check(desc)
             ps = list(prompts[s:s + chunk_prompts])
             gs = [list(g) for g in groups[s:s + chunk_prompts]]
             for g, sc in zip(gs, rank_groups(judge, ps, gs)):
