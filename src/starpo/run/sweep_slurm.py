@@ -45,10 +45,11 @@ REQUEUE_FUNCTION = f"""\
 # checkpoint at its next safe point and exits {EXIT_STATUS}; the job is then requeued and
 # resumes where it stopped
 run_requeueable() {{
+  local child="" rc=0
+  trap '[ -z "$child" ] || kill -USR1 "$child" 2>/dev/null || true' USR1
+  trap '[ -z "$child" ] || kill -TERM "$child" 2>/dev/null || true' TERM
   "$@" &
-  local child=$! rc=0
-  trap 'kill -USR1 "$child" 2>/dev/null || true' USR1
-  trap 'kill -TERM "$child" 2>/dev/null || true' TERM
+  child=$!
   while true; do
     rc=0
     wait "$child" || rc=$?

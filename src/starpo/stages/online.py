@@ -55,8 +55,7 @@ from starpo import fileio
 from starpo.data.sources import load_mixture
 from starpo.data.sources import split_eval
 from starpo.generate.backends import make_backend
-from starpo.generate.sampling import (GenerationStats, Generations, Sample, generate,
-                                      render_prompt)
+from starpo.generate.sampling import GenerationStats, Generations, Sample, render_prompt
 from starpo.judges import make_judge
 from starpo.model import loading
 from starpo.runtime import release_memory
@@ -286,7 +285,7 @@ def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer, *, policy_pa
     scores = rt.gather(O.judge_groups(
         judge, [prompts[i] for i in block], [[s.text for s in gens[i]] for i in block],
         progress=ctx.progress, chunk_prompts=max(1, stage.judge.batch_size),
-        desc=f"round {k} judging"))
+        desc=f"{stage.name} round {k} judging"))
     source = getattr(judge, "source", getattr(judge, "name", stage.judge.type))
     del judge
     release_memory()
@@ -356,9 +355,10 @@ def _sample_resumable(ctx, stage, k: int, prompts: list, tok, backend, seed: int
                                        for smp in r["samples"]]
             st = done[c]["stats"]
         else:
-            gens = generate(None, tok, [prompts[i] for i in idx], spec, n=n, seed=seed,
-                            progress=ctx.progress, desc=f"round {k} sampling "
-                            f"{c + 1}/{len(chunks)}", backend=backend, indices=idx)
+            gens = O.sample_responses(None, tok, [prompts[i] for i in idx], spec, n=n,
+                                      seed=seed, progress=ctx.progress,
+                                      desc=f"round {k} sampling {c + 1}/{len(chunks)}",
+                                      backend=backend, indices=idx)
             for i, group in zip(idx, gens):
                 for smp in group:
                     smp.prompt_index = i

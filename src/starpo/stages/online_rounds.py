@@ -147,12 +147,14 @@ def select_pairs(groups: Sequence[Sequence[str]], scores: Sequence[Sequence[floa
 
 def sample_responses(model, tokenizer, prompts: Sequence[list[dict]], spec, *, n: int,
                      seed: int, progress: bool = True, desc: str = "sampling",
-                     backend=None, runtime=None):
+                     backend=None, runtime=None, indices: Sequence[int] | None = None):
     """``n`` samples per prompt (a :class:`starpo.generate.sampling.Generations`); deterministic
     given ``seed`` and the prompt order (with a ``runtime`` of several processes, sharded
-    across them and gathered)."""
+    across them and gathered). ``indices``: the prompts' random streams when they are a
+    chunk of a longer list (their positions in it)."""
+    kw = {"indices": list(indices)} if indices is not None else {}
     return generate(model, tokenizer, list(prompts), spec, n=n, seed=seed,
-                    progress=progress, desc=desc, backend=backend, runtime=runtime)
+                    progress=progress, desc=desc, backend=backend, runtime=runtime, **kw)
 
 
 def judge_groups(judge, prompts: Sequence[list[dict]], groups: Sequence[Sequence[str]], *,
