@@ -287,6 +287,28 @@ def test_a_lock_of_another_machine_is_stale_only_when_not_refreshed(tmp_path, mo
     assert "earlier run of this SLURM job 77_3" in logs[0]
 
 
+def test_sweep_and_eval_commands_refuse_a_directory_in_use(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+    from starpo.cli import app
+    from sweep_helpers import write_sweep
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    path = write_sweep(tmp_path)
+    out = tmp_path / "sweep-out"
+    out.mkdir()
+    _foreign_lock(out)
+    res = CliRunner().invoke(app, ["sweep", str(path), "--out", str(out), "-q"])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        f"error: {out} is in use by another starpo command (starpo run on another-node, "
+        f"pid 4242, since then); wait for it to finish, or if that process is gone (its "
+        f"machine died) rerun with --force"]
+    assert not (out / "trials.jsonl").exists()
+    (out / "recipe.yaml").write_text("stages: [{type: eval}]\n")
+    res = CliRunner().invoke(app, ["eval", str(out), "-q"])
+    assert res.exit_code == 2 and "is in use by another starpo command" in res.output
+
+
 # ------------------------------------------------------------------ online sampling
 
 def test_chunked_sampling_equals_one_call_and_continues_after_a_stop(base, tmp_path,

@@ -583,8 +583,8 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, retry_failed: bool = False,
     A trial that fails (a :class:`StarpoError` such as a NaN loss, or any other exception
     unless ``raise_errors``) is recorded as ``failed`` with its one-line message and the
     sweep goes on. A full disk (:class:`~starpo.errors.DiskError`) and a preemption stop
-    the sweep without a record: rerunning it resumes the trial. ``jobs > 1`` runs trials in that many child processes (``starpo run``).
-    ``runner(recipe, trial_dir)`` replaces the in-process runner (tests). Returns the
+    the sweep without a record: rerunning it resumes the trial. ``jobs > 1`` runs trials
+    in that many child processes (``starpo run``). ``runner(recipe, trial_dir)`` replaces the in-process runner (tests). Returns the
     latest record of every trial of the plan; :func:`finalize` writes the analysis.
     """
     plan.out.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,8 @@ class Preempted(BaseException):
 def signals_from_env() -> list[signal.Signals]:
     """The signals named by ``STARPO_PREEMPT_SIGNALS`` (``TERM,USR1``; ``SIGINT`` and
     numbers are accepted too; ``none`` or empty: no handler)."""
-    text = os.environ.get(ENV, DEFAULT_SIGNALS).strip()
+    given = os.environ.get(ENV)
+    text = (DEFAULT_SIGNALS if given is None else given).strip()
     if text.lower() in ("", "none", "off"):
         return []
     out = []
@@ -61,6 +62,8 @@ def signals_from_env() -> list[signal.Signals]:
             out.append(signal.Signals(int(part)) if part.isdigit() else
                        signal.Signals[part if part.startswith("SIG") else f"SIG{part}"])
         except (KeyError, ValueError):
+            if given is None:
+                continue      # a default this platform lacks (SIGUSR1 on Windows)
             from starpo.errors import StarpoError
             raise StarpoError(f"{ENV}={text!r}: {part!r} is not a signal name (e.g. "
                               f"TERM,USR1; none to turn preemption handling off)") from None
