@@ -16,24 +16,41 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 _DEBUG = {"on": False}
 
 
-def _fail(err: BaseException) -> None:
+def _fail(err: BaseException, code: int = 2) -> None:
     if _DEBUG["on"]:
         raise err
     msg = str(err).strip() or type(err).__name__
     typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def _guard(fn):
+    """Run a command: its errors as one line; exit statuses 2 (bad input, a busy run
+    directory), 74 (disk full), 75 (preempted: rerun to resume), 130 (Ctrl-C)."""
+    from starpo import fileio
     from starpo.errors import StarpoError
+    from starpo.train import preempt
     try:
-        return fn()
+        with preempt.handling():
+            return fn()
     except StarpoError as err:
-        _fail(err)
+        _fail(err, err.exit_code)
+    except preempt.Preempted as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(preempt.EXIT_STATUS)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume from the last checkpoint",
                    err=True)
         raise typer.Exit(130)
+    except Exception as err:
+        if not fileio.disk_full(err):
+            raise
+        # a full disk in a write that does not name its file (those that do are DiskErrors)
+        where = getattr(err, "filename", None)
+        _fail(StarpoError(f"{where + ': ' if where else ''}no space left on device (or quota "
+                          f"exceeded): {str(err).strip().splitlines()[0]}; free space or move "
+                          f"the directory to a bigger disk, then rerun the same command to "
+                          f"resume"), 74)
 
 
 @app.callback()
@@ -60,7 +77,10 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
                                     help="Continue a killed stage from its last checkpoint "
                                          "(default), or start unfinished stages over."),
         no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        force: bool = typer.Option(False, "--force",
+                                   help="Take the run directory's lock from a holder that "
+                                        "is gone (its machine died).")):
     """Run the stages of RECIPE in order; finished stages are skipped."""
     from starpo.run import pipeline
     from starpo.recipe import dump_recipe, load_recipe
@@ -77,26 +97,36 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
                 typer.echo(f"  {name:<12} {kind:<8} {status}")
             return
         pipeline.run(rec, out_dir, only=only, restart=not resume, progress=not quiet,
-                     report=not no_report)
+                     report=not no_report, force=force)
         typer.echo(f"done: {out_dir}")
 
     _guard(go)
 
 
 @app.command("eval")
-def eval_cmd(run_dir: Path = typer.Argument(..., help="A run directory."),
+def eval_cmd(run_dir: Path = typer.Argument(..., help="A run directory, or a model "
+                                                    "(checkpoint) directory."),
              models: Optional[str] = typer.Option(None, "--models",
                                                   help="Comma-separated stage names or paths."),
              n: Optional[int] = typer.Option(None, "--n", help="Number of eval prompts."),
              stage: Optional[str] = typer.Option(None, "--stage",
                                                  help="Which eval stage of the recipe to use."),
              no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
-             quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
-    """Evaluate the models of RUN_DIR: gold score, win rates, KL to SFT, length."""
+             quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+             out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                                help="For a model directory: its run "
+                                                     "directory (default runs/eval-<name>)."),
+             force: bool = typer.Option(False, "--force",
+                                        help="Take the run directory's lock from a holder "
+                                             "that is gone.")):
+    """Evaluate the models of RUN_DIR: gold score, win rates, KL to SFT, length. Models
+    evaluated before and not listed are kept (merged, or this evaluation goes to a
+    directory of its own; it says which)."""
     def go():
         from starpo.run.pipeline import evaluate_run
         evaluate_run(run_dir, models=[m.strip() for m in models.split(",")] if models else None,
-                     n=n, stage=stage, progress=not quiet, report=not no_report)
+                     n=n, stage=stage, progress=not quiet, report=not no_report, out=out,
+                     force=force)
     _guard(go)
 
 
@@ -137,7 +167,10 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
                                                         "cache_dir, else DIR)."),
           retry_failed: bool = typer.Option(False, "--retry-failed",
                                             help="Run failed trials again."),
-          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+          force: bool = typer.Option(False, "--force",
+                                     help="Take the sweep (or trial) directory's lock from a "
+                                          "holder that is gone.")):
     """Run a hyperparameter sweep: shared stages once, then one run per grid point, then the
     robustness analysis (DIR/trials.jsonl, DIR/analysis.json, DIR/report.html)."""
     from starpo.errors import StarpoError
@@ -177,23 +210,25 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
             emit_slurm(plan, log=typer.echo)
             return
         if shared_only:
-            S.run_shared_only(plan, progress=not quiet)
+            S.run_shared_only(plan, progress=not quiet, force=force)
             return
         if trial is not None:
             rec = S.run_one_trial(plan, trial, retry_failed=retry_failed, progress=not quiet,
-                                  raise_errors=_DEBUG["on"])
+                                  raise_errors=_DEBUG["on"], force=force)
             typer.echo(f"`starpo report {plan.out}` writes the analysis of the trials "
                        f"recorded so far")
             if rec is not None and rec["status"] != "ok":
                 raise typer.Exit(1)      # the scheduler sees the failure; it is recorded
             return
-        if executor == "ray":
-            from starpo.run.sweep_ray import run_sweep_ray
-            recs = run_sweep_ray(plan, address=address, retry_failed=retry_failed)
-        else:
-            recs = S.run_sweep(plan, jobs=jobs, retry_failed=retry_failed,
-                               progress=not quiet, raise_errors=_DEBUG["on"])
-        S.finalize(plan.out)
+        from starpo.fileio import dir_lock
+        with dir_lock(plan.out, command="starpo sweep", force=force, log=typer.echo):
+            if executor == "ray":
+                from starpo.run.sweep_ray import run_sweep_ray
+                recs = run_sweep_ray(plan, address=address, retry_failed=retry_failed)
+            else:
+                recs = S.run_sweep(plan, jobs=jobs, retry_failed=retry_failed,
+                                   progress=not quiet, raise_errors=_DEBUG["on"])
+            S.finalize(plan.out)
         failed = sum(r.get("status") != "ok" for r in recs)
         typer.echo(f"done: {plan.out} ({len(recs) - failed} ok, {failed} failed of "
                    f"{len(plan.trials)} trials)")

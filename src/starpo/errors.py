@@ -16,7 +16,10 @@ from pathlib import Path
 
 
 class StarpoError(Exception):
-    """An error the user can fix; its message is shown as-is by the CLI."""
+    """An error the user can fix; its message is shown as-is by the CLI, which exits with
+    ``exit_code``."""
+
+    exit_code = 2
 
 
 class RecipeError(StarpoError):
@@ -47,6 +50,18 @@ class DataError(StarpoError):
             self.hint = hint
             self.args = (f"{self.args[0]}; {hint}",)
         return self
+
+
+class DiskError(StarpoError):
+    """A write failed for lack of space (or quota) on the disk; nothing half-written was
+    left where a resume would read it. Exit status 74 (sysexits ``EX_IOERR``): not bad
+    input, and a scheduler should not retry it blindly."""
+
+    exit_code = 74
+
+
+class RunDirBusy(StarpoError):
+    """Another starpo process holds the run (or sweep) directory's lock."""
 
 
 class TrainingError(StarpoError):

@@ -104,7 +104,7 @@ class TrainSpec(Strict):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU
     log_every: int = Field(10, gt=0)
     save_every: int | None = Field(None, gt=0)  # checkpoint every N steps (None = at end only)
-    keep_checkpoints: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(1, ge=1)  # newest kept; at least 2 (a damaged newest falls back)
     logprob_chunk_size: int = Field(1024, gt=0)  # tokens per chunk of the lm-head log-softmax
 
 

@@ -63,11 +63,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from starpo import fileio
-from starpo.errors import StarpoError
+from starpo.errors import DiskError, StarpoError
 from starpo.metrics.names import EVAL_METRICS
 from starpo.recipe import Recipe, dump_recipe, recipe_from_dict
 from starpo.report.sweep_page import write_sweep_report
 from starpo.run import pipeline
+from starpo.train import preempt
 # the sweep file's schema, grid and trial recipes (callers reach them as sweep.<name> too)
 from starpo.run.sweep_file import (ResourcesSpec, Sweep, SweepError, Trial,  # noqa: F401
                                    _fmt_value, _starts, expand, load_sweep,
@@ -302,7 +303,8 @@ def _one_line(err: BaseException) -> str:
     return text
 
 
-def run_trial_in_process(recipe: Recipe, tdir: Path, *, progress: bool) -> None:
+def run_trial_in_process(recipe: Recipe, tdir: Path, *, progress: bool,
+                         force: bool = False) -> None:
     """Run a trial's recipe with the normal pipeline, its log lines into ``log.txt``."""
     with (tdir / "log.txt").open("a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} starting\n")
@@ -311,7 +313,10 @@ def run_trial_in_process(recipe: Recipe, tdir: Path, *, progress: bool) -> None:
             f.write(msg + "\n")
             f.flush()
         try:
-            pipeline.run(recipe, tdir, log=log, progress=progress, report=True)
+            pipeline.run(recipe, tdir, log=log, progress=progress, report=True, force=force)
+        except (StarpoError, preempt.Preempted) as err:
+            f.write(f"{err}\n")
+            raise
         except BaseException:
             f.write(traceback.format_exc())
             raise
@@ -339,12 +344,21 @@ def run_trial_subprocess(recipe: Recipe, tdir: Path, *, env: dict[str, str],
     with (tdir / "log.txt").open("a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n")
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0:
-        err = [ln[len("error: "):] for ln in (tdir / "log.txt").read_text().splitlines()
-               if ln.startswith("error: ")]
-        raise TrialFailed(err[-1] if err else f"starpo run exited with status {rc}; see "
-                                              f"{tdir / 'log.txt'}")
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        with preempt.child(proc):      # a preemption signal reaches the trial too
+            rc = proc.wait()
+    if rc == 0:
+        return
+    lines = (tdir / "log.txt").read_text().splitlines()
+    if rc == preempt.EXIT_STATUS:      # stopped at a safe point: not a failure
+        said = [ln for ln in lines if "preempted" in ln]
+        raise preempt.Preempted(said[-1] if said else f"trial {tdir.name}: preempted; "
+                                "rerun the same command to resume")
+    err = [ln[len("error: "):] for ln in lines if ln.startswith("error: ")]
+    if rc == DiskError.exit_code and err:
+        raise DiskError(err[-1])
+    raise TrialFailed(err[-1] if err else f"starpo run exited with status {rc}; see "
+                                          f"{tdir / 'log.txt'}")
 
 
 def trial_processes(resources: ResourcesSpec) -> int:
@@ -353,7 +367,7 @@ def trial_processes(resources: ResourcesSpec) -> int:
     return int(resources.gpu) if resources.gpu > 1 else 1
 
 
-def trial_runner(resources: ResourcesSpec, *, progress: bool = False
+def trial_runner(resources: ResourcesSpec, *, progress: bool = False, force: bool = False
                  ) -> Callable[[Recipe, Path], None]:
     """How a trial runs where it was placed (a Ray task, a ``--trial`` task): in this
     process, or over several GPUs under ``accelerate launch`` in a child process (the
@@ -362,7 +376,7 @@ def trial_runner(resources: ResourcesSpec, *, progress: bool = False
     if n > 1:
         return lambda rec, tdir: run_trial_subprocess(rec, tdir, env=dict(os.environ),
                                                       processes=n)
-    return lambda rec, tdir: run_trial_in_process(rec, tdir, progress=progress)
+    return lambda rec, tdir: run_trial_in_process(rec, tdir, progress=progress, force=force)
 
 
 def _worker_envs(jobs: int) -> list[dict[str, str]]:
@@ -419,7 +433,7 @@ def write_sweep_info(plan: SweepPlan) -> None:
 
 
 def run_shared(plan: SweepPlan, *, log: Callable[[str], None], progress: bool,
-               processes: int = 1) -> None:
+               processes: int = 1, force: bool = False) -> None:
     """The shared stages and the SFT baseline's evaluation, once (skipped when done);
     ``processes > 1``: under ``accelerate launch`` in a child process."""
     if plan.shared is None:
@@ -440,7 +454,9 @@ def run_shared(plan: SweepPlan, *, log: Callable[[str], None], progress: bool,
                                  processes=processes)
         else:
             pipeline.run(plan.shared, plan.shared_dir, log=lambda m: log(f"  {m}"),
-                         progress=progress, report=True)
+                         progress=progress, report=True, force=force)
+    except DiskError:
+        raise
     except StarpoError as err:
         raise StarpoError(f"shared stages ({plan.shared_dir}): {err}") from None
     log(f"[shared] ready ({time.time() - t0:.1f} s)")
@@ -515,6 +531,8 @@ def _run_trial(plan, k: int, t: Trial, rec: Recipe, run: Callable[[Recipe, Path]
     t0, err = time.time(), None
     try:
         run(rec, tdir)
+    except DiskError:
+        raise     # not the trial's fault, and every trial after it would fail the same way
     except StarpoError as e:
         err = e
     except Exception as e:  # noqa: BLE001 - recorded; the sweep goes on
@@ -564,8 +582,9 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, retry_failed: bool = False,
 
     A trial that fails (a :class:`StarpoError` such as a NaN loss, or any other exception
     unless ``raise_errors``) is recorded as ``failed`` with its one-line message and the
-    sweep goes on. ``jobs > 1`` runs trials in that many child processes (``starpo run``).
-    ``runner(recipe, trial_dir)`` replaces the in-process runner (tests). Returns the
+    sweep goes on. A full disk (:class:`~starpo.errors.DiskError`) and a preemption stop
+    the sweep without a record: rerunning it resumes the trial. ``jobs > 1`` runs trials
+    in that many child processes (``starpo run``). ``runner(recipe, trial_dir)`` replaces the in-process runner (tests). Returns the
     latest record of every trial of the plan; :func:`finalize` writes the analysis.
     """
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -594,7 +613,7 @@ def shared_missing(plan: SweepPlan) -> list[str]:
 
 
 def run_shared_only(plan: SweepPlan, *, log: Callable[[str], None] = print,
-                    progress: bool = False) -> None:
+                    progress: bool = False, force: bool = False) -> None:
     """``--shared-only``: the shared stages and the SFT baseline's evaluation, no trial
     (the first job of a SLURM array sweep, before its ``--trial`` tasks)."""
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -603,13 +622,14 @@ def run_shared_only(plan: SweepPlan, *, log: Callable[[str], None] = print,
         log(f"[shared] {plan.sweep.path} has no shared stages; nothing to run")
         return
     run_shared(plan, log=log, progress=progress,
-               processes=trial_processes(plan.sweep.spec.resources))
+               processes=trial_processes(plan.sweep.spec.resources), force=force)
 
 
 def run_one_trial(plan: SweepPlan, trial_id: str, *, retry_failed: bool = False,
                   log: Callable[[str], None] = print, progress: bool = False,
                   raise_errors: bool = False,
-                  runner: Callable[[Recipe, Path], None] | None = None) -> dict | None:
+                  runner: Callable[[Recipe, Path], None] | None = None,
+                  force: bool = False) -> dict | None:
     """``--trial ID``: run exactly one trial in this process and append its record; the
     unit a SLURM array task, a Kubernetes job or a W&B agent calls.
 
@@ -640,7 +660,7 @@ def run_one_trial(plan: SweepPlan, trial_id: str, *, retry_failed: bool = False,
             "; its recipe changed since (delete the trial directory to redo it)"
         log(f"[{k}/{total}] {trial.id}: already finished: {status}{why}{note}; nothing to do")
         return None
-    run = runner or trial_runner(plan.sweep.spec.resources, progress=progress)
+    run = runner or trial_runner(plan.sweep.spec.resources, progress=progress, force=force)
     res = _run_trial(plan, k, trial, rec, run, where="", raise_errors=raise_errors, log=log)
     return _record(plan, store, *res, log)
 

@@ -99,6 +99,9 @@ class SlurmSpec(_Strict):
     sbatch: list[str] = []                   # further options, e.g. ["--qos=high"]
     setup: list[str] = []                    # shell lines run before starpo (module load …)
     command: str | None = None               # how to call starpo (default: this Python)
+    # seconds before the time limit at which SLURM signals a job (--signal=B:USR1@N) so it
+    # checkpoints and requeues itself; 0: no signal
+    signal_grace: int = Field(120, ge=0)
 
 
 class SweepSpec(_Strict):

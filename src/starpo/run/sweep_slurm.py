@@ -16,6 +16,13 @@ Every command carries the same sweep file, overrides, ``--out`` and ``--cache-di
 the command that emitted them, with absolute paths, so the jobs find the same directory
 on every node (it must be on storage they all mount). ``--trial`` is idempotent, so
 resubmitting the array after a failure only runs what has no record.
+
+Preemption: the shared job and the trial tasks are ``--requeue``-able and ask for
+``--signal=B:USR1@<slurm.signal_grace>``. The batch script runs starpo in the background
+and passes a SIGUSR1 (the time limit is near) or SIGTERM (preemption) on to it; starpo
+finishes its optimizer step, writes a checkpoint and exits with status 75
+(:data:`starpo.train.preempt.EXIT_STATUS`), and the script then requeues its job with
+``scontrol requeue``, so the task resumes by itself where it stopped.
 """
 
 from __future__ import annotations
@@ -28,6 +35,33 @@ from typing import Callable
 
 from starpo import fileio
 from starpo.run import sweep as S
+from starpo.train.preempt import EXIT_STATUS
+
+# the batch shell runs starpo in the background so that it can pass a signal on (bash
+# runs a trap only between foreground commands) and requeue the job when starpo stopped
+# for preemption
+REQUEUE_FUNCTION = f"""\
+# SIGUSR1 (the time limit is near, --signal) or SIGTERM (preemption): starpo saves a
+# checkpoint at its next safe point and exits {EXIT_STATUS}; the job is then requeued and
+# resumes where it stopped
+run_requeueable() {{
+  local child="" rc=0
+  trap '[ -z "$child" ] || kill -USR1 "$child" 2>/dev/null || true' USR1
+  trap '[ -z "$child" ] || kill -TERM "$child" 2>/dev/null || true' TERM
+  "$@" &
+  child=$!
+  while true; do
+    rc=0
+    wait "$child" || rc=$?
+    kill -0 "$child" 2>/dev/null || break    # wait was cut short by a trapped signal
+  done
+  trap - USR1 TERM
+  if [ "$rc" -eq {EXIT_STATUS} ] && [ -n "${{SLURM_JOB_ID:-}}" ]; then
+    echo "starpo stopped for preemption; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" || true
+  fi
+  return "$rc"
+}}"""
 
 
 def _q(x: object) -> str:
@@ -51,6 +85,8 @@ def sweep_args(plan: S.SweepPlan) -> str:
 
 def _header(plan: S.SweepPlan, job: str, logs: Path, *, time_limit: str | None,
             array: str | None = None) -> list[str]:
+    """The ``#SBATCH`` lines and set-up of a job that runs starpo (requeued when
+    preempted), ending with :data:`REQUEUE_FUNCTION`."""
     spec = plan.sweep.spec
     res, sl = spec.resources, spec.slurm
     lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name={job}"]
@@ -68,11 +104,14 @@ def _header(plan: S.SweepPlan, job: str, logs: Path, *, time_limit: str | None,
             lines.append(f"#SBATCH --{opt}={value}")
     lines.append(f"#SBATCH --output={logs}/%x-%A_%a.out" if array is not None
                  else f"#SBATCH --output={logs}/%x-%j.out")
+    lines.append("#SBATCH --requeue")
+    if sl.signal_grace:
+        lines.append(f"#SBATCH --signal=B:USR1@{sl.signal_grace}")
     lines += [f"#SBATCH {opt}" for opt in sl.sbatch]
     lines += ["set -euo pipefail",
               "# torch's threads: the cores SLURM gave this task",
               "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
-              *sl.setup]
+              *sl.setup, REQUEUE_FUNCTION]
     return lines
 
 
@@ -92,13 +131,13 @@ def emit_slurm(plan: S.SweepPlan, *, log: Callable[[str], None] = print) -> Path
 
     shared = _header(plan, f"{name}-shared", logs, time_limit=sl.shared_time or sl.time) + [
         "# the shared stages and the SFT baseline's evaluation, once; skipped when done",
-        f"{cmd} {args} --shared-only -q"]
+        f"run_requeueable {cmd} {args} --shared-only -q"]
     trials = _header(plan, f"{name}-trials", logs, time_limit=sl.time, array=array) + [
         f"# one trial per array task, in the order of `starpo sweep ... --dry-run` ({n})",
         "TRIALS=(",
         *(f"  {_q(i)}" for i in ids),
         ")",
-        f"{cmd} {args} --trial \"${{TRIALS[$SLURM_ARRAY_TASK_ID]}}\" -q"]
+        f"run_requeueable {cmd} {args} --trial \"${{TRIALS[$SLURM_ARRAY_TASK_ID]}}\" -q"]
     report = ["#!/usr/bin/env bash", f"#SBATCH --job-name={name}-report",
               "#SBATCH --cpus-per-task=1",
               *(f"#SBATCH --{o}={v}" for o, v in (("partition", sl.partition),

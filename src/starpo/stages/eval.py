@@ -81,16 +81,27 @@ def reference_name(recipe, stage=None) -> str:
     return "base"
 
 
-def _display_name(ref: str) -> str:
+def display_name(ref: str) -> str:
+    """How a checkpoint path is named in an evaluation: its directory's name, or its
+    stage's for a run's ``<stage>/model``."""
     p = Path(ref)
     if p.name == "model" and p.parent.name:
         return p.parent.name
     return p.name or ref
 
 
+def model_key(ref: str, stage_names: set[str]) -> str:
+    """The name of model ``ref`` (a stage, ``base`` or a path) in ``summary.json``."""
+    return ref if ref in stage_names or ref == "base" else display_name(ref)
+
+
 def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None = None,
-                   out_dir: Path | None = None) -> EvalResult:
-    """The eval stage's work on a :class:`~starpo.run.pipeline.RunContext` (also the CLI's)."""
+                   out_dir: Path | None = None,
+                   check: Callable[[dict], None] | None = None) -> EvalResult:
+    """The eval stage's work on a :class:`~starpo.run.pipeline.RunContext` (also the CLI's).
+    ``check(settings)`` sees the settings that ``meta.json`` will record (prompts, seed,
+    bootstrap, generation, judge, judge_source, reference) before anything is sampled,
+    and may raise to stop. A model listed twice (by name and by path) is evaluated once."""
     recipe = ctx.recipe
     seed = ctx.seed_for(stage)
     names = models or stage.models or default_models(recipe, ctx.out, log=ctx.log)
@@ -101,7 +112,9 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
     resolved: dict[str, str] = {}
     for ref in names:
         path = ctx.resolve_model(ref, before=stage.name)
-        key = ref if (ref in stage_names or ref == "base") else _display_name(ref)
+        key = model_key(ref, stage_names)
+        if key in resolved and resolved[key] == path:
+            continue
         if key in resolved:
             key = fileio.safe_name(ref)
         resolved[key] = path
@@ -113,8 +126,14 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
             ctx.log(f"  no SFT reference ({err}); win_vs_sft and kl_vs_sft are left out")
             sft = None
         else:
-            ctx.log(f"  {sft} is the SFT reference: it is sampled too")
-            resolved = {sft: sft_path, **resolved}
+            same = [k for k, p in resolved.items() if _same_path(p, sft_path)]
+            if same:     # the recipe's model is the one evaluated (starpo eval MODEL_DIR)
+                ctx.log(f"  no SFT reference other than {same[0]} itself; win_vs_sft and "
+                        f"kl_vs_sft are left out")
+                sft = None
+            else:
+                ctx.log(f"  {sft} is the SFT reference: it is sampled too")
+                resolved = {sft: sft_path, **resolved}
 
     rows = load_mixture(stage.data, "prompt", world_seed=recipe.world.seed, seed=seed,
                         log=ctx.log)
@@ -132,6 +151,11 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
 
     judge = make_judge(stage.judge, resolve_path=resolve_judge, model_spec=recipe.model,
                        device=ctx.runtime.device)
+    if check is not None:
+        check({"prompts": len(rows), "seed": seed, "bootstrap": stage.bootstrap,
+               "generation": stage.generation.model_dump(mode="json"),
+               "judge": getattr(judge, "name", type(judge).__name__),
+               "judge_source": getattr(judge, "source", None), "reference": sft})
     out_dir = out_dir or ctx.stage_dir(stage.name)
     ctx.log(f"  models {list(resolved)}; SFT reference {sft}; {len(rows)} prompts; judge "
             f"{stage.judge.type}")
@@ -140,6 +164,13 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
                            out_dir=out_dir, device=ctx.runtime.device, progress=ctx.progress,
                            log=ctx.log, meta={"stage": stage.name},
                            sample_cache=ctx.sample_cache, runtime=ctx.runtime)
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def default_eval_stage(n: int | None = None):

@@ -2,6 +2,8 @@
 
 Round ``k`` (1-based) of a stage named ``online`` lives in ``DIR/online/round_<k>/``::
 
+    sampled.partial.jsonl   while the round samples: the samples of each finished chunk
+                    of prompts (a preempted or killed round continues after the last)
     samples.jsonl   one line per prompt: the prompt, its n samples with judge scores,
                     token counts and whether each ended with an end-of-turn token, and
                     the selected pair (sample indices) or why the prompt was dropped
@@ -30,12 +32,18 @@ Policy and reference
 Resuming
     A finished round (``round.json`` and ``model/``) is skipped on rerun; a round killed
     during training reuses its judged pairs and resumes from its last loop checkpoint.
-    A round's loop checkpoints are deleted once its model is saved.
+    A round's loop checkpoints are deleted once its model is saved (and verified).
+    Sampling (one process) goes in chunks of prompts, each a whole number of the
+    backend's batches in the order the backend would batch them anyway, so the chunks
+    draw exactly the samples one call would; a round stopped while sampling continues at
+    the first unfinished chunk (no prompt sampled twice, none skipped). Judging is
+    deterministic and is redone from the saved samples.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -47,10 +55,17 @@ from starpo import fileio
 from starpo.data.sources import load_mixture
 from starpo.data.sources import split_eval
 from starpo.generate.backends import make_backend
+from starpo.generate.sampling import GenerationStats, Generations, Sample, render_prompt
 from starpo.judges import make_judge
 from starpo.model import loading
 from starpo.runtime import release_memory
 from starpo.stages.preference import tokenize_pairs, train_preference
+from starpo.train import preempt
+from starpo.train.checkpoint import verify_model_dir
+
+SAMPLED_PARTIAL = "sampled.partial.jsonl"
+# a sampling chunk holds at least this many of the backend's batches
+CHUNK_BATCHES = 8
 
 
 def _judge_resolver(ctx, stage):
@@ -135,6 +150,8 @@ def run_online(ctx, stage) -> dict:
         policy_path = str(rdir / "model")
         if ctx.runtime.is_main:
             fileio.write_jsonl(stage_dir / "rounds.jsonl", summaries)
+        if k < stage.rounds:
+            preempt.check(f"{stage.name} round {k} (finished)", when="after")
     if ctx.runtime.is_main:
         fileio.write_jsonl(stage_dir / "rounds.jsonl", summaries)
         fileio.write_jsonl(stage_dir / "metrics.jsonl", _combined_metrics(stage_dir, stage.rounds))
@@ -186,6 +203,7 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
             fileio.write_jsonl(rdir / "samples.jsonl", samples)
             fileio.write_jsonl(rdir / "pairs.jsonl", pairs)
             fileio.write_json(judged, info)
+            (rdir / SAMPLED_PARTIAL).unlink(missing_ok=True)
     stats = O.round_statistics(samples, pairs)
     ctx.log(f"  round {k}: mean judge score {_fmt(stats['mean_score'])} over "
             f"{stats['samples']} samples; {stats['pairs_selected']} pairs from "
@@ -222,6 +240,10 @@ def run_round(ctx, stage, k: int, rows: list[dict], policy_path: str, ref_path: 
     t0 = time.time()
     if rt.is_main:
         loading.save_pretrained(model, tok, rdir / "model", state_dict=state_dict)
+        why = verify_model_dir(rdir / "model")
+        if why is not None:     # keep the loop checkpoints: the round can be saved again
+            raise StarpoError(f"{rdir / 'model'}: the saved model is damaged ({why}); "
+                              f"rerun the same command to save it again")
         shutil.rmtree(rdir / "checkpoints", ignore_errors=True)
     timer.add("saving", t0)
     summary["seconds"] = {**info.get("seconds", {}), **timer.seconds}
@@ -246,9 +268,13 @@ def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer, *, policy_pa
     t0 = time.time()
     backend = make_backend(stage.generation, model=model, tokenizer=tok, path=policy_path,
                            runtime=rt)
-    gens = O.sample_responses(model, tok, prompts, stage.generation, n=stage.n_samples,
-                              seed=rseed, progress=ctx.progress,
-                              desc=f"round {k} sampling", backend=backend, runtime=rt)
+    if rt.distributed:   # sharded across the processes by generate itself, in one call
+        gens = O.sample_responses(model, tok, prompts, stage.generation, n=stage.n_samples,
+                                  seed=rseed, progress=ctx.progress,
+                                  desc=f"round {k} sampling", backend=backend, runtime=rt)
+    else:
+        gens = _sample_resumable(ctx, stage, k, prompts, tok, backend, rseed,
+                                 rdir=ctx.stage_dir(stage.name) / f"round_{k}")
     del backend
     timer.add("sampling", t0)
     t0 = time.time()
@@ -259,7 +285,7 @@ def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer, *, policy_pa
     scores = rt.gather(O.judge_groups(
         judge, [prompts[i] for i in block], [[s.text for s in gens[i]] for i in block],
         progress=ctx.progress, chunk_prompts=max(1, stage.judge.batch_size),
-        desc=f"round {k} judging"))
+        desc=f"{stage.name} round {k} judging"))
     source = getattr(judge, "source", getattr(judge, "name", stage.judge.type))
     del judge
     release_memory()
@@ -270,6 +296,88 @@ def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer, *, policy_pa
     info = {"sampling": gens.stats.as_dict(), "judge": str(source),
             "seconds": dict(timer.seconds)}
     return samples, info
+
+
+def chunk_prompts(n_samples: int, batch_size: int) -> int:
+    """Prompts per sampling chunk: their ``n_samples`` rows are a whole number (at least
+    ``CHUNK_BATCHES``) of batches of ``batch_size`` rows, so a chunk's batches are the ones
+    the backend forms over all prompts."""
+    unit = math.lcm(n_samples, batch_size)
+    return unit * max(1, math.ceil(CHUNK_BATCHES * batch_size / unit)) // n_samples
+
+
+def _read_sampled(path: Path, setup: dict, log) -> dict[int, dict]:
+    """The finished chunks of ``sampled.partial.jsonl`` made with ``setup``: chunk →
+    ``{"records": [...], "stats": {...}}`` (a chunk counts once its end line is there)."""
+    recs = fileio.read_jsonl(path)
+    if not recs:
+        return {}
+    if recs[0].get("setup") != setup:
+        log(f"  {path.name} was made with other settings; sampling the round again")
+        return {}
+    chunks: dict[int, dict] = {}
+    for r in recs[1:]:
+        c = chunks.setdefault(int(r["chunk"]), {"records": [], "stats": None})
+        if "end" in r:
+            c["stats"] = r["end"]
+        else:
+            c["records"].append(r)
+    return {c: v for c, v in chunks.items() if v["stats"] is not None}
+
+
+def _sample_resumable(ctx, stage, k: int, prompts: list, tok, backend, seed: int, *,
+                      rdir: Path) -> Generations:
+    """``n_samples`` samples per prompt, drawn chunk by chunk (:func:`chunk_prompts`) with
+    each prompt's own random stream (its index), each finished chunk appended to
+    ``sampled.partial.jsonl``; chunks found there are not sampled again. A preemption
+    signal stops it after a chunk."""
+    spec, n = stage.generation, stage.n_samples
+    # the backend batches rows in order of prompt length (stable): chunks of that order
+    lengths = [len(render_prompt(tok, p)) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    per = chunk_prompts(n, spec.batch_size)
+    chunks = [order[c:c + per] for c in range(0, len(order), per)]
+    path = rdir / SAMPLED_PARTIAL
+    setup = {"seed": seed, "n": n, "prompts": len(prompts), "chunk": per,
+             "generation": spec.model_dump(mode="json")}
+    done = _read_sampled(path, setup, ctx.log)
+    if done:
+        ctx.log(f"  round {k}: reusing the samples of {len(done)} of {len(chunks)} chunks "
+                f"from {path.name}")
+    else:
+        fileio.write_jsonl(path, [{"setup": setup}])
+    results: list[list[Sample] | None] = [None] * len(prompts)
+    stats = GenerationStats()
+    for c, idx in enumerate(chunks):
+        if c in done:
+            for r in done[c]["records"]:
+                results[r["index"]] = [Sample(prompt_index=r["index"], **smp)
+                                       for smp in r["samples"]]
+            st = done[c]["stats"]
+        else:
+            gens = O.sample_responses(None, tok, [prompts[i] for i in idx], spec, n=n,
+                                      seed=seed, progress=ctx.progress,
+                                      desc=f"round {k} sampling {c + 1}/{len(chunks)}",
+                                      backend=backend, indices=idx)
+            for i, group in zip(idx, gens):
+                for smp in group:
+                    smp.prompt_index = i
+                results[i] = list(group)
+                fileio.append_jsonl(path, {"chunk": c, "index": i, "samples": [
+                    {"text": s.text, "token_ids": s.token_ids, "num_tokens": s.num_tokens,
+                     "finished": s.finished} for s in group]})
+            st = {"sequences": gens.stats.sequences, "prompt_tokens": gens.stats.prompt_tokens,
+                  "tokens": gens.stats.tokens, "seconds": gens.stats.seconds}
+            fileio.append_jsonl(path, {"chunk": c, "end": st})
+        for key in ("sequences", "prompt_tokens", "tokens", "seconds"):
+            setattr(stats, key, getattr(stats, key) + st[key])
+        if c + 1 < len(chunks) and preempt.requested() is not None:
+            sampled = sum(len(x) for x in chunks[:c + 1])
+            raise preempt.Preempted(
+                f"{stage.name} round {k}: preempted ({preempt.requested()}) after sampling "
+                f"{sampled} of {len(prompts)} prompts; samples saved ({path}); rerun the "
+                f"same command to resume")
+    return Generations(results, stats)
 
 
 def _fmt(x) -> str:

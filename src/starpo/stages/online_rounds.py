@@ -48,6 +48,7 @@ from starpo import world
 from starpo.data.canonical import last_user_text, msg, preference_row
 from starpo.generate.sampling import generate
 from starpo.judges.base import rank_groups
+from starpo.train import preempt
 
 DROP_IDENTICAL = "identical"   # fewer than two distinct responses
 DROP_TIE = "tie"               # best and worst (or every worse) score within the tolerance
@@ -146,12 +147,14 @@ def select_pairs(groups: Sequence[Sequence[str]], scores: Sequence[Sequence[floa
 
 def sample_responses(model, tokenizer, prompts: Sequence[list[dict]], spec, *, n: int,
                      seed: int, progress: bool = True, desc: str = "sampling",
-                     backend=None, runtime=None):
+                     backend=None, runtime=None, indices: Sequence[int] | None = None):
     """``n`` samples per prompt (a :class:`starpo.generate.sampling.Generations`); deterministic
     given ``seed`` and the prompt order (with a ``runtime`` of several processes, sharded
-    across them and gathered)."""
+    across them and gathered). ``indices``: the prompts' random streams when they are a
+    chunk of a longer list (their positions in it)."""
+    kw = {"indices": list(indices)} if indices is not None else {}
     return generate(model, tokenizer, list(prompts), spec, n=n, seed=seed,
-                    progress=progress, desc=desc, backend=backend, runtime=runtime)
+                    progress=progress, desc=desc, backend=backend, runtime=runtime, **kw)
 
 
 def judge_groups(judge, prompts: Sequence[list[dict]], groups: Sequence[Sequence[str]], *,
@@ -166,6 +169,8 @@ def judge_groups(judge, prompts: Sequence[list[dict]], groups: Sequence[Sequence
     bar = tqdm(total=total, desc=desc, unit="resp", disable=not progress, leave=False)
     try:
         for s in range(0, len(prompts), chunk_prompts):
+            if s:   # nothing of the judging is kept: it is redone from the saved samples
+                preempt.check(desc)
             ps = list(prompts[s:s + chunk_prompts])
             gs = [list(g) for g in groups[s:s + chunk_prompts]]
             for g, sc in zip(gs, rank_groups(judge, ps, gs)):

@@ -87,7 +87,7 @@ def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: 
         summary["eval_before"] = evaluate_pairs(model, held, ctx.runtime,
                                                 chunk_size=stage.train.logprob_chunk_size)
     res = run_loop(model, task, stage.train, out_dir, seed=seed, resume=not ctx.restart,
-                   desc=desc, progress=ctx.progress, runtime=ctx.runtime)
+                   desc=desc, progress=ctx.progress, runtime=ctx.runtime, log=ctx.log)
     summary.update(steps=res.steps, final=res.last_metrics)
     if held is not None:
         summary["eval_after"] = evaluate_pairs(model, held, ctx.runtime,

@@ -300,7 +300,8 @@ def train_pair_scorer(ctx, stage, objective: PairObjective, *, what: str) -> dic
     task = RewardTask(train_pairs, batch_size=stage.train.batch_size, seed=seed,
                       max_tokens_per_row=cap, objective=objective)
     res = run_loop(rm, task, stage.train, ctx.stage_dir(stage.name), seed=seed, runtime=rt,
-                   resume=not ctx.restart, desc=stage.name, progress=ctx.progress)
+                   resume=not ctx.restart, desc=stage.name, progress=ctx.progress,
+                   log=ctx.log)
     summary.update(steps=res.steps, final=res.last_metrics,
                    train_after=evaluate(probe))
     line = (f"  {objective.accuracy} on {len(probe)} training pairs "

@@ -98,7 +98,7 @@ def run_sft(ctx, stage: SFTStage) -> dict:
                    flat=flat)
     res = run_loop(model, task, stage.train, ctx.stage_dir(stage.name), seed=seed,
                    runtime=ctx.runtime, resume=not ctx.restart, desc=stage.name,
-                   progress=ctx.progress)
+                   progress=ctx.progress, log=ctx.log)
     if ctx.runtime.is_main:
         # res.state_dict: the whole weights gathered under FSDP/DeepSpeed (else None)
         loading.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model",

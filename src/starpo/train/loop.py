@@ -8,7 +8,14 @@ neither accumulation nor the number of processes changes the loss scale.
 
 Resuming: a checkpoint holds the weights, optimizer, scheduler, RNG states and the step.
 Micro-batches are a pure function of (seed, epoch), so a resumed run replays exactly the
-steps an uninterrupted run would have taken and ends at the same weights.
+steps an uninterrupted run would have taken and ends at the same weights. A damaged
+latest checkpoint is skipped for the one before it (:func:`starpo.train.checkpoint.resume_from`).
+
+Preemption (:mod:`starpo.train.preempt`): a SIGTERM/SIGUSR1 during the loop lets the
+current optimizer step finish; the loop then writes a checkpoint (with the metrics of the
+unlogged steps, so the resumed log is the uninterrupted one) and raises ``Preempted``.
+All processes stop at the same step. A signal during the last step lets the stage save
+its model first.
 """
 
 from __future__ import annotations
@@ -31,9 +38,9 @@ from starpo.errors import TrainingError
 from starpo.model.compile import compiled_blocks
 from starpo.recipe import TrainSpec
 from starpo.runtime import Runtime
-from starpo.train.checkpoint import (latest_checkpoint, load_checkpoint,
-                                     load_sharded_checkpoint, save_checkpoint,
-                                     save_sharded_checkpoint)
+from starpo.train import preempt
+from starpo.train.checkpoint import (load_checkpoint, load_sharded_checkpoint, resume_from,
+                                     save_checkpoint, save_sharded_checkpoint)
 from starpo.train.metrics_log import MetricsLog
 from starpo.train.task import TargetLogprobs, Task
 
@@ -166,6 +173,16 @@ class _Window:
         self.tokens = 0
         self.t0 = time.time()
 
+    def state(self) -> dict:
+        """What a checkpoint keeps of the unlogged steps (the time is not kept); the sums
+        read back from the device (a checkpoint is a sync point anyway)."""
+        return {"sums": {k: [float(s), float(c)] for k, (s, c) in self.sums.items()},
+                "tokens": self.tokens}
+
+    def restore(self, state: dict) -> None:
+        self.sums = {k: [float(s), float(c)] for k, (s, c) in state["sums"].items()}
+        self.tokens = int(state["tokens"])
+
     def add(self, metrics: dict[str, list]) -> None:
         for name, (s, c) in metrics.items():
             w = self.sums.setdefault(name, [0.0, 0.0])
@@ -217,21 +234,40 @@ def _accumulate(acc, runtime: Runtime, module, task: Task, mbs: list[TokenBatch]
 
 def run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, seed: int,
              runtime: Runtime | None = None, resume: bool = False, desc: str = "train",
-             progress: bool = True, hooks: LoopHooks | None = None) -> LoopResult:
+             progress: bool = True, hooks: LoopHooks | None = None,
+             log: Callable[[str], None] = print) -> LoopResult:
     """Train ``model`` in place on ``task`` on the runtime's device (its processes). With
     ``train.compile`` its repeated blocks run compiled for the loop's duration
-    (:mod:`starpo.model.compile`)."""
+    (:mod:`starpo.model.compile`). ``log`` takes its messages (main process only)."""
     runtime = runtime or Runtime.create()
+    log = log if runtime.is_main else (lambda msg: None)
     with compiled_blocks(model, spec.compile, device=runtime.device, what=desc,
-                         sharded=sharded_launch(),
-                         log=print if runtime.is_main else (lambda msg: None)):
+                         sharded=sharded_launch(), log=log), \
+            preempt.section(desc, defer=True):
         return _run_loop(model, task, spec, out_dir, seed=seed, runtime=runtime,
-                         resume=resume, desc=desc, progress=progress, hooks=hooks)
+                         resume=resume, desc=desc, progress=progress, hooks=hooks, say=log)
+
+
+def _resume(acc, runtime: Runtime, ckpt_dir: Path, raw, optimizer, scheduler,
+            say: Callable[[str], None]) -> dict | None:
+    """The state of the newest intact checkpoint, loaded into the model, optimizer,
+    scheduler and RNGs (``None``: none). With several processes the main one picks it
+    (verifying it once) and every process loads that one."""
+    def load(p: Path) -> dict:
+        if sharded(acc):
+            return load_sharded_checkpoint(acc, p, scheduler)
+        return load_checkpoint(p, raw, optimizer, scheduler)
+    if not runtime.distributed:
+        return resume_from(ckpt_dir, load, log=say)
+    picked = resume_from(ckpt_dir, lambda p: {"path": str(p)}, log=say) \
+        if runtime.is_main else None
+    picked = runtime.broadcast(picked)
+    return load(Path(picked["path"])) if picked is not None else None
 
 
 def _run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, seed: int,
               runtime: Runtime, resume: bool, desc: str, progress: bool,
-              hooks: LoopHooks | None) -> LoopResult:
+              hooks: LoopHooks | None, say: Callable[[str], None]) -> LoopResult:
     hooks = hooks or LoopHooks()
     acc = runtime.accelerator(spec.mixed_precision)
     world, rank = acc.num_processes, acc.process_index
@@ -258,13 +294,13 @@ def _run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, s
 
     ckpt_dir = out_dir / "checkpoints"
     start = 0
+    window = _Window()
     if resume:
-        ck = latest_checkpoint(ckpt_dir)
-        if ck is not None:
-            if sharded(acc):
-                start = int(load_sharded_checkpoint(acc, ck, scheduler)["step"])
-            else:
-                start = int(load_checkpoint(ck, raw, optimizer, scheduler)["step"])
+        state = _resume(acc, runtime, ckpt_dir, raw, optimizer, scheduler, say)
+        if state is not None:
+            start = int(state["step"])
+            if world == 1 and state.get("window"):   # the unlogged steps before it
+                window.restore(state["window"])
     log = MetricsLog(out_dir, resume_step=start) if acc.is_main_process else None
 
     cache: dict[int, list[TokenBatch]] = {0: first}
@@ -278,9 +314,21 @@ def _run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, s
     bar = tqdm(total=total, initial=start, desc=desc,
                disable=not (progress and acc.is_main_process), dynamic_ncols=True)
     t0 = time.time()
-    window = _Window()
     last: dict = {}
     step = start
+
+    def checkpoint(done: int) -> Path:
+        acc.wait_for_everyone()
+        if sharded(acc):       # every process writes its shards
+            return save_sharded_checkpoint(acc, ckpt_dir, done, scheduler,
+                                           spec.keep_checkpoints)
+        path = ckpt_dir / f"step_{done:07d}"
+        if acc.is_main_process:
+            extra = {"window": window.state()} if world == 1 else {}
+            save_checkpoint(ckpt_dir, done, raw, optimizer, scheduler, extra,
+                            spec.keep_checkpoints)
+        return path
+
     for step in range(start, total):
         if hooks.stop_after is not None and step - start >= hooks.stop_after:
             break
@@ -293,8 +341,12 @@ def _run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, s
             raise TrainingError(f"{desc}: step {step + 1} has no trainable units")
         step_metrics, finite = _accumulate(acc, runtime, module, task, mbs, units,
                                              world, window)
-        # the step's one read from the device (the losses must be finite before the update)
-        if acc.reduce((~finite).float(), reduction="sum").item() > 0:
+        # the step's one read from the device: the losses must be finite before the update,
+        # and with several processes whether any of them was asked to stop
+        flags = torch.stack([(~finite).float(), torch.tensor(
+            float(preempt.requested() is not None), device=acc.device)])
+        nonfinite, stop_any = acc.reduce(flags, reduction="sum").tolist()
+        if nonfinite > 0:
             _stop_non_finite(acc, optimizer, scheduler, raw, ckpt_dir, step, spec, desc, bar, log)
         grad_norm = None
         if spec.max_grad_norm:
@@ -318,13 +370,20 @@ def _run_loop(model: nn.Module, task: Task, spec: TrainSpec, out_dir: Path, *, s
                              if k in ("loss", "reward_accuracy", "grad_norm")})
             window = _Window()
         bar.update(1)
+        saved = None
         if spec.save_every and done % spec.save_every == 0 and done < total:
-            acc.wait_for_everyone()
-            if sharded(acc):       # every process writes its shards
-                save_sharded_checkpoint(acc, ckpt_dir, done, scheduler, spec.keep_checkpoints)
-            elif acc.is_main_process:
-                save_checkpoint(ckpt_dir, done, raw, optimizer, scheduler, {},
-                                spec.keep_checkpoints)
+            saved = checkpoint(done)
+        # one process: the signal as of now; several: as of the step's read, so that all
+        # of them stop after the same step
+        stop = preempt.requested() is not None if world == 1 else stop_any > 0
+        if done < total and stop:
+            path = saved or checkpoint(done)
+            bar.close()
+            if log:
+                log.close()
+            raise preempt.Preempted(
+                f"{desc}: preempted ({preempt.requested() or 'signal'}) at step {done} of "
+                f"{total}; checkpoint saved ({path}); rerun the same command to resume")
     bar.close()
     if log:
         log.close()

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from starpo import fileio
 from starpo.train.trackers import current
 
 
@@ -38,8 +39,14 @@ class MetricsLog:
                 self.tb = None
 
     def write(self, rec: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as err:
+            if fileio.disk_full(err):
+                raise fileio.disk_error(self.path, "the metrics log", then="rerun the same "
+                                        "command: it resumes from the last checkpoint") from err
+            raise
         if self.tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):

@@ -6,12 +6,18 @@ free that model, and train with no reference copy in memory. The file is keyed b
 of everything that determines the numbers — the reference weights, the tokenizer, the
 tokenized pairs (which already reflect max lengths and truncation) — so a rerun, a resumed
 run or another sweep trial on the same data reuses it, and any change misses it.
+
+A long pass keeps its progress: every ``PARTIAL_EVERY`` seconds, and before a preemption
+signal (:mod:`starpo.train.preempt`) stops it, the pairs done so far go to
+``.ref-<key>.partial.safetensors`` beside the entry; the next run continues from the pair
+after them, in the same batches, so the result is the uninterrupted pass's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +30,7 @@ from starpo.model.compile import compiled_blocks
 from starpo.model.layout import row_cap
 from starpo.model.logprobs import sequence_logprobs
 from starpo.runtime import Runtime, release_memory
+from starpo.train import preempt
 
 
 @dataclass
@@ -102,23 +109,38 @@ def cache_key(ref_path: str, tokenizer, pairs: list, extra: dict | None = None) 
     return h.hexdigest()[:32]
 
 
+# an unfinished reference pass saves its progress this often (seconds)
+PARTIAL_EVERY = 60.0
+
+
 @torch.no_grad()
 def compute_reference(model, pairs: list, runtime: Runtime, *, batch_size: int = 16,
                       chunk_size: int = 1024, prefix_sharing: bool = True,
                       progress: bool = True, max_tokens_per_row: int | None = None,
-                      compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      compile: bool = False, start: int = 0,
+                      done: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      save_progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of chosen and rejected responses under ``model`` (no grad), on the
     runtime's device; ``compile``: its repeated blocks run compiled for the pass
-    (:mod:`starpo.model.compile`, ``train.compile``).
+    (:mod:`starpo.model.compile`, ``train.compile``). Both ``[P]``.
 
     Micro-batches are single rows (no cap, no dense mask) when the model's attention allows
-    it (:func:`starpo.model.layout.row_cap`), else rows of ``max_tokens_per_row``."""
+    it (:func:`starpo.model.layout.row_cap`), else rows of ``max_tokens_per_row``.
+
+    Continuing a pass: ``done`` holds the ``[start]`` values of the first ``start`` pairs
+    (``start`` a multiple of ``batch_size``, so the batches are the uninterrupted pass's).
+    ``save_progress(chosen, rejected, n)`` is called with the first ``n`` pairs done every
+    ``PARTIAL_EVERY`` seconds and before a preemption signal stops the pass with
+    :class:`~starpo.train.preempt.Preempted`."""
     model.eval()
     cap = row_cap(model, max_tokens_per_row, prefix_shared=prefix_sharing)
     ch, rj = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    if done is not None:
+        ch[:start], rj[:start] = done[0][:start], done[1][:start]
+    last_save = time.monotonic()
     with compiled_blocks(model, compile, device=runtime.device, what="reference log-probs",
                          log=print if runtime.is_main else (lambda msg: None)):
-        for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs",
+        for s in tqdm(range(start, len(pairs), batch_size), desc="reference log-probs",
                       disable=not progress, leave=False):
             chunk = [p.as_dict() if hasattr(p, "as_dict") else p
                      for p in pairs[s:s + batch_size]]
@@ -128,6 +150,17 @@ def compute_reference(model, pairs: list, runtime: Runtime, *, batch_size: int =
             lp = lp.float().cpu()
             ch[s:s + len(chunk)] = lp[0::2]
             rj[s:s + len(chunk)] = lp[1::2]
+            end = s + len(chunk)
+            if save_progress is None or end >= len(pairs):
+                continue
+            if preempt.requested() is not None:
+                save_progress(ch, rj, end)
+                raise preempt.Preempted(
+                    f"reference log-probs: preempted ({preempt.requested()}) after {end} of "
+                    f"{len(pairs)} pairs; progress saved; rerun the same command to resume")
+            if time.monotonic() - last_save >= PARTIAL_EVERY:
+                save_progress(ch, rj, end)
+                last_save = time.monotonic()
     return ch, rj
 
 
@@ -198,16 +231,57 @@ def _read_cached(path: Path, n_pairs: int, log) -> RefLogps | None:
     return RefLogps(ch, rj, path.stem[len("ref-"):], True)
 
 
+def _read_partial(partial: Path, setup: dict[str, str], log
+                  ) -> tuple[int, tuple[torch.Tensor, torch.Tensor]] | None:
+    """``(pairs done, (chosen, rejected))`` of an unfinished pass made with the same
+    ``setup`` (pairs, batching), else ``None``."""
+    from safetensors import safe_open
+
+    if not partial.is_file():
+        return None
+    try:
+        with safe_open(str(partial), framework="pt") as f:
+            meta = f.metadata() or {}
+            ch, rj = f.get_tensor("chosen"), f.get_tensor("rejected")
+        n = int(meta["done"])
+    except Exception:  # noqa: BLE001 - damaged: start the pass over
+        log(f"  reference log-probs: {partial.name} is unreadable; starting the pass over")
+        return None
+    if any(meta.get(k) != v for k, v in setup.items()) or len(ch) < n or len(rj) < n:
+        log(f"  reference log-probs: {partial.name} was made with other settings; "
+            f"starting the pass over")
+        return None
+    return n, (ch, rj)
+
+
 def _compute_and_store(path: Path, key: str, ref_path: str, pairs: list, load_model,
                        runtime: Runtime, log, **kw) -> RefLogps:
     from safetensors.torch import save_file
 
-    log(f"  reference log-probs: computing for {len(pairs)} pairs with {ref_path}")
+    partial = path.with_name(f".{path.stem}.partial.safetensors")
+    # what must not change for the saved pairs to be the ones this pass would compute
+    setup = {"pairs": str(len(pairs)), **{k: str(kw.get(k)) for k in (
+        "batch_size", "chunk_size", "prefix_sharing", "max_tokens_per_row", "compile")}}
+    resumed = _read_partial(partial, setup, log)
+    start, done = resumed if resumed is not None else (0, None)
+    if start:
+        log(f"  reference log-probs: continuing from pair {start} of {len(pairs)} "
+            f"({partial.name})")
+    else:
+        log(f"  reference log-probs: computing for {len(pairs)} pairs with {ref_path}")
+
+    def save_progress(ch: torch.Tensor, rj: torch.Tensor, n: int) -> None:
+        fileio.write_with(partial, lambda tmp: save_file(
+            {"chosen": ch[:n].contiguous(), "rejected": rj[:n].contiguous()}, str(tmp),
+            metadata={**setup, "done": str(n)}))
+
     model = runtime.model(load_model())
-    ch, rj = compute_reference(model, pairs, runtime, **kw)
+    ch, rj = compute_reference(model, pairs, runtime, start=start, done=done,
+                               save_progress=save_progress, **kw)
     del model
     release_memory()   # no reference model stays resident while the policy trains
     fileio.write_with(path, lambda tmp: save_file(
         {"chosen": ch.contiguous(), "rejected": rj.contiguous()}, str(tmp),
         metadata={"ref": str(ref_path), "pairs": str(len(pairs))}))
+    partial.unlink(missing_ok=True)
     return RefLogps(ch, rj, key, False)
