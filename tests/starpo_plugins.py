@@ -1,5 +1,5 @@
-"""A loss and a judge defined outside starpo, as a user's package would (used by
-tests/test_extensions.py through recipe import paths ``starpo_plugins:...``)."""
+"""A loss, an online pair rule and a judge defined outside starpo, as a user's package would
+(used by tests/run/test_extensions.py through recipe import paths ``starpo_plugins:...``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ def hinge(pc, pr, rc, rr, *, beta):
     At the first step (policy = reference) every loss is exactly 1."""
     h = (pc - rc) - (pr - rr)
     return torch.relu(1.0 - beta * h), (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
+
+
+def top_two(scores, *, rng, tie_tolerance):
+    """Best and (with three candidates or more) second best, each against the worst."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return [(order[0], order[-1])] + ([(order[1], order[-1])] if len(order) > 2 else [])
 
 
 def undeclared(pc, pr, *, beta):

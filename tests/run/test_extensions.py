@@ -1,6 +1,6 @@
-"""Extension without editing starpo: a recipe names a loss as ``module:function`` and a
-judge as ``module:Class`` (both in tests/starpo_plugins.py), and the pipeline trains and
-judges with them end to end."""
+"""Extension without editing starpo: a recipe names a loss and an online pair rule as
+``module:function`` and a judge as ``module:Class`` (all in tests/starpo_plugins.py), and the
+pipeline trains, pairs and judges with them end to end."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def _recipe():
                  "data": {"sources": [{"path": "world:preference", "n": 40}]},
                  "train": {**FAST, "max_steps": 2, "lr": 1e-4}},
                 {"type": "online", "loss": "starpo_plugins:hinge", "judge": JUDGE,
-                 "n_samples": 2, "rounds": 1, "max_length": 128, "max_prompt_length": 64,
+                 "pair_selection": "starpo_plugins:top_two",
+                 "n_samples": 3, "rounds": 1, "max_length": 128, "max_prompt_length": 64,
                  "generation": {"max_new_tokens": 12},
                  "data": {"sources": [{"path": "world:prompt", "n": 8}]},
                  "train": {**FAST, "max_steps": 1}},
@@ -54,6 +55,12 @@ def test_a_user_loss_and_a_user_judge_run_end_to_end(tmp_path, one_thread):
         texts = [s["text"] for s in rec["samples"]]
         assert [s["score"] for s in rec["samples"]] == judge.score([rec["prompt"]] * len(texts),
                                                                   texts)
+    # the user's pair rule picked the pairs, up to two per prompt, and is recorded
+    pairs = fileio.read_jsonl(out / "online" / "round_1" / "pairs.jsonl")
+    assert pairs and {p["rule"] for p in pairs} == {"starpo_plugins:top_two"}
+    for rec in samples:
+        scores = [s["score"] for s in rec["samples"]]
+        assert all(scores[c] > scores[r] for c, r in rec["pairs"]) and len(rec["pairs"]) <= 2
     # and the eval stage scored every model with it
     summary = json.loads((out / "eval" / "summary.json").read_text())
     for name in ("sft", "dpo", "online"):

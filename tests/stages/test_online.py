@@ -21,15 +21,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --------------------------------------------------------------------------- pair selection
 
+def one(*a, **k) -> O.PairChoice:
+    """The single pair a one-pair rule picks (select_pair returns a list)."""
+    got = O.select_pair(*a, **k)
+    assert isinstance(got, list) and len(got) == 1, got
+    return got[0]
+
+
 def test_best_vs_worst():
-    ch = O.select_pair(["a", "b", "c", "d"], [0.1, 0.9, -0.5, 0.3])
-    assert ch == O.PairChoice(chosen=1, rejected=2, chosen_score=0.9, rejected_score=-0.5)
+    ch = one(["a", "b", "c", "d"], [0.1, 0.9, -0.5, 0.3])
+    assert ch == O.PairChoice(chosen=1, rejected=2, chosen_score=0.9, rejected_score=-0.5,
+                              rule="best_worst")
     assert ch.margin == pytest.approx(1.4)
 
 
 def test_score_ties_break_by_sample_order():
     # two best and two worst: the earliest sample takes each slot
-    ch = O.select_pair(["a", "b", "c", "d"], [1.0, 0.0, 1.0, 0.0])
+    ch = one(["a", "b", "c", "d"], [1.0, 0.0, 1.0, 0.0])
     assert (ch.chosen, ch.rejected) == (0, 1)
 
 
@@ -37,7 +45,7 @@ def test_ties_are_dropped():
     assert O.select_pair(["a", "b", "c"], [0.5, 0.5, 0.5]) == O.DROP_TIE
     assert O.select_pair(["a", "b"], [0.5, 0.5 + 1e-9]) == O.DROP_TIE
     assert O.select_pair(["a", "b"], [0.5, 0.6], tie_tolerance=0.2) == O.DROP_TIE
-    assert isinstance(O.select_pair(["a", "b"], [0.5, 0.6]), O.PairChoice)
+    assert isinstance(one(["a", "b"], [0.5, 0.6]), O.PairChoice)
 
 
 def test_identical_samples_are_dropped():
@@ -48,14 +56,14 @@ def test_identical_samples_are_dropped():
 def test_a_repeated_text_is_one_candidate():
     # a judge may score one text slightly differently in two batches: it must never end
     # up as both chosen and rejected; the first sample of a text speaks for it
-    ch = O.select_pair(["x", "y", "x"], [0.7, 0.5, 0.2])
+    ch = one(["x", "y", "x"], [0.7, 0.5, 0.2])
     assert (ch.chosen, ch.rejected) == (0, 1)
     assert O.select_pair(["x", "x", "y"], [0.7, 0.9, 0.7]) == O.DROP_TIE
 
 
 def test_non_finite_scores_are_not_candidates():
     nan = float("nan")
-    ch = O.select_pair(["a", "b", "c"], [nan, 0.2, 0.8])
+    ch = one(["a", "b", "c"], [nan, 0.2, 0.8])
     assert (ch.chosen, ch.rejected) == (2, 1)
     assert O.select_pair(["a", "b"], [nan, 0.2]) == O.DROP_TIE
 
@@ -64,7 +72,7 @@ def test_best_random_rejects_a_strictly_worse_sample_deterministically():
     texts, scores = ["a", "b", "c", "d", "e"], [0.0, 2.0, 1.0, 2.0, -1.0]
     seen = set()
     for s in range(40):
-        ch = O.select_pair(texts, scores, mode="best_random", rng=random.Random(s))
+        ch = one(texts, scores, mode="best_random", rng=random.Random(s))
         assert ch.chosen == 1 and ch.rejected in (0, 2, 4)   # never the tied sample 3
         seen.add(ch.rejected)
     assert seen == {0, 2, 4}
@@ -85,13 +93,15 @@ def test_select_pairs_and_records():
     assert choices[1:] == [O.DROP_IDENTICAL, O.DROP_TIE]
     samples = O.sample_records(2, rows, gens, scores, choices)
     assert [r["dropped"] for r in samples] == [None, "identical", "tie"]
-    assert samples[0]["pair"] == [1, 0] and samples[2]["samples"][1] == {
+    assert samples[0]["pair"] == [1, 0] and samples[0]["pairs"] == [[1, 0]]
+    assert samples[0]["rule"] == "best_worst" and samples[1]["rule"] is None
+    assert samples[2]["samples"][1] == {
         "text": "e", "score": 0.3, "num_tokens": 5, "finished": False}
     pairs = O.pair_records(samples)
     assert pairs == [{"round": 2, "index": 0, "id": "p0", "prompt": rows[0]["prompt"],
                       "chosen": "b", "rejected": "a", "chosen_score": 0.8,
                       "rejected_score": 0.2, "margin": pytest.approx(0.6),
-                      "chosen_sample": 1, "rejected_sample": 0}]
+                      "chosen_sample": 1, "rejected_sample": 0, "rule": "best_worst"}]
     pref = O.preference_rows(pairs, source="online/round_2")
     assert pref[0]["chosen"] == [{"role": "assistant", "content": "b"}]
     assert pref[0]["source"] == "online/round_2" and pref[0]["row"] == 0

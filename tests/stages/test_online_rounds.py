@@ -12,8 +12,8 @@ def _round(prompt_text, texts, scores):
     rec = {"round": 1, "index": 0, "id": "p0", "prompt": [{"role": "user", "content": prompt_text}],
            "samples": [{"text": t, "score": s, "num_tokens": len(t.split()), "finished": True}
                        for t, s in zip(texts, scores)]}
-    ch = O.select_pair(texts, scores)
-    rec["pair"], rec["dropped"] = [ch.chosen, ch.rejected], None
+    [ch] = O.select_pair(texts, scores)
+    rec["pair"], rec["dropped"] = [ch.chosen, ch.rejected], None   # an older record: no "pairs"
     return [rec], O.pair_records([rec])
 
 

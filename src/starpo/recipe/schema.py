@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from starpo import judges, losses
+from starpo import judges, losses, pair_rules
 from starpo.errors import RecipeError
 
 
@@ -211,8 +211,18 @@ class OnlineStage(StageBase, PreferenceSpec):
     prompts_per_round: int | None = Field(None, gt=0)
     generation: GenerationSpec = GenerationSpec()
     judge: JudgeSpec = JudgeSpec()
-    pair_selection: Literal["best_worst", "best_random"] = "best_worst"
+    # which samples of a prompt become its pair(s): best_worst · best_random ·
+    # mean_minus_2sd · random, or an importable module:function (starpo.pair_rules)
+    pair_selection: str = "best_worst"
     reference_mode: Literal["round_start", "fixed"] = "round_start"
+
+    @field_validator("pair_selection")
+    @classmethod
+    def _known_rule(cls, v: str) -> str:
+        try:
+            return pair_rules.check_name(v)
+        except RecipeError as err:
+            raise ValueError(str(err)) from None
 
 
 class RewardStage(StageBase):

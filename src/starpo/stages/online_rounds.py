@@ -4,7 +4,7 @@ One round, as in the LIONs recipe::
 
     prompts of the round ──sample n responses per prompt from the policy──▶ samples
       ──judge scores every sample──▶ scores
-      ──one pair per prompt: best vs worst (or best vs a random worse one)──▶ pairs
+      ──the recipe's pair rule (best vs worst, …; starpo.pair_rules)──▶ pairs
       ──canonical preference rows──▶ the offline preference trainer (starpo.stages.dpo)
 
 The stage (:mod:`starpo.stages.online`) strings rounds together, writes what each round
@@ -14,13 +14,11 @@ Pair selection (:func:`select_pair`)
     Candidates are the *distinct* response texts of a prompt (a text sampled twice is one
     candidate, scored as first sampled), with a finite score. A prompt is dropped when
     fewer than two distinct texts remain (``"identical"``: the LIONs paper drops prompts
-    whose samples are all identical) or when the best and the worst candidate scores are
-    within ``tie_tolerance`` (``"tie"``: the judge expresses no preference). Otherwise
-    ``best_worst`` takes the highest-scored candidate as chosen and the lowest as
-    rejected; ``best_random`` takes as rejected a uniformly drawn candidate scored
-    strictly (by more than the tolerance) below the best. Score ties are broken by sample
-    order (the earliest sample wins both the best and the worst slot), so selection is
-    deterministic.
+    whose samples are all identical) or when the rule picks no pair whose scores differ by
+    more than ``tie_tolerance`` (``"tie"``: the judge expresses no preference). The rule
+    (``pair_selection``: ``best_worst``, ``best_random``, ``mean_minus_2sd``, ``random`` or
+    your own) is one of :mod:`starpo.pair_rules`; score ties are broken by sample order,
+    so selection is deterministic given the round's seed.
 
 Prompts of a round (:func:`round_prompt_indices`)
     With ``prompts_per_round = m`` over ``N`` prompts, the prompts are shuffled by a seeded
@@ -44,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from starpo import world
+from starpo import pair_rules, world
 from starpo.data.canonical import last_user_text, msg, preference_row
 from starpo.generate.sampling import generate
 from starpo.judges.base import rank_groups
@@ -86,12 +84,14 @@ def round_prompt_indices(num_prompts: int, per_round: int | None, round_index: i
 
 @dataclass(frozen=True)
 class PairChoice:
-    """The pair picked for one prompt: indices into its samples and their scores."""
+    """A pair picked for one prompt: indices into its samples, their scores, and the rule
+    (:mod:`starpo.pair_rules`) that picked it."""
 
     chosen: int
     rejected: int
     chosen_score: float
     rejected_score: float
+    rule: str = "best_worst"
 
     @property
     def margin(self) -> float:
@@ -100,13 +100,11 @@ class PairChoice:
 
 def select_pair(texts: Sequence[str], scores: Sequence[float], *, mode: str = "best_worst",
                 rng: random.Random | None = None,
-                tie_tolerance: float = TIE_TOLERANCE) -> PairChoice | str:
-    """The (chosen, rejected) pair of one prompt's samples, or the reason it has none
-    (:data:`DROP_IDENTICAL` or :data:`DROP_TIE`)."""
+                tie_tolerance: float = TIE_TOLERANCE) -> list[PairChoice] | str:
+    """The (chosen, rejected) pairs that rule ``mode`` picks from one prompt's samples, or
+    the reason it has none (:data:`DROP_IDENTICAL` or :data:`DROP_TIE`)."""
     if len(texts) != len(scores):
         raise ValueError(f"select_pair: {len(texts)} texts but {len(scores)} scores")
-    if mode not in ("best_worst", "best_random"):
-        raise ValueError(f"pair_selection must be 'best_worst' or 'best_random', got {mode!r}")
     first: dict[str, int] = {}
     for i, t in enumerate(texts):
         first.setdefault(t, i)
@@ -115,27 +113,19 @@ def select_pair(texts: Sequence[str], scores: Sequence[float], *, mode: str = "b
     cands = [i for i in first.values() if math.isfinite(float(scores[i]))]
     if len(cands) < 2:
         return DROP_TIE  # no two scored candidates to compare: the judge said nothing usable
-    s = [float(x) for x in scores]
-    best = min(cands, key=lambda i: (-s[i], i))      # highest score, earliest sample
-    if mode == "best_worst":
-        rest = [i for i in cands if i != best]
-        worst = min(rest, key=lambda i: (s[i], i))   # lowest score, earliest sample
-        if s[best] - s[worst] <= tie_tolerance:
-            return DROP_TIE
-    else:
-        lower = [i for i in cands if s[best] - s[i] > tie_tolerance]
-        if not lower:
-            return DROP_TIE
-        worst = (rng or random.Random(0)).choice(lower)
-    return PairChoice(best, worst, s[best], s[worst])
+    s = [float(scores[i]) for i in cands]
+    picked = pair_rules.pairs_of(mode, s, rng=rng or random.Random(0),
+                                 tie_tolerance=tie_tolerance)
+    if not picked:
+        return DROP_TIE
+    return [PairChoice(cands[c], cands[r], s[c], s[r], mode) for c, r in picked]
 
 
 def select_pairs(groups: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], *,
                  mode: str = "best_worst", seed: int = 0,
-                 tie_tolerance: float = TIE_TOLERANCE) -> list[PairChoice | str]:
-    """:func:`select_pair` for every prompt; ``best_random`` draws from a stream per prompt
-    (seeded by ``seed`` and the prompt's position), so one prompt's draw never depends on
-    another's."""
+                 tie_tolerance: float = TIE_TOLERANCE) -> list[list[PairChoice] | str]:
+    """:func:`select_pair` for every prompt, each with a random stream of its own (seeded by
+    ``seed`` and the prompt's position), so one prompt's draw never depends on another's."""
     if len(groups) != len(scores):
         raise ValueError("select_pairs: one score list per sample group")
     return [select_pair(g, s, mode=mode, tie_tolerance=tie_tolerance,
@@ -187,19 +177,21 @@ def judge_groups(judge, prompts: Sequence[list[dict]], groups: Sequence[Sequence
 
 def sample_records(round_index: int, rows: Sequence[dict], generations,
                    scores: Sequence[Sequence[float]],
-                   choices: Sequence[PairChoice | str]) -> list[dict]:
+                   choices: Sequence[list[PairChoice] | str]) -> list[dict]:
     """One JSON-ready record per prompt: the prompt, every sample with its score, and what
-    selection did with it (``pair`` = [chosen, rejected] sample indices, or ``dropped``)."""
+    selection did with it (``pairs`` = [[chosen, rejected], ...] sample indices, ``pair``
+    the first of them, ``rule`` the rule that picked them; or ``dropped``)."""
     out = []
     for i, (row, samples, sc, ch) in enumerate(zip(rows, generations, scores, choices)):
         rec = {"round": round_index, "index": i, "id": row.get("id"),
                "prompt": row["prompt"],
                "samples": [{"text": smp.text, "score": float(v), "num_tokens": smp.num_tokens,
                             "finished": smp.finished} for smp, v in zip(samples, sc)]}
-        if isinstance(ch, PairChoice):
-            rec["pair"], rec["dropped"] = [ch.chosen, ch.rejected], None
+        if isinstance(ch, str):
+            rec["pair"], rec["pairs"], rec["rule"], rec["dropped"] = None, [], None, ch
         else:
-            rec["pair"], rec["dropped"] = None, ch
+            rec["pairs"] = [[p.chosen, p.rejected] for p in ch]
+            rec["pair"], rec["rule"], rec["dropped"] = rec["pairs"][0], ch[0].rule, None
         out.append(rec)
     return out
 
@@ -209,15 +201,15 @@ def pair_records(samples: Sequence[dict]) -> list[dict]:
     :func:`sample_records`' output."""
     out = []
     for rec in samples:
-        if rec["pair"] is None:
-            continue
-        c, r = rec["pair"]
-        sc, sr = rec["samples"][c], rec["samples"][r]
-        out.append({"round": rec["round"], "index": rec["index"], "id": rec["id"],
-                    "prompt": rec["prompt"], "chosen": sc["text"], "rejected": sr["text"],
-                    "chosen_score": sc["score"], "rejected_score": sr["score"],
-                    "margin": sc["score"] - sr["score"], "chosen_sample": c,
-                    "rejected_sample": r})
+        # records written before several pairs per prompt have only "pair"
+        pairs = rec.get("pairs", [rec["pair"]] if rec["pair"] is not None else [])
+        for c, r in pairs:
+            sc, sr = rec["samples"][c], rec["samples"][r]
+            out.append({"round": rec["round"], "index": rec["index"], "id": rec["id"],
+                        "prompt": rec["prompt"], "chosen": sc["text"], "rejected": sr["text"],
+                        "chosen_score": sc["score"], "rejected_score": sr["score"],
+                        "margin": sc["score"] - sr["score"], "chosen_sample": c,
+                        "rejected_sample": r, "rule": rec.get("rule")})
     return out
 
 
