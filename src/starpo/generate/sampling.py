@@ -172,6 +172,25 @@ def row_uniform(key: int, step: int) -> float:
     return (_splitmix64(key ^ ((step * 0x9E3779B97F4A7C15) & _MASK64)) >> 11) * 2.0 ** -53
 
 
+def row_uniforms(keys: Sequence[int], steps: int) -> torch.Tensor:
+    """``[len(keys), steps]`` float64: entry ``[r, s]`` is ``row_uniform(keys[r], s)``.
+
+    The same bits as :func:`row_uniform`, computed for a whole batch at once with numpy's
+    wrapping uint64 arithmetic (for the decoders that take a batch's numbers up front)."""
+    import numpy as np
+
+    def mix(x):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    k = np.array([int(x) & _MASK64 for x in keys], dtype=np.uint64).reshape(-1, 1)
+    s = np.arange(steps, dtype=np.uint64).reshape(1, -1) * np.uint64(0x9E3779B97F4A7C15)
+    bits = mix(k ^ s) >> np.uint64(11)
+    return torch.from_numpy(bits.astype(np.float64) * 2.0 ** -53)
+
+
 def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float,
                   top_p: float = 1.0) -> torch.Tensor:
     """Draw one token per row by inverting the CDF with the given uniform numbers.
@@ -234,18 +253,27 @@ class Backend(Protocol):
 
 
 class HFBackend:
-    """Sampling with a transformers causal LM (any ``GenerationMixin`` model, peft too)."""
+    """Sampling with a transformers causal LM (any ``GenerationMixin`` model, peft too).
+
+    ``spec.decoder`` picks the loop (:func:`starpo.generate.static.choose_decoder`):
+    transformers' ``generate`` in batches of ``spec.batch_size`` rows, or the static-cache
+    decoders of :mod:`starpo.generate.static` in batches of ``spec.decode_batch_size``
+    rows. After a call, ``last_decoder`` says which ran, why, and how many rows a batch
+    held (the timing helper of ``benchmarks.generation`` reports it).
+    """
 
     name = "hf"
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
+        self.last_decoder: dict = {}
 
     def generate(self, prompts: Sequence, spec: GenerationSpec, *, n: int = 1, seed: int = 0,
                  progress: bool = True, desc: str = "sampling",
                  indices: Sequence[int] | None = None) -> Generations:
         from tqdm.auto import tqdm
-        from transformers import GenerationConfig, LogitsProcessorList
+
+        from starpo.generate import static
 
         if n < 1:
             raise StarpoError(f"generate: n must be at least 1, got {n}")
@@ -267,37 +295,44 @@ class HFBackend:
         stats = GenerationStats()
         greedy = spec.temperature == 0
 
+        choice = static.choose_decoder(spec.decoder, model, device)
+        if choice.kind == "generate":
+            run_batch, per_batch, auto = self._generate_batch(spec, stops, pad, device), \
+                spec.batch_size, False
+        else:
+            run_batch = static.BatchDecoders(
+                model, cache_len=static.cache_length([len(x) for x in encoded],
+                                                     spec.max_new_tokens),
+                spec=spec, stops=stops, pad=pad, graph=choice.kind == "graph",
+                check_every=static.GPU_CHECK_EVERY if device.type == "cuda" else 1)
+            auto = spec.decode_batch_size == "auto"
+            per_batch = static.auto_rows(
+                model, rows=len(rows), prompt_len=max(len(x) for x in encoded),
+                cache_len=run_batch.cache_len, device=device,
+                fallback=spec.batch_size) if auto else spec.decode_batch_size
+        logger.info("%s: %s, %d rows per batch", desc, choice.why, per_batch)
+
         was_training = model.training
         model.eval()
         bar = tqdm(total=len(rows), desc=desc, unit="seq", disable=not progress, leave=False)
         try:
-            for b in range(0, len(rows), spec.batch_size):
-                batch = rows[b: b + spec.batch_size]
+            b = 0
+            while b < len(rows):
+                batch = rows[b: b + per_batch]
                 ids = [encoded[i] for i, _ in batch]
-                width = max(len(x) for x in ids)
-                input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-                attention = torch.zeros((len(ids), width), dtype=torch.long)
-                for r, x in enumerate(ids):  # left padding
-                    input_ids[r, width - len(x):] = torch.tensor(x, dtype=torch.long)
-                    attention[r, width - len(x):] = 1
-                processors = LogitsProcessorList()
-                if not greedy:
-                    keys = [row_key(seed, streams[i], j) for i, j in batch]
-                    processors.append(_SeededSampler(keys, width, spec.temperature, spec.top_p))
-                gen_cfg = GenerationConfig(
-                    max_new_tokens=spec.max_new_tokens, do_sample=False, num_beams=1,
-                    use_cache=True, eos_token_id=stops, pad_token_id=pad,
-                    # neutral values, so the checkpoint's generation_config cannot add its own
-                    temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0,
-                    no_repeat_ngram_size=0)
+                keys = None if greedy else [row_key(seed, streams[i], j) for i, j in batch]
                 t0 = time.perf_counter()
-                with torch.no_grad():
-                    out = model.generate(input_ids=input_ids.to(device),
-                                         attention_mask=attention.to(device),
-                                         generation_config=gen_cfg,
-                                         logits_processor=processors)
+                try:
+                    new = run_batch(ids, keys)
+                except torch.cuda.OutOfMemoryError:
+                    if not auto or per_batch == 1:
+                        raise
+                    run_batch.release()
+                    per_batch = max(1, per_batch // 2)
+                    logger.warning("%s: out of GPU memory; retrying with %d rows per batch",
+                                   desc, per_batch)
+                    continue
                 stats.seconds += time.perf_counter() - t0
-                new = out[:, width:].tolist()
                 for (i, j), toks in zip(batch, new):
                     resp, finished = _cut_at_stop(toks, stop_set)
                     text = tok.decode(resp, skip_special_tokens=True).strip()
@@ -306,14 +341,55 @@ class HFBackend:
                     stats.tokens += len(resp)
                     stats.prompt_tokens += len(encoded[i])
                 stats.sequences += len(batch)
+                b += len(batch)
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
         finally:
             bar.close()
             model.train(was_training)
+            if choice.kind != "generate":
+                self.last_decoder = {"decoder": choice.kind, "why": choice.why,
+                                     "rows_per_batch": per_batch,
+                                     "graph": run_batch.graph_status()}
+                run_batch.release()
+            else:
+                self.last_decoder = {"decoder": "generate", "why": choice.why,
+                                     "rows_per_batch": per_batch}
         logger.info("%s: %d sequences, %d new tokens in %.2fs (%.1f tokens/s)", desc,
                     stats.sequences, stats.tokens, stats.seconds, stats.tokens_per_s)
         return Generations(results, stats)
+
+    def _generate_batch(self, spec: GenerationSpec, stops: list[int], pad: int, device):
+        """``run(ids, keys) -> new tokens per row``: one transformers ``generate`` call over
+        left-padded rows, sampling through :class:`_SeededSampler`."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        model = self.model
+
+        def run(ids: list[list[int]], keys: list[int] | None) -> list[list[int]]:
+            width = max(len(x) for x in ids)
+            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(ids), width), dtype=torch.long)
+            for r, x in enumerate(ids):  # left padding
+                input_ids[r, width - len(x):] = torch.tensor(x, dtype=torch.long)
+                attention[r, width - len(x):] = 1
+            processors = LogitsProcessorList()
+            if keys is not None:
+                processors.append(_SeededSampler(keys, width, spec.temperature, spec.top_p))
+            gen_cfg = GenerationConfig(
+                max_new_tokens=spec.max_new_tokens, do_sample=False, num_beams=1,
+                use_cache=True, eos_token_id=stops, pad_token_id=pad,
+                # neutral values, so the checkpoint's generation_config cannot add its own
+                temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0,
+                no_repeat_ngram_size=0)
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids.to(device),
+                                     attention_mask=attention.to(device),
+                                     generation_config=gen_cfg,
+                                     logits_processor=processors)
+            return out[:, width:].tolist()
+
+        return run
 
 
 def _cut_at_stop(tokens: list[int], stop_set: set[int]) -> tuple[list[int], bool]:
