@@ -164,6 +164,19 @@ def auto_rows(model, *, rows: int, prompt_len: int, cache_len: int,
     return max(1, min(MAX_AUTO_ROWS, rows, int(0.5 * free // max(per_row, 1))))
 
 
+def _forward_parameters(core) -> set[str]:
+    """The named parameters of the model's forward: of the nearest class in its MRO that
+    names its cache argument (a subclass may override ``forward(self, input_ids, **kw)``)."""
+    for cls in type(core).__mro__:
+        fn = cls.__dict__.get("forward")
+        if fn is None:
+            continue
+        names = set(inspect.signature(fn).parameters)
+        if names & {"cache", "past_key_values"}:
+            return names
+    return set(inspect.signature(core.forward).parameters)
+
+
 @contextlib.contextmanager
 def _uncached_autocast(device_type: str):
     """Autocast as the caller has it, without its weight-cast cache: a CUDA graph must not
@@ -205,7 +218,7 @@ class StaticDecoder:
         self.graph_failed: str | None = None
         self._graph = None
         self.cache = StaticCache(config=self.core.config, max_cache_len=cache_len)
-        params = inspect.signature(self.core.forward).parameters
+        params = _forward_parameters(self.core)
         # transformers 5.2x names the cache argument `cache` (past_key_values before) and
         # tracks cache columns itself; earlier versions take cache_position
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
