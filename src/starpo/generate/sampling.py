@@ -327,6 +327,8 @@ class HFBackend:
                 except torch.cuda.OutOfMemoryError:
                     if not auto or per_batch == 1:
                         raise
+                    new = None
+                if new is None:     # out of memory (the exception's frames are gone now)
                     run_batch.release()
                     per_batch = max(1, per_batch // 2)
                     logger.warning("%s: out of GPU memory; retrying with %d rows per batch",

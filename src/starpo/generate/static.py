@@ -304,7 +304,7 @@ class StaticDecoder:
         the cache and two eager warm-up steps on a side stream); on failure, log why and
         leave the decoder eager. The state it leaves is overwritten by the next prefill."""
         try:
-            with _uncached_autocast("cuda"):
+            with torch.cuda.device(self.device), _uncached_autocast("cuda"):
                 self._prefill(prompts, uniforms)
                 side = torch.cuda.Stream(device=self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
@@ -317,6 +317,8 @@ class StaticDecoder:
                     self._decode_step()
             torch.cuda.synchronize(self.device)
             self._graph = graph
+        except torch.cuda.OutOfMemoryError:
+            raise           # not the graph's fault: the caller retries with fewer rows
         except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly instead
             self.graph_failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             logger.warning("decoding: the CUDA graph capture failed (%s); the decode step "
@@ -339,10 +341,13 @@ class StaticDecoder:
             raise ValueError(f"StaticDecoder of {self.rows} rows given {len(prompts)} prompts")
         if max(len(p) for p in prompts) + self.max_new_tokens > self.cache_len:
             raise ValueError("a prompt is longer than the cache was sized for")
-        if self.graph_wanted and self._graph is None and self.graph_failed is None:
+        if self.graph_wanted and self._graph is None and self.graph_failed is None \
+                and self.max_new_tokens > 1:
             self._capture(prompts, uniforms)
-        ctx = _uncached_autocast("cuda") if self._graph is not None else \
-            contextlib.nullcontext()
+        ctx = contextlib.ExitStack()
+        if self._graph is not None:
+            ctx.enter_context(torch.cuda.device(self.device))
+            ctx.enter_context(_uncached_autocast("cuda"))
         with ctx:
             self._prefill(prompts, uniforms)
             s = 1
