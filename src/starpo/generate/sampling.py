@@ -18,6 +18,15 @@ Batching
     ``generate`` derives position ids from the attention mask, so a left-padded row gets
     the same positions as the same prompt alone.
 
+Decoders
+    ``spec.decoder`` picks the loop that runs a batch: transformers ``generate`` (the
+    default off CUDA, and the reference), or :mod:`starpo.generate.static` — a KV cache
+    allocated once, sampling on the device, the decode step replayed as a CUDA graph on a
+    GPU (the default there), in batches of ``spec.decode_batch_size`` rows (``auto``: as
+    many as GPU memory holds). Same prompts, padding, positions, stop handling and draws;
+    the tokens differ from ``generate``'s only where float round-off of the logits moves a
+    draw.
+
 Stopping
     A row stops at the chat template's end-of-turn token (found by rendering a tiny
     conversation, so it is ``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama-3,
