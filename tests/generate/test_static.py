@@ -103,6 +103,11 @@ def test_static_equals_generate(tok, model, name):
         assert len({tuple(s.token_ids) for s in ref[0]}) > 1     # n samples really differ
 
 
+def test_no_prompts(tok, model):
+    gens = generate(model, tok, [], _static(SPECS["sampled"], "auto"), n=2, progress=False)
+    assert gens == [] and gens.stats.sequences == 0
+
+
 def test_static_equals_generate_in_float64(tok):
     model = tiny_model(len(tok), seed=3).double()
     spec = GenerationSpec(temperature=1.0, top_p=0.9, max_new_tokens=10, batch_size=2)

@@ -305,7 +305,7 @@ class HFBackend:
         greedy = spec.temperature == 0
 
         choice = static.choose_decoder(spec.decoder, model, device)
-        if choice.kind == "generate":
+        if choice.kind == "generate" or not rows:
             run_batch, per_batch, auto = self._generate_batch(spec, stops, pad, device), \
                 spec.batch_size, False
         else:
@@ -358,13 +358,13 @@ class HFBackend:
         finally:
             bar.close()
             model.train(was_training)
-            if choice.kind != "generate":
+            if isinstance(run_batch, static.BatchDecoders):
                 self.last_decoder = {"decoder": choice.kind, "why": choice.why,
                                      "rows_per_batch": per_batch,
                                      "graph": run_batch.graph_status()}
                 run_batch.release()
             else:
-                self.last_decoder = {"decoder": "generate", "why": choice.why,
+                self.last_decoder = {"decoder": choice.kind, "why": choice.why,
                                      "rows_per_batch": per_batch}
         logger.info("%s: %d sequences, %d new tokens in %.2fs (%.1f tokens/s)", desc,
                     stats.sequences, stats.tokens, stats.seconds, stats.tokens_per_s)
