@@ -263,6 +263,13 @@ def test_model_without_static_cache_support(tok, model, monkeypatch):
         static.choose_decoder("static", model, torch.device("cpu"))
 
 
+def test_sharded_model_keeps_generate(tok):
+    model = tiny_model(len(tok))
+    next(model.parameters()).ds_id = 0          # what DeepSpeed ZeRO-3 tags parameters with
+    c = static.choose_decoder("auto", model, torch.device("cuda"))
+    assert c.kind == "generate" and "sharded" in c.why
+
+
 def test_backend_reports_its_decoder_and_rows(tok, model):
     backend = HFBackend(model, tok)
     spec = GenerationSpec(temperature=1.0, max_new_tokens=4, batch_size=3)

@@ -95,6 +95,11 @@ def static_unsupported(model) -> str | None:
     if not (getattr(core, "_can_compile_fullgraph", False)
             or getattr(core, "_supports_static_cache", False)):
         return f"{name} does not declare static KV cache support"
+    # sampling loads a plain model; a sharded one gathers its weights in hooks around the
+    # wrapper's forward, which this loop (calling the inner model) would bypass
+    if any(hasattr(p, "ds_id") or type(p).__name__ in ("DTensor", "FlatParameter")
+           for p in model.parameters()):
+        return "its parameters are sharded (FSDP / DeepSpeed ZeRO-3)"
     return None
 
 
