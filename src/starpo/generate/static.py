@@ -3,16 +3,18 @@ device, and on CUDA the one-token decode step replayed as a CUDA graph.
 
 Why. transformers' ``generate`` grows its KV cache by concatenation, runs its logits
 processors, stopping criteria and our per-row hashing in Python, and copies and
-synchronises with the device at every token. On a GPU the decode step of a small model is
-a few milliseconds of kernels but hundreds of kernel launches, and that host work is what
-the time goes to: the eval of the GPU check (0.4B Llama shape, bf16, 121 prompts × 128 new
-tokens, ``batch_size`` 32) sampled ~940 tokens/s on an H200. On a CPU the model's own
-kernels dominate and ``generate`` stays the default there (its results are the reference).
+synchronises with the device at every token. The eval of the GPU check (0.4B Llama shape,
+bf16, 121 prompts × 128 new tokens, ``batch_size`` 32) sampled ~940 tokens/s on an H200:
+~34 ms per decode step of 32 rows, whose arithmetic is well under a millisecond there. It
+was not profiled; hundreds of kernel launches per step plus that host work are the likely
+cost. On a CPU the model's own kernels dominate, and ``generate`` stays the default there
+(its results are the reference).
 
 What :class:`StaticDecoder` does instead, for one batch of ``rows`` left-padded prompts:
 
 * transformers' ``StaticCache`` of ``cache_len`` columns (the longest prompt of the whole
-  ``generate`` call plus ``max_new_tokens``), allocated at the first batch and reused
+  ``generate`` call plus ``max_new_tokens``, rounded up to 16), allocated at the first
+  batch and reused
   (``reset``) by every later batch of the same size;
 * the uniform numbers of every (row, step) come from :func:`~starpo.generate.sampling.row_uniforms`
   up front, one ``[rows, max_new_tokens]`` float64 table copied to the device once;
@@ -35,18 +37,24 @@ the batch size or on which rows share a batch.
 
 What the tests prove. ``tests/generate/test_static.py`` (CPU) runs this module's code with
 the step eager: the tokens equal ``generate``'s for greedy and seeded sampling, with top-p,
-stop tokens, padding, several batch sizes and the tail batch, for float32 and float64
-models; the whole step — the part a CUDA graph replays — works from its fixed buffers
-alone (a test runs it with fresh tensors swapped in as inputs between steps would break
-it). They cannot prove that capture succeeds on a given GPU stack, nor that the replay
-equals the eager step there: the ``gpu``-marked tests in the same file do (graph vs eager
-static on CUDA in bf16: the same tokens; static vs ``generate``: agreement, printed with
-the throughput). When capture fails the decoder logs one line and runs the step eagerly.
+stop tokens, padding, n samples per prompt, batch sizes that leave a tail batch, float32
+and float64 models. Two traces stand in for the capture: the decode step recorded once
+into a fixed sequence of ops (``make_fx``, every tensor held by reference and every host
+value baked in, as stream capture does) and replayed for every token gives the eager
+step's tokens, so the step keeps no per-token state on the host; and a trace over fake
+tensors, which fails on any host read of a device value (what makes a capture fail), goes
+through our step and transformers' forward and mask code. They cannot prove that capture
+succeeds on a given GPU stack (driver, torch, transformers versions), nor that the replay
+equals the eager step there: the ``gpu``-marked tests in the same file check that (graph
+vs eager static on CUDA in bf16, and under bf16 autocast over fp32 weights: the same
+tokens; static vs ``generate``: agreement, printed with the throughput of each). When
+capture fails the decoder logs one line and runs the step eagerly.
 
 Which decoder runs (``generation.decoder``, :func:`choose_decoder`): ``auto`` is ``graph``
 on CUDA and ``generate`` elsewhere. A model whose class does not declare static-cache
-support (``_can_compile_fullgraph``) gets ``generate`` under ``auto`` and one clear error
-under an explicit ``static``/``graph``. Graph capture needs CUDA, sdpa or eager attention
+support (``_can_compile_fullgraph``), or whose parameters are sharded (FSDP, ZeRO-3: their
+hooks sit on the wrapper this loop bypasses), gets ``generate`` under ``auto`` and one
+clear error under an explicit ``static``/``graph``. Graph capture needs CUDA, sdpa or eager attention
 (flash-attention unpads with data-dependent shapes) and no sliding-window layers (their
 cache keeps a host-side counter); otherwise the static loop runs eagerly.
 """
