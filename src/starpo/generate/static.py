@@ -153,7 +153,10 @@ def auto_rows(model, *, rows: int, prompt_len: int, cache_len: int,
     (free on the device plus what torch holds unused) over an estimate of one row's
     share — its KV cache (``2 · layers · kv heads · head dim · cache_len`` elements), its
     prefill activations and its sampling temporaries (a dozen vocabulary-sized float64
-    rows) — at most :data:`MAX_AUTO_ROWS` and never more than there are rows.
+    rows) — at most :data:`MAX_AUTO_ROWS` and never more than there are rows. An
+    estimate, not a measurement: if a batch still runs out of memory the backend halves
+    the rows and retries. The CUDA branch runs only on a GPU (the ``gpu`` tests check it
+    fits all rows of a small model); the CPU tests cover the retry with a simulated error.
     """
     if device.type != "cuda":
         return max(1, min(fallback, rows))
@@ -315,7 +318,11 @@ class StaticDecoder:
     def _capture(self, prompts, uniforms) -> None:
         """Capture :meth:`_decode_step` as a CUDA graph (after a prefill that initialises
         the cache and two eager warm-up steps on a side stream); on failure, log why and
-        leave the decoder eager. The state it leaves is overwritten by the next prefill."""
+        leave the decoder eager. The state it leaves is overwritten by the next prefill.
+
+        CUDA only: the CPU tests reach it only through the two traces of the module
+        docstring (what a capture freezes, what makes one fail); that it captures and
+        replays to the eager tokens is checked by the ``gpu`` tests."""
         try:
             with torch.cuda.device(self.device), _uncached_autocast("cuda"):
                 self._prefill(prompts, uniforms)
