@@ -329,7 +329,9 @@ class StaticDecoder:
                 side = torch.cuda.Stream(device=self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
-                    for _ in range(2):
+                    # never past the last token: step T would index out of the buffers
+                    # (a device-side assert, fatal to the process)
+                    for _ in range(min(2, self.max_new_tokens - 1)):
                         self._decode_step()
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
