@@ -364,6 +364,19 @@ def test_gpu_graph_replay_equals_eager_static_bf16(tok, temperature):
 
 
 @pytest.mark.gpu
+def test_gpu_graph_with_one_to_three_new_tokens(tok):
+    """The capture's warm-up must not step past the last token (a device-side assert)."""
+    model = _gpu_model(tok, dtype=torch.bfloat16)
+    for T in (1, 2, 3):
+        spec = GenerationSpec(temperature=0.8, max_new_tokens=T)
+        graph = generate(model, tok, _gpu_prompts(8), _static(spec, 8, "graph"), n=2,
+                         seed=2, progress=False)
+        eager = generate(model, tok, _gpu_prompts(8), _static(spec, 8, "static"), n=2,
+                         seed=2, progress=False)
+        assert _samples(graph) == _samples(eager)
+
+
+@pytest.mark.gpu
 def test_gpu_graph_under_autocast_over_fp32_weights(tok):
     """Online rounds sample the training policy (fp32 weights); under bf16 autocast the
     graph must not keep autocast's cached weight casts (they are freed when the block
