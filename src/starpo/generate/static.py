@@ -16,7 +16,7 @@ What :class:`StaticDecoder` does instead, for one batch of ``rows`` left-padded 
   ``generate`` call plus ``max_new_tokens``, rounded up to 16), allocated at the first
   batch and reused
   (``reset``) by every later batch of the same size;
-* the uniform numbers of every (row, step) come from :func:`~starpo.generate.sampling.row_uniforms`
+* the uniform numbers of every (row, step) come from :func:`~starpo.generate.draws.row_uniforms`
   up front, one ``[rows, max_new_tokens]`` float64 table copied to the device once;
 * a decode step reads and writes only fixed device buffers — the token each row feeds,
   its position, the padding mask over cache columns, the step counter, the ``finished``
@@ -70,6 +70,7 @@ from typing import Sequence
 import torch
 
 from starpo.errors import StarpoError
+from starpo.generate.draws import row_uniforms, sample_tokens
 from starpo.model.logprobs import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -269,8 +270,6 @@ class StaticDecoder:
 
     def _choose(self, logits: torch.Tensor) -> None:
         """Draw token ``step`` of every row from ``logits`` [rows, V] and advance."""
-        from starpo.generate.sampling import sample_tokens
-
         u = self.uniforms.index_select(1, self.step).squeeze(1)
         nxt = sample_tokens(logits, u, temperature=self.temperature, top_p=self.top_p)
         nxt = torch.where(self.finished, self.pad_id, nxt)
@@ -357,7 +356,7 @@ class StaticDecoder:
         row ended sooner (stop ids included, ``pad`` after a row's stop).
 
         prompts: ``rows`` token id lists; uniforms: [rows, max_new_tokens] float64 from
-        :func:`~starpo.generate.sampling.row_uniforms` (None for greedy decoding).
+        :func:`~starpo.generate.draws.row_uniforms` (None for greedy decoding).
         """
         if len(prompts) != self.rows:
             raise ValueError(f"StaticDecoder of {self.rows} rows given {len(prompts)} prompts")
@@ -397,7 +396,7 @@ class BatchDecoders:
     :class:`StaticDecoder` per batch size in turn (a call has at most two, its full batches
     and the tail), each batch's uniform numbers taken from its rows' stream keys.
 
-    ids: the rows' prompt token ids; keys: their :func:`~starpo.generate.sampling.row_key`
+    ids: the rows' prompt token ids; keys: their :func:`~starpo.generate.draws.row_key`
     (None for greedy decoding). Returns the new tokens of each row.
     """
 
@@ -411,8 +410,6 @@ class BatchDecoders:
         self._dec: StaticDecoder | None = None
 
     def __call__(self, ids: Sequence[Sequence[int]], keys: Sequence[int] | None):
-        from starpo.generate.sampling import row_uniforms
-
         if self._dec is None or self._dec.rows != len(ids):
             self.release()
             self._dec = StaticDecoder(
