@@ -18,6 +18,15 @@ Batching
     ``generate`` derives position ids from the attention mask, so a left-padded row gets
     the same positions as the same prompt alone.
 
+Decoders
+    ``spec.decoder`` picks the loop that runs a batch: transformers ``generate`` (the
+    default off CUDA, and the reference), or :mod:`starpo.generate.static` — a KV cache
+    allocated once, sampling on the device, the decode step replayed as a CUDA graph on a
+    GPU (the default there), in batches of ``spec.decode_batch_size`` rows (``auto``: as
+    many as GPU memory holds). Same prompts, padding, positions, stop handling and draws;
+    the tokens differ from ``generate``'s only where float round-off of the logits moves a
+    draw.
+
 Stopping
     A row stops at the chat template's end-of-turn token (found by rendering a tiny
     conversation, so it is ``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama-3,
@@ -85,6 +94,11 @@ from transformers import LogitsProcessor
 from starpo.recipe import GenerationSpec
 from starpo.data.canonical import as_messages
 from starpo.errors import StarpoError
+from starpo.generate import static
+# the random streams and the draw live in draws.py (the static decoders use them too);
+# re-exported here, where callers have always found them
+from starpo.generate.draws import (row_key, row_uniform, row_uniforms,  # noqa: F401
+                                   sample_tokens)
 from starpo.model.chat import stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -150,57 +164,6 @@ def render_prompt(tokenizer, messages) -> list[int]:
 
 # --------------------------------------------------------------------------- sampling
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def row_key(seed: int, prompt_index: int, sample_index: int) -> int:
-    """The random stream of one (prompt, sample) row: a 64-bit hash of its identity."""
-    k = _splitmix64(seed & _MASK64)
-    k = _splitmix64(k ^ (prompt_index & _MASK64))
-    return _splitmix64(k ^ ((sample_index * 0xD1B54A32D192ED03) & _MASK64))
-
-
-def row_uniform(key: int, step: int) -> float:
-    """Uniform number in [0, 1) for decoding step ``step`` of the row with ``key``."""
-    return (_splitmix64(key ^ ((step * 0x9E3779B97F4A7C15) & _MASK64)) >> 11) * 2.0 ** -53
-
-
-def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float,
-                  top_p: float = 1.0) -> torch.Tensor:
-    """Draw one token per row by inverting the CDF with the given uniform numbers.
-
-    logits: [B, V]; uniforms: [B] in [0, 1). Probabilities are ``softmax(logits / T)`` in
-    float64; with ``top_p < 1`` only the smallest set of most likely tokens whose mass
-    reaches ``top_p`` is kept (the most likely token always is), then renormalised.
-    Returns [B] token ids. Deterministic: the same logits and uniforms give the same ids.
-    """
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    order = None
-    if top_p < 1.0:
-        probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        mass_before = probs.cumsum(-1) - probs
-        probs = probs * (mass_before < top_p)
-    cdf = probs.cumsum(-1)
-    target = uniforms.to(cdf).unsqueeze(-1) * cdf[:, -1:]
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # round-off could push idx past the last token with probability > 0: clamp to it
-    positions = torch.arange(probs.shape[-1], device=probs.device)
-    last_positive = torch.where(probs > 0, positions, -1).max(-1).values
-    idx = torch.minimum(idx, last_positive)
-    if order is not None:
-        idx = order.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-    return idx
-
-
 class _SeededSampler(LogitsProcessor):
     """Logits processor that samples per row from its own counter-based stream.
 
@@ -234,18 +197,25 @@ class Backend(Protocol):
 
 
 class HFBackend:
-    """Sampling with a transformers causal LM (any ``GenerationMixin`` model, peft too)."""
+    """Sampling with a transformers causal LM (any ``GenerationMixin`` model, peft too).
+
+    ``spec.decoder`` picks the loop (:func:`starpo.generate.static.choose_decoder`):
+    transformers' ``generate`` in batches of ``spec.batch_size`` rows, or the static-cache
+    decoders of :mod:`starpo.generate.static` in batches of ``spec.decode_batch_size``
+    rows. After a call, ``last_decoder`` says which ran, why, and how many rows a batch
+    held (the timing helper of ``benchmarks.generation`` reports it).
+    """
 
     name = "hf"
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
+        self.last_decoder: dict = {}
 
     def generate(self, prompts: Sequence, spec: GenerationSpec, *, n: int = 1, seed: int = 0,
                  progress: bool = True, desc: str = "sampling",
                  indices: Sequence[int] | None = None) -> Generations:
         from tqdm.auto import tqdm
-        from transformers import GenerationConfig, LogitsProcessorList
 
         if n < 1:
             raise StarpoError(f"generate: n must be at least 1, got {n}")
@@ -267,37 +237,46 @@ class HFBackend:
         stats = GenerationStats()
         greedy = spec.temperature == 0
 
+        choice = static.choose_decoder(spec.decoder, model, device)
+        if choice.kind == "generate" or not rows:
+            run_batch, per_batch, auto = self._generate_batch(spec, stops, pad, device), \
+                spec.batch_size, False
+        else:
+            run_batch = static.BatchDecoders(
+                model, cache_len=static.cache_length([len(x) for x in encoded],
+                                                     spec.max_new_tokens),
+                spec=spec, stops=stops, pad=pad, graph=choice.kind == "graph",
+                check_every=static.GPU_CHECK_EVERY if device.type == "cuda" else 1)
+            auto = spec.decode_batch_size == "auto"
+            per_batch = static.auto_rows(
+                model, rows=len(rows), prompt_len=max(len(x) for x in encoded),
+                cache_len=run_batch.cache_len, device=device,
+                fallback=spec.batch_size) if auto else spec.decode_batch_size
+        logger.info("%s: %s, %d rows per batch", desc, choice.why, per_batch)
+
         was_training = model.training
         model.eval()
         bar = tqdm(total=len(rows), desc=desc, unit="seq", disable=not progress, leave=False)
         try:
-            for b in range(0, len(rows), spec.batch_size):
-                batch = rows[b: b + spec.batch_size]
+            b = 0
+            while b < len(rows):
+                batch = rows[b: b + per_batch]
                 ids = [encoded[i] for i, _ in batch]
-                width = max(len(x) for x in ids)
-                input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-                attention = torch.zeros((len(ids), width), dtype=torch.long)
-                for r, x in enumerate(ids):  # left padding
-                    input_ids[r, width - len(x):] = torch.tensor(x, dtype=torch.long)
-                    attention[r, width - len(x):] = 1
-                processors = LogitsProcessorList()
-                if not greedy:
-                    keys = [row_key(seed, streams[i], j) for i, j in batch]
-                    processors.append(_SeededSampler(keys, width, spec.temperature, spec.top_p))
-                gen_cfg = GenerationConfig(
-                    max_new_tokens=spec.max_new_tokens, do_sample=False, num_beams=1,
-                    use_cache=True, eos_token_id=stops, pad_token_id=pad,
-                    # neutral values, so the checkpoint's generation_config cannot add its own
-                    temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0,
-                    no_repeat_ngram_size=0)
+                keys = None if greedy else [row_key(seed, streams[i], j) for i, j in batch]
                 t0 = time.perf_counter()
-                with torch.no_grad():
-                    out = model.generate(input_ids=input_ids.to(device),
-                                         attention_mask=attention.to(device),
-                                         generation_config=gen_cfg,
-                                         logits_processor=processors)
+                try:
+                    new = run_batch(ids, keys)
+                except torch.cuda.OutOfMemoryError:
+                    if not auto or per_batch == 1:
+                        raise
+                    new = None
+                if new is None:     # out of memory (the exception's frames are gone now)
+                    run_batch.release()
+                    per_batch = max(1, per_batch // 2)
+                    logger.warning("%s: out of GPU memory; retrying with %d rows per batch",
+                                   desc, per_batch)
+                    continue
                 stats.seconds += time.perf_counter() - t0
-                new = out[:, width:].tolist()
                 for (i, j), toks in zip(batch, new):
                     resp, finished = _cut_at_stop(toks, stop_set)
                     text = tok.decode(resp, skip_special_tokens=True).strip()
@@ -306,14 +285,55 @@ class HFBackend:
                     stats.tokens += len(resp)
                     stats.prompt_tokens += len(encoded[i])
                 stats.sequences += len(batch)
+                b += len(batch)
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
         finally:
             bar.close()
             model.train(was_training)
+            if isinstance(run_batch, static.BatchDecoders):
+                self.last_decoder = {"decoder": choice.kind, "why": choice.why,
+                                     "rows_per_batch": per_batch,
+                                     "graph": run_batch.graph_status()}
+                run_batch.release()
+            else:
+                self.last_decoder = {"decoder": choice.kind, "why": choice.why,
+                                     "rows_per_batch": per_batch}
         logger.info("%s: %d sequences, %d new tokens in %.2fs (%.1f tokens/s)", desc,
                     stats.sequences, stats.tokens, stats.seconds, stats.tokens_per_s)
         return Generations(results, stats)
+
+    def _generate_batch(self, spec: GenerationSpec, stops: list[int], pad: int, device):
+        """``run(ids, keys) -> new tokens per row``: one transformers ``generate`` call over
+        left-padded rows, sampling through :class:`_SeededSampler`."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        model = self.model
+
+        def run(ids: list[list[int]], keys: list[int] | None) -> list[list[int]]:
+            width = max(len(x) for x in ids)
+            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(ids), width), dtype=torch.long)
+            for r, x in enumerate(ids):  # left padding
+                input_ids[r, width - len(x):] = torch.tensor(x, dtype=torch.long)
+                attention[r, width - len(x):] = 1
+            processors = LogitsProcessorList()
+            if keys is not None:
+                processors.append(_SeededSampler(keys, width, spec.temperature, spec.top_p))
+            gen_cfg = GenerationConfig(
+                max_new_tokens=spec.max_new_tokens, do_sample=False, num_beams=1,
+                use_cache=True, eos_token_id=stops, pad_token_id=pad,
+                # neutral values, so the checkpoint's generation_config cannot add its own
+                temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0,
+                no_repeat_ngram_size=0)
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids.to(device),
+                                     attention_mask=attention.to(device),
+                                     generation_config=gen_cfg,
+                                     logits_processor=processors)
+            return out[:, width:].tolist()
+
+        return run
 
 
 def _cut_at_stop(tokens: list[int], stop_set: set[int]) -> tuple[list[int], bool]:

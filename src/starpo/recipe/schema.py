@@ -184,6 +184,27 @@ class GenerationSpec(Strict):
     # vllm only: the share of GPU memory vLLM may take while it samples (it is released
     # before training goes on)
     gpu_memory_utilization: float = Field(0.5, gt=0, lt=1, exclude_if=lambda v: v == 0.5)
+    # hf only: the decoding loop (starpo.generate.static). "generate": transformers'
+    # generate, its KV cache grown token by token; "static": starpo's loop over a KV cache
+    # allocated once, sampling on the device; "graph": "static" with its one-token decode
+    # step captured once as a CUDA graph and replayed (CUDA only; elsewhere, or for a model
+    # it cannot capture, it runs as "static" and the log says why); "auto": "graph" on CUDA,
+    # "generate" elsewhere. The same seed gives the same samples with each, up to float
+    # round-off of the logits.
+    decoder: Literal["auto", "generate", "static", "graph"] = Field(
+        "auto", exclude_if=lambda v: v == "auto")
+    # hf static/graph decoders only: rows (prompt × sample) decoded together; "auto": as
+    # many as half of the free GPU memory holds by an estimate (at most 256; halved and
+    # retried if the GPU still runs out), batch_size off the GPU
+    decode_batch_size: int | Literal["auto"] = Field(
+        "auto", exclude_if=lambda v: v == "auto")
+
+    @field_validator("decode_batch_size")
+    @classmethod
+    def _positive_rows(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("decode_batch_size must be a positive number of rows or auto")
+        return v
 
 
 class JudgeSpec(Strict):
