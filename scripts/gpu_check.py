@@ -124,8 +124,12 @@ def realdata_candidates(explicit: str | None = None) -> list[Path]:
 
 
 def find_realdata(explicit: str | None = None) -> Path:
-    """The first of :func:`realdata_candidates` that exists (else the first one)."""
+    """The path given (``--realdata`` / ``$STARPO_REALDATA``), even if it is missing (the
+    plan then says so), else the first of :func:`realdata_candidates` that exists (else the
+    first one)."""
     cands = realdata_candidates(explicit)
+    if explicit or os.environ.get("STARPO_REALDATA"):
+        return cands[0]
     return next((c for c in cands if c.is_dir()), cands[0])
 
 
