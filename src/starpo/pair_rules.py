@@ -38,11 +38,11 @@ This module imports no torch: the recipe validates rule names through it.
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
 from typing import Callable, Sequence
 
+from starpo import extensions
 from starpo.errors import RecipeError
 
 Pair = tuple[int, int]
@@ -89,15 +89,10 @@ def get(name: str) -> Callable:
     """The rule named ``name``: a built-in, or an importable ``module:function``."""
     if name in BUILTIN:
         return BUILTIN[name]
-    if ":" not in name:
+    if not extensions.is_import_path(name):
         raise RecipeError(f"unknown pair_selection {name!r}; expected one of "
                           f"{', '.join(BUILTIN)} or an importable module:function")
-    mod_name, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise RecipeError(f"pair_selection {name!r}: cannot import it ({err}); the module "
-                          "must be importable in this environment") from None
+    fn = extensions.load(name, "pair_selection")
     if not callable(fn):
         raise RecipeError(f"pair_selection {name!r} is not a function")
     return fn

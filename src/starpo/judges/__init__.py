@@ -30,11 +30,11 @@ This module imports no torch: recipes validate judge names through it.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
 
+from starpo import extensions
 from starpo.errors import RecipeError, StarpoError
 
 
@@ -59,21 +59,12 @@ BUILTIN = {k.name: k for k in (
 PAIRRM_NAMES = {"pairrm", "PairRM", "llm-blender/PairRM"}
 
 
-def _import(path: str, what: str):
-    mod_name, _, attr = path.partition(":")
-    try:
-        return getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise RecipeError(f"{what} {path!r}: cannot import it ({err}); the module must be "
-                          f"importable in this environment") from None
-
-
 def check_name(name: str) -> str:
     """Recipe-time check of a judge ``type`` (imports a ``module:Class``)."""
     if name in BUILTIN:
         return name
     if ":" in name:
-        cls = _import(name, "judge")
+        cls = extensions.load(name, "judge")
         if not callable(getattr(cls, "rank", None)):
             raise RecipeError(f"judge {name!r}: a judge class needs a rank(prompt, candidates) "
                               f"method (subclass starpo.judges.base.PointwiseJudge or "
@@ -87,7 +78,7 @@ def is_pointwise(name: str) -> bool:
     """Whether the judge scores each response on its own (rather than only comparing)."""
     if name in BUILTIN:
         return BUILTIN[name].pointwise
-    cls = _import(name, "judge")
+    cls = extensions.load(name, "judge")
     from starpo.judges.base import PairwiseJudge
     if isinstance(cls, type) and issubclass(cls, PairwiseJudge):
         return False
@@ -113,8 +104,8 @@ def make_judge(spec, *, resolve_path: Callable[[str], str | None] | None = None,
     if path and resolve_path is not None and path not in PAIRRM_NAMES:
         path = resolve_path(path) or path
     if spec.type in BUILTIN:
-        return _import(BUILTIN[spec.type].build, "judge")(spec, path, model_spec, device)
-    cls = _import(spec.type, "judge")
+        return extensions.load(BUILTIN[spec.type].build, "judge")(spec, path, model_spec, device)
+    cls = extensions.load(spec.type, "judge")
     kwargs = dict(spec.options)
     params = inspect.signature(cls).parameters
     if "path" in params and path is not None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
+from starpo import extensions
 from starpo.errors import RecipeError
 
 
@@ -105,15 +106,11 @@ BUILTIN = {
 LOSSES = tuple(BUILTIN)
 
 
-def is_import_path(name: str) -> bool:
-    return ":" in name
-
-
 def check_name(name: str) -> str:
     """Recipe-time check: a built-in name, or an import path that resolves (imports it)."""
     if name in BUILTIN:
         return name
-    if is_import_path(name):
+    if extensions.is_import_path(name):
         get(name)
         return name
     raise RecipeError(f"unknown preference loss {name!r}; expected one of "
@@ -125,15 +122,10 @@ def get(name: str) -> LossDef:
     if name in BUILTIN:
         attr, ref, counts = BUILTIN[name]
         return _builtin(name, attr, needs_reference=ref, needs_counts=counts)
-    if not is_import_path(name):
+    if not extensions.is_import_path(name):
         raise ValueError(f"unknown preference loss {name!r}; expected one of "
                          f"{', '.join(LOSSES)} or module:function")
-    mod_name, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise RecipeError(f"loss {name!r}: cannot import it ({err}); the module must be "
-                          f"importable in this environment") from None
+    fn = extensions.load(name, "loss")
     if isinstance(fn, LossDef):
         return fn
     if not callable(fn) or not hasattr(fn, "needs_reference"):

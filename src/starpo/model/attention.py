@@ -165,6 +165,23 @@ def _branch_mask(n: int, branch: int, prompt_len: int, device) -> torch.Tensor:
     return m
 
 
+def _check_call(name: str, query, key, attention_mask, position_ids, kwargs, *,
+                takes_mask: bool = False) -> None:
+    """What every starpo kernel requires of a call: position ids to read the layout from,
+    no sliding window or softcapping, no KV cache (training forwards), and no attention
+    mask for the kernels that read everything from the positions."""
+    if position_ids is None:
+        raise ValueError(f"{name} attention needs position_ids")
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise ValueError(f"{name} attention does not implement sliding windows or "
+                         "softcapping")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"{name} attention is for training forwards (no KV cache)")
+    if attention_mask is not None and not takes_mask:
+        raise ValueError(f"{name} attention reads the layout from position_ids; it takes "
+                         "no attention mask")
+
+
 def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
                  scaling: float | None = None, is_causal=None, position_ids=None, **kwargs):
     """query ``[B, H, L, D]``, key/value ``[B, Hkv, L, D]`` -> (``[B, L, H, D]``, None).
@@ -173,12 +190,7 @@ def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     ``stack``/``cat``) rather than by slicing: the backward of every slice allocates and
     zero-fills a full-size gradient, which measured slower than the attention it saved.
     """
-    if position_ids is None:
-        raise ValueError(f"{NAME} attention needs position_ids")
-    if kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise ValueError(f"{NAME} attention does not implement sliding windows or softcapping")
-    if query.shape[2] != key.shape[2]:
-        raise ValueError(f"{NAME} attention is for training forwards (no KV cache)")
+    _check_call(NAME, query, key, attention_mask, position_ids, kwargs, takes_mask=True)
     B = query.shape[0]
     gqa = query.shape[1] != key.shape[1]
     if attention_mask is not None and (attention_mask.dim() != 4 or
@@ -314,16 +326,7 @@ def flex_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     """query ``[B, H, L, D]``, key/value ``[B, Hkv, L, D]`` -> (``[B, L, H, D]``, None),
     through flex attention with the rows' block mask (see the module docstring; on CPU
     with gradients it is :func:`segment_sdpa`)."""
-    if position_ids is None:
-        raise ValueError(f"{FLEX_NAME} attention needs position_ids")
-    if kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise ValueError(f"{FLEX_NAME} attention does not implement sliding windows or "
-                         "softcapping")
-    if query.shape[2] != key.shape[2]:
-        raise ValueError(f"{FLEX_NAME} attention is for training forwards (no KV cache)")
-    if attention_mask is not None:
-        raise ValueError(f"{FLEX_NAME} attention reads the layout from position_ids; it takes "
-                         "no attention mask")
+    _check_call(FLEX_NAME, query, key, attention_mask, position_ids, kwargs)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if grad and not _flex_has_backward(query.device):
         return segment_sdpa(module, query, key, value, None, dropout, scaling,
@@ -524,16 +527,7 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     :func:`varlen_layout`); nothing is looped over in Python but the row plans, once per
     forward. Inputs the fused kernel cannot take (see :func:`_varlen_kernel`) run the flex
     kernel instead, with a warning once per reason."""
-    if position_ids is None:
-        raise ValueError(f"{VARLEN_NAME} attention needs position_ids")
-    if kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise ValueError(f"{VARLEN_NAME} attention does not implement sliding windows or "
-                         "softcapping")
-    if query.shape[2] != key.shape[2]:
-        raise ValueError(f"{VARLEN_NAME} attention is for training forwards (no KV cache)")
-    if attention_mask is not None:
-        raise ValueError(f"{VARLEN_NAME} attention reads the layout from position_ids; it "
-                         "takes no attention mask")
+    _check_call(VARLEN_NAME, query, key, attention_mask, position_ids, kwargs)
     kernel = _varlen_kernel(query, scaling, dropout)
     if kernel is None:
         why = f"{query.device.type}/{query.dtype}/dropout={dropout}"

@@ -18,7 +18,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from starpo import losses
+from starpo import extensions, losses
 from starpo.metrics.names import HEADLINE_METRICS
 from starpo.recipe import (STAGE_TYPES, PreferenceSpec, Recipe, apply_override,
                            recipe_from_dict, stage_spec)
@@ -134,7 +134,7 @@ class SweepSpec(_Strict):
     @classmethod
     def _known_methods(cls, v: dict) -> dict:
         for name, grid in v.items():
-            if name not in losses.LOSSES and not losses.is_import_path(name):
+            if name not in losses.LOSSES and not extensions.is_import_path(name):
                 raise ValueError(f"methods.{name}: unknown method {name!r}; a method is a "
                                  f"preference loss: {', '.join(losses.LOSSES)} or "
                                  f"module:function")
