@@ -254,3 +254,15 @@ def by_category(records: Sequence[Mapping[str, Any]], *, n_boot: int = 1000, see
                                                        _finite_or_none(ci[1])]
         out[cat] = m
     return out
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float | None:
+    """Distinct-n of a set of responses: distinct word n-grams over all word n-grams
+    (whitespace words, lower-cased), pooled over ``texts``. Near 0 means degenerate,
+    repeated text; ordinary prose is well above 0.5 for n = 2. ``None`` when the texts hold
+    no n-gram at all."""
+    grams: list[tuple[str, ...]] = []
+    for t in texts:
+        w = t.lower().split()
+        grams.extend(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
+    return len(set(grams)) / len(grams) if grams else None
