@@ -403,7 +403,9 @@ def _gguf_error(where: tuple[str, str], what: str, err: Exception) -> StarpoErro
     if "architecture" in first and "not supported" in first:
         try:
             from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-            known = ", ".join(sorted(GGUF_SUPPORTED_ARCHITECTURES))
+            # the mapping also holds the non-architecture sections "general", "tokenizer"
+            known = ", ".join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES)
+                                     - {"general", "tokenizer"}))
         except ImportError:
             known = "see transformers' GGUF documentation"
         return StarpoError(f"{what}: {path}: transformers cannot read this architecture from "
