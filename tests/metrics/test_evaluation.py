@@ -480,6 +480,10 @@ def test_prompts_with_categories_get_a_per_category_table(ckpts, prompts, tmp_pa
         assert cats["sft"][c]["win_vs_sft"] == 0.5
     assert res.categories == cats
     assert any("mean score by category" in m for m in said)
+    from starpo.report.run_page import _categories_table
+    html = _categories_table(cats)
+    assert "Mean score by category" in html and html.count("<tr>") == 3   # head + a, b
+    assert f"{cats['dpo']['b']['mean_score']:.3f}" in html
     # prompts without categories: no file
     E.evaluate_models({"sft": ckpts["sft"]}, prompts, GoldJudge(), SPEC, sft="sft", seed=1,
                       bootstrap=0, out_dir=tmp_path / "plain", progress=False,
