@@ -135,6 +135,14 @@ def test_a_subset_is_computed_alone_and_a_longer_rerun_adds_only_the_rest(tmp_pa
     assert c.hit and len(loads) == 2
     assert torch.equal(c.chosen[sorted(set(second))], b.chosen[sorted(set(second))])
 
+    # an entry damaged outside starpo: its pairs are computed again, not read
+    first_entry = kw["cache_dir"] / f"ref-{a.key}.safetensors"
+    first_entry.write_bytes(b"not a safetensors file")
+    said.clear()
+    d = reference_logps_for(str(ref_dir), Tok(), pairs, first, **{**kw, "log": said.append})
+    assert any("computing" in m for m in said) and len(loads) == 3
+    torch.testing.assert_close(d.chosen[first], a.chosen[first])
+
 
 def test_all_pairs_is_the_plain_cached_pass(tmp_path, one_thread):
     """needed=None writes the same entry reference_logps always wrote (same key)."""

@@ -247,11 +247,23 @@ def _known_pairs(cache_dir: Path, namespace: str) -> dict[str, tuple[str, int]]:
         if not isinstance(rec, dict) or rec.get("namespace") != namespace:
             continue
         key = side.name[len("ref-"):-len(".pairs.json")]
-        if not (Path(cache_dir) / f"ref-{key}.safetensors").is_file():
-            continue
-        for i, h in enumerate(rec.get("pairs") or []):
+        hashes = rec.get("pairs") or []
+        if _entry_size(Path(cache_dir) / f"ref-{key}.safetensors") != len(hashes):
+            continue                  # gone or damaged: its pairs count as not computed
+        for i, h in enumerate(hashes):
             found.setdefault(h, (key, i))
     return found
+
+
+def _entry_size(path: Path) -> int | None:
+    """Pairs in a cache entry, or None when it is missing or unreadable."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            n = f.get_slice("chosen").get_shape()[0]
+            return n if f.get_slice("rejected").get_shape()[0] == n else None
+    except Exception:  # noqa: BLE001 - any damage means: not usable
+        return None
 
 
 def reference_logps_for(ref_path: str, tokenizer, pairs: list, needed: list[int] | None, *,
