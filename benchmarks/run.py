@@ -255,7 +255,7 @@ def real_data_maker(work: Path, model_dir: Path, sz: Sizes):
     from transformers import AutoTokenizer
 
     from starpo.data.sources import load_source
-    from starpo.data.tokenize import tokenize_conversation, tokenize_pair
+    from starpo.data.tokenize import PairStats, tokenize_conversation, tokenize_pair
     from starpo.model.loading import CHATML_TEMPLATE
     from starpo.recipe import SourceSpec
 
@@ -274,10 +274,10 @@ def real_data_maker(work: Path, model_dir: Path, sz: Sizes):
                 if len(tokenize_conversation(tok, r["messages"]).input_ids) <= sz.sft_len:
                     rows.append({"messages": r["messages"]})
             else:
+                st = PairStats()
                 t = tokenize_pair(tok, r, max_length=sz.dpo_len,
-                                  max_prompt_length=sz.dpo_len // 2)
-                if t is not None and len(t.prompt_ids) + max(len(t.chosen_ids), len(
-                        t.rejected_ids)) < sz.dpo_len and len(t.prompt_ids) <= sz.dpo_len // 2:
+                                  max_prompt_length=sz.dpo_len // 2, stats=st)
+                if t is not None and not st.truncated:
                     rows.append({k: r[k] for k in ("prompt", "chosen", "rejected")})
             if len(rows) == n:
                 break
