@@ -155,8 +155,8 @@ def trained_microbatches(n_microbatches: int, spec: TrainSpec, world: int = 1
     ``j·ga … (j+1)·ga``), so a stage can prepare only what ``max_steps`` will reach
     (the reference log-probs of the pairs it trains on); tested against the loop itself.
     An epoch the run goes through whole lists every micro-batch the loop uses."""
-    if n_microbatches <= 0:
-        return {}
+    if n_microbatches // world == 0:
+        return {}              # the loop itself says: not enough data for one micro-batch
     sched = _schedule(range(n_microbatches), spec, world, "trained_microbatches")
     out: dict[int, set[int]] = {}
     for step in range(sched.total):
