@@ -312,6 +312,7 @@ def reference_logps_for(ref_path: str, tokenizer, pairs: list, needed: list[int]
             ch[i] = entries[k]["chosen"][pos]
             rj[i] = entries[k]["rejected"][pos]
         if not missing:
-            log(f"  reference log-probs: all {len(want)} needed pairs found in the cache")
+            log(f"  reference log-probs: cache hit (all {len(want)} pairs needed, found by "
+                f"content in {len(entries)} entr{'y' if len(entries) == 1 else 'ies'})")
         key = key or sorted(entries)[0]
     return RefLogps(ch, rj, key, not computed)
