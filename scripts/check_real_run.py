@@ -4,8 +4,9 @@
 
 For the starting model and every policy stage of the run (``DIR/<stage>/model/``), this
 loads the checkpoint with ``AutoModelForCausalLM``/``AutoTokenizer`` alone (no starpo
-code on the sampling path), samples one answer per prompt (the run's held-out HH prompts
-and the MT-Bench questions, the same seed for every model; temperature 0.7, top-p 0.9), and
+code on the sampling path), samples one answer per prompt (the first ``--n`` prompts of
+each eval stage's data: held-out HH prompts and MT-Bench questions; the same seed for
+every model; temperature 0.7, top-p 0.9), and
 measures what degenerate text would fail: the share of empty answers, distinct-1 and
 distinct-2 (pooled over the answers; repeated tokens drive them towards 0), the
 end-of-turn rate (answers that ended with the end-of-turn token within the budget) and
@@ -24,15 +25,16 @@ import torch
 
 
 def _prompts(run: Path, n: int) -> list[tuple[str, list[dict]]]:
-    """``(where, messages)``: up to ``n`` prompts from each eval stage's first records."""
+    """``(eval stage, messages)``: the first ``n`` prompts of each eval stage's data, read
+    as the stage reads them (so this runs before or beside the evaluation)."""
+    from starpo.data.sources import load_mixture
+    from starpo.recipe import load_recipe
+    rec = load_recipe(run / "recipe.yaml")
     out = []
-    for summary in sorted(run.glob("*/summary.json")):
-        meta = json.loads((summary.parent / "meta.json").read_text())
-        first = next(iter(meta.get("files", {}).values()), None)
-        if first is None:
-            continue
-        lines = (summary.parent / first).read_text().splitlines()[:n]
-        out += [(summary.parent.name, json.loads(line)["prompt"]) for line in lines]
+    for st in rec.stages:
+        if st.evaluates:
+            rows = load_mixture(st.data, "prompt", world_seed=rec.world.seed, seed=rec.seed)
+            out += [(st.name, r["prompt"]) for r in rows[:n]]
     return out
 
 
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts = _prompts(args.run, args.n)
     if not prompts:
-        print(f"{args.run}: no evaluation records (run the eval stages first)", file=sys.stderr)
+        print(f"{args.run}: its recipe has no eval stage to take prompts from", file=sys.stderr)
         return 2
     rows, samples = {}, {}
     for name, path in _models(args.run):
