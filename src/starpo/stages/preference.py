@@ -74,9 +74,13 @@ def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: 
         ps, stage, batch_size=bs, pad_id=tok.pad_token_id, seed=seed,
         ref_chosen=a, ref_rejected=b, one_row=rows1)
     task = mk(train_pairs, None, None, stage.train.batch_size)
-    # the reference pass covers what max_steps reaches (and every held-out pair), no more
+    # a run that reaches at most half of its pairs (max_steps) computes the reference
+    # log-probs of those and the held-out ones only; one that reaches more computes them
+    # all, as one entry in data order: it costs little more, serves any later run of the
+    # same data whole, and keeps the numbers of runs made before this existed (a subset
+    # packs pairs into other rows, which rounds differently in the last float bits)
     trained = task.trained_pairs(stage.train, ctx.runtime.num_processes)
-    needed = None if len(trained) == n else trained + list(range(n, len(all_pairs)))
+    needed = None if 2 * len(trained) > n else trained + list(range(n, len(all_pairs)))
     rc, rr, ref = prepare_reference(ctx, stage, tok, all_pairs, ref_path,
                                     batch_size=max(stage.train.batch_size, 8), needed=needed)
     if rc is not None:
