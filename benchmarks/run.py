@@ -17,6 +17,7 @@ tables as Markdown in ``latest.md``); ``--quick`` and ``--only`` runs write
     python -m benchmarks.run --only dpo,sft --rounds 5
     python -m benchmarks.run --no-trl   # starpo only (TRL not installed)
     python -m benchmarks.run --only pipeline   # the quickstart, stage by stage
+    python -m benchmarks.run --real     # SmolLM2-135M-Instruct on real HH-RLHF rows (SFT, DPO)
 
 Suites: peak (matmul), sft, sft_ablation, dpo, dpo_ablation, rowcap, compile
 (``train.compile: true`` against eager, with its compile time), profile (where the time
@@ -105,6 +106,13 @@ TINY = Sizes(sft_convs=8, sft_batch=2, sft_len=256, dpo_pairs=8, dpo_batch=4, dp
              lo=5, hi=40, rounds=1, data_scale=2, len_his=(20,), row_caps=(128,),
              profiles=("dpo:seg", "sft:seg:compile"), pipeline_overrides=tuple(TINY_PIPELINE),
              pipeline_compile=False)
+
+# the real model (``--real``): SmolLM2-135M-Instruct (``starpo fetch``) on real HH-RLHF
+# harmless-base rows, starpo against TRL's fastest setting only (one configuration each)
+REAL = Sizes(sft_convs=24, sft_batch=2, sft_len=512, dpo_pairs=16, dpo_batch=4, dpo_len=256,
+             rounds=1)
+REAL_CONFIGS = ("sft_starpo", "sft_trl_bfd", "dpo_starpo", "dpo_trl")
+HH = ROOT / "recipes" / "real" / "data" / "hh-harmless-base"
 
 QUICK = Sizes(sft_convs=40, dpo_pairs=16, rounds=1, data_scale=4, len_his=(100,),
               row_caps=(1024,))
@@ -234,6 +242,47 @@ def data_maker(work: Path):
             p.parent.mkdir(parents=True, exist_ok=True)
             rows = (assets.sft_rows if kind == "sft" else assets.preference_rows)(n, lo=lo, hi=hi)
             p.write_text(json.dumps(rows))
+        return str(p)
+    return data
+
+
+def real_data_maker(work: Path, model_dir: Path, sz: Sizes):
+    """``data(kind, n, lo, hi) -> path`` of real HH-RLHF rows (the first ``n`` of the
+    training file, in file order, that fit without truncation: SFT conversations within
+    ``sft_len`` tokens, pairs within ``dpo_len`` with the prompt within half of it), in the
+    benchmark's row shapes; ``lo``/``hi`` are ignored. SFT rows keep every assistant turn
+    trained (TRL's ``assistant_only_loss`` cannot leave earlier answers out)."""
+    from transformers import AutoTokenizer
+
+    from starpo.data.sources import load_source
+    from starpo.data.tokenize import PairStats, tokenize_conversation, tokenize_pair
+    from starpo.model.loading import CHATML_TEMPLATE
+    from starpo.recipe import SourceSpec
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.chat_template = CHATML_TEMPLATE   # as the worker sets it (TRL needs the markers)
+
+    def data(kind: str, n: int, lo: int, hi: int) -> str:
+        p = work / "data" / f"hh-{kind}-{n}-{sz.sft_len}-{sz.dpo_len}.json"
+        if p.is_file():
+            return str(p)
+        sft = kind == "sft"
+        spec = SourceSpec(path=str(HH), split="train", **({"use": "chosen"} if sft else {}))
+        rows = []
+        for r in load_source(spec, "sft" if sft else "preference", on_bad_rows="skip"):
+            if sft:
+                if len(tokenize_conversation(tok, r["messages"]).input_ids) <= sz.sft_len:
+                    rows.append({"messages": r["messages"]})
+            else:
+                st = PairStats()
+                t = tokenize_pair(tok, r, max_length=sz.dpo_len,
+                                  max_prompt_length=sz.dpo_len // 2, stats=st)
+                if t is not None and not st.truncated:
+                    rows.append({k: r[k] for k in ("prompt", "chosen", "rejected")})
+            if len(rows) == n:
+                break
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(rows))
         return str(p)
     return data
 
@@ -632,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=os.environ.get("STARPO_BENCH_WORK", "/tmp/starpo-bench"),
                     help="scratch directory (model, data, per-config logs)")
     ap.add_argument("--out", default=str(RESULTS), help="directory for the JSON results")
+    ap.add_argument("--real", action="store_true",
+                    help="SmolLM2-135M-Instruct (fetched into ~/.cache/starpo) on real "
+                         "HH-RLHF rows: SFT and DPO, starpo vs TRL's fastest setting")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke test sizes
     ap.add_argument("--report", metavar="RUNS_JSON",
                     help="do not run anything: rebuild the report from a saved "
@@ -645,11 +697,15 @@ def main(argv: list[str] | None = None) -> int:
     sz = QUICK if args.quick else Sizes()
     if args.tiny:
         sz = TINY
+    if args.real:
+        sz = REAL
     if args.rounds:
         sz.rounds = args.rounds
     all_suites = ALL_SUITES
     suites = set(args.only.split(",")) if args.only else set(
         QUICK_SUITES if args.quick else all_suites)
+    if args.real:
+        suites &= {"sft", "dpo"}
     if args.pipeline:
         suites.add("pipeline")
     unknown = suites - set(all_suites)
@@ -670,15 +726,23 @@ def main(argv: list[str] | None = None) -> int:
     log(f"building the shared model and tokenizer in {work} ...")
     sys.path.insert(0, str(ROOT))
     from benchmarks import assets
-    model_dir = assets.build_assets(work)
-
-    configs = plan(sz, suites, trl, data_maker(work))
+    if args.real:
+        from starpo.run.fetch import fetch
+        model_dir = fetch("smollm2-135m-instruct", log=log)
+        configs = [c for c in plan(sz, suites, trl, real_data_maker(work, model_dir, sz))
+                   if c.name in REAL_CONFIGS]
+    else:
+        model_dir = assets.build_assets(work)
+        configs = plan(sz, suites, trl, data_maker(work))
     common = {"threads": threads, "model": str(model_dir)}
+    if args.real:
+        common["chat_template"] = "chatml"
     load_start = os.getloadavg()
     meta = {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), "threads": threads, "sizes": sz.__dict__ | {
                 "len_his": list(sz.len_his), "row_caps": list(sz.row_caps)},
-            "quick": args.quick, "load_avg_start": load_start, "model": assets.MODEL,
+            "quick": args.quick, "real": args.real, "load_avg_start": load_start,
+            "model": f"SmolLM2-135M-Instruct ({model_dir})" if args.real else assets.MODEL,
             "command": " ".join(["python -m benchmarks.run"] + (argv if argv is not None
                                                                  else sys.argv[1:]))}
     if load_start[0] > 0.5 * threads:
@@ -709,8 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     meta.update(finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 wall_s=time.time() - t0, load_avg_end=os.getloadavg())
     (work / "runs.json").write_text(json.dumps({"meta": meta, "runs": runs}))
-    kind = "tiny" if args.tiny else ("latest-quick" if args.quick else
-                                     ("latest" if not args.only else "latest-partial"))
+    kind = "tiny" if args.tiny else "latest-real" if args.real else (
+        "latest-quick" if args.quick else ("latest" if not args.only else "latest-partial"))
     res = finish(meta, runs, Path(args.out), kind, stamp=not args.tiny)
     return 0 if res else 1
 
@@ -741,7 +805,8 @@ def finish(meta: dict, runs: dict[str, list[dict]], out: Path, kind: str, *,
     payload = {"meta": meta, "ratios": ratios, "results": res}
     if stamp:
         when = meta.get("started", "").replace("-", "").replace(":", "").replace("+0000", "Z")
-        (out / f"{when or 'run'}{'-quick' if meta.get('quick') else ''}.json").write_text(
+        sfx = "-quick" if meta.get("quick") else "-real" if meta.get("real") else ""
+        (out / f"{when or 'run'}{sfx}.json").write_text(
             json.dumps(payload, indent=1))
     (out / f"{kind}.json").write_text(json.dumps(payload, indent=1))
     (out / f"{kind}.md").write_text(

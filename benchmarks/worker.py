@@ -57,6 +57,11 @@ def load(cfg):
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(cfg["model"])
+    if cfg.get("chat_template") == "chatml":
+        # a real model's own template has no {% generation %} markers, which TRL's
+        # assistant_only_loss needs: both frameworks get starpo's ChatML (which has them)
+        from starpo.model.loading import CHATML_TEMPLATE
+        tok.chat_template = CHATML_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32,
                                                  attn_implementation="sdpa")
     model.config.use_cache = False

@@ -117,8 +117,8 @@ def test_the_audit_catches_a_model_that_skipped_the_runtime(tmp_path, audited, o
     """A reference model loaded without the runtime (the bug this replaces) is refused."""
     from starpo.stages import preference as stage_pref
     rt, _ = audited
-    real = stage_pref.reference_logps
-    monkeypatch.setattr(stage_pref, "reference_logps",
+    real = stage_pref.reference_logps_for
+    monkeypatch.setattr(stage_pref, "reference_logps_for",
                         lambda *a, runtime, **kw: real(*a, runtime=Runtime.cpu(), **kw))
     with pytest.raises(AssertionError, match="never placed"):
         pipeline.run(recipe_from_dict(_recipe()), tmp_path / "run", runtime=rt, log=quiet,

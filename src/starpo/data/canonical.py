@@ -18,6 +18,8 @@ Preference row::
 Prompt row (evaluation / online sampling)::
 
     {"prompt": [msg, ...], "chosen": [assistant msg] or None, "id": str, "source": ..., "row": ...}
+    (+ "category": str when the prompt set has categories, e.g. MT-Bench: the evaluation
+    then reports every metric per category as well)
 
 ``source`` and ``row`` travel with the example through tokenization so that a problem found
 late (e.g. zero trainable tokens) still names the file and row.
@@ -81,12 +83,15 @@ def preference_row(prompt: list[dict], chosen: list[dict], rejected: list[dict],
 
 
 def prompt_row(prompt: list[dict], *, chosen: list[dict] | None = None, id: str | None = None,
-               source: str, row: int) -> dict:
-    return {"prompt": check_messages(prompt, source=source, row=row, field="prompt"),
-            "chosen": (check_messages(chosen, source=source, row=row, field="chosen",
-                                      only_assistant=True) if chosen else None),
-            "id": id if id is not None else f"{source}:{row}",
-            "source": source, "row": row}
+               source: str, row: int, category: str | None = None) -> dict:
+    out = {"prompt": check_messages(prompt, source=source, row=row, field="prompt"),
+           "chosen": (check_messages(chosen, source=source, row=row, field="chosen",
+                                     only_assistant=True) if chosen else None),
+           "id": id if id is not None else f"{source}:{row}",
+           "source": source, "row": row}
+    if category is not None:
+        out["category"] = category
+    return out
 
 
 def response_text(messages: list[dict]) -> str:

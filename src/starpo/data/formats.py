@@ -408,6 +408,25 @@ def _conv_prompt(r: dict, w: Where) -> dict:
     return prompt_row(prompt, chosen=chosen, id=_row_id(r), source=w.source, row=w.row)
 
 
+def _conv_mt_bench(r: dict, w: Where) -> dict:
+    """FastChat's MT-Bench ``question.jsonl``: the first turn is the prompt (a single-turn
+    evaluation: the second turn needs the model's own first answer), ``category`` is kept
+    for per-category metrics; ``question_id`` is the id; ``reference`` answers (math,
+    reasoning, coding) are short solutions, not chat answers, so they are not used."""
+    turns = _get(r, "turns", list, w)
+    if not turns:
+        raise w.error("no turns", "turns")
+    first = turns[0]
+    if not isinstance(first, str):
+        raise w.error(f"is {type(first).__name__}, expected a string", "turns[0]")
+    if not first.strip():
+        raise w.error("empty first turn", "turns[0]")
+    category = _get(r, "category", str, w)
+    qid = _get(r, "question_id", (int, str), w)
+    return prompt_row([msg("user", first)], id=str(qid), source=w.source, row=w.row,
+                      category=category)
+
+
 # --------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
@@ -450,6 +469,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
            "be full conversations repeating the prompt)"),
     Format("implicit_preference", "preference", ("chosen", "rejected"), _conv_implicit,
            "TRL implicit prompt `{chosen, rejected}`: prompt = longest common prefix"),
+    Format("mt_bench", "prompt", ("question_id", "category", "turns"), _conv_mt_bench,
+           "FastChat MT-Bench question.jsonl `question_id`/`category`/`turns`: the first "
+           "turn is the prompt, the category is kept for per-category metrics"),
     Format("prompt", "prompt", (), _conv_prompt,
            "prompt sets: `prompt` string or messages (optional `chosen`/`completion` "
            "reference), or `messages` cut at the last user turn"),
@@ -503,7 +525,9 @@ def detect_format(columns: Iterable[str], kind: str, *, sample: dict | None = No
     elif kind == "preference":
         found = detect_preference(cols, sample)
     else:
-        if "prompt" in cols or "messages" in cols:
+        if {"question_id", "category", "turns"} <= cols:
+            found = ["mt_bench"]
+        elif "prompt" in cols or "messages" in cols:
             found = ["prompt"]
         else:
             found = detect_preference(cols, sample) or \

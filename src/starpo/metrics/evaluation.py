@@ -44,6 +44,8 @@ Files written by :func:`evaluate_models` (``out_dir``)::
     gaps.json         paired score gaps: [{model, baseline, n, gap, gap_ci}] for each model
                       against the one before it and against the SFT reference
                       (:func:`starpo.metrics.stats.score_gaps`)
+    categories.json   only for prompts with a ``category`` (MT-Bench): {model: {category:
+                      metrics}} (:func:`starpo.metrics.stats.by_category`)
     <model>.jsonl     one record per prompt (see :func:`_records`)
     meta.json         prompts, sampling spec, seed, judge, reference model
 
@@ -68,8 +70,8 @@ from starpo.judges.base import PairwiseJudge
 from starpo.metrics.names import EVAL_METRICS
 from starpo.metrics.samples import (ModelRef, ModelSamples, load_for_sampling,
                                     response_logprobs, sample_model)
-from starpo.metrics.stats import (gap_pairs, kl_terms, score_gaps, summarize_model,
-                                  win_outcomes)
+from starpo.metrics.stats import (by_category, gap_pairs, kl_terms, score_gaps,
+                                  summarize_model, win_outcomes)
 from starpo.recipe import GenerationSpec
 from starpo.runtime import default_device, release_memory
 
@@ -82,6 +84,7 @@ class EvalResult:
     samples: dict[str, ModelSamples]
     reference: str | None
     meta: dict
+    categories: dict[str, dict] | None = None   # model -> category -> metrics (MT-Bench)
 
 
 def score_in_chunks(judge, prompts: Sequence, responses: Sequence[str], *, desc: str,
@@ -203,6 +206,10 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
                                 sft=sft, bootstrap=bootstrap, seed=seed)
     gaps = score_gaps({n: samples[n].scores for n in models}, gap_pairs(list(models), sft),
                       n_boot=bootstrap, seed=seed)
+    categories = {n: by_category(records[n], n_boot=bootstrap, seed=seed) for n in models}
+    categories = {n: c for n, c in categories.items() if c} or None
+    for line in category_lines(categories):
+        log(line)
     meta_out = {"prompts": len(messages), "models": {n: samples[n].source for n in models},
                 "reference": sft, "seed": seed, "bootstrap": bootstrap,
                 "generation": spec.model_dump(mode="json"),
@@ -212,8 +219,26 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
                 **(meta or {})}
     if out_dir is not None and (runtime is None or runtime.is_main):
         write_outputs(Path(out_dir), summary, records, meta_out, gaps)
+        if categories is not None:
+            fileio.write_json(Path(out_dir) / "categories.json", categories)
     return EvalResult(summary=summary, gaps=gaps, records=records, samples=samples,
-                      reference=sft, meta=meta_out)
+                      reference=sft, meta=meta_out, categories=categories)
+
+
+def category_lines(categories: Mapping[str, Mapping[str, dict]] | None) -> list[str]:
+    """A plain-text table of the mean score per category (rows) and model (columns)."""
+    if not categories:
+        return []
+    names = list(categories)
+    cats = sorted({c for per in categories.values() for c in per})
+    lines = ["  mean score by category: " + " ".join(f"{n:>10}" for n in names)]
+    for c in cats:
+        cells = []
+        for n in names:
+            v = categories[n].get(c, {}).get("mean_score")
+            cells.append(f"{v:>10.3f}" if v is not None else f"{'-':>10}")
+        lines.append(f"    {c:<21}" + " ".join(cells))
+    return lines
 
 
 def _score_references(judge, messages, chosen, progress: bool) -> list[float | None]:
@@ -311,6 +336,8 @@ def _records(rows, messages, ms: ModelSamples, chosen, chosen_scores, ref_ms, kl
                 win_outcomes([ms.scores[i]], [ref_ms.scores[i]], same=[same_sft[i]])[0]),
             "tokens": ms.tokens[i],
         }
+        if row.get("category") is not None:
+            rec["category"] = row["category"]
         out.append(rec)
     return out
 

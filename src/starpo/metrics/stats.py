@@ -218,3 +218,51 @@ def summarize_model(scores: Sequence[float], lengths: Sequence[int], n_tokens: S
     if finished is not None:
         put("finished_rate", np.asarray(finished, dtype=np.float64))
     return out
+
+
+# per-prompt record field → the metric it averages to (evaluation records, <model>.jsonl)
+CATEGORY_FIELDS = (("score", "mean_score"), ("win_vs_chosen", "win_vs_chosen"),
+                   ("win_vs_sft", "win_vs_sft"), ("kl", "kl_vs_sft"),
+                   ("length", "mean_length"), ("finished", "finished_rate"))
+
+
+def by_category(records: Sequence[Mapping[str, Any]], *, n_boot: int = 1000, seed: int = 0
+                ) -> dict[str, dict[str, Any]]:
+    """One model's metrics per prompt category (MT-Bench's writing, math, …) from its
+    per-prompt evaluation records: ``{category: {"n": k, metric: mean, metric_ci: [lo,
+    hi]}}`` for the metrics of :data:`CATEGORY_FIELDS`, each the mean over that category's
+    prompts where the record has a value, with a percentile bootstrap interval. Records
+    without a ``category`` are left out; no categories gives ``{}``."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        c = r.get("category")
+        if c is not None:
+            groups.setdefault(str(c), []).append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for cat in sorted(groups):
+        recs = groups[cat]
+        m: dict[str, Any] = {"n": len(recs)}
+        for field, name in CATEGORY_FIELDS:
+            vals = np.array([float(r[field]) for r in recs if r.get(field) is not None],
+                            dtype=np.float64)
+            if vals.size == 0:
+                m[name], m[f"{name}_ci"] = None, None
+                continue
+            m[name] = _finite_or_none(float(vals.mean()))
+            ci = bootstrap_ci(vals, n_boot=n_boot, seed=seed) if n_boot > 0 else None
+            m[f"{name}_ci"] = None if ci is None else [_finite_or_none(ci[0]),
+                                                       _finite_or_none(ci[1])]
+        out[cat] = m
+    return out
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float | None:
+    """Distinct-n of a set of responses: distinct word n-grams over all word n-grams
+    (whitespace words, lower-cased), pooled over ``texts``. Near 0 means degenerate,
+    repeated text; ordinary prose is well above 0.5 for n = 2. ``None`` when the texts hold
+    no n-gram at all."""
+    grams: list[tuple[str, ...]] = []
+    for t in texts:
+        w = t.lower().split()
+        grams.extend(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
+    return len(set(grams)) / len(grams) if grams else None

@@ -18,6 +18,15 @@ Loaded models
     tokenizer grew** (new rows are initialised at the mean of the old ones, as transformers
     does) and writes pad/eos ids into ``config`` and ``generation_config``.
 
+GGUF checkpoints
+    ``model.name_or_path`` may be a ``.gguf`` file, or a directory plus ``model.gguf_file``
+    (the name of the ``.gguf`` file in it). Tokenizer and model load through transformers'
+    GGUF reader (the ``gguf`` extra), dequantised to plain float tensors; the quantizer
+    marks transformers leaves on the model are cleared (:func:`dequantized`), so any stage
+    saves an ordinary checkpoint that ``AutoModelForCausalLM.from_pretrained`` reads
+    unchanged. Reading a GGUF file dequantises every tensor (about 30 s for a 135M model on
+    one CPU thread): convert once and name the checkpoint instead (``starpo fetch`` does).
+
 Saving
     ``save_pretrained`` writes into a sibling temporary directory and renames it into
     place, so a crash never leaves a half-written model directory behind.
@@ -44,7 +53,7 @@ __all__ = [
     "train_tokenizer", "build_tiny_model", "build_or_load",
     "load_tokenizer", "load_model", "load_reward_model", "reward_model_from_causal",
     "save_pretrained", "align_model_to_tokenizer", "apply_lora",
-    "resolve_dtype", "count_parameters",
+    "resolve_dtype", "count_parameters", "gguf_location", "dequantized",
 ]
 
 IM_START, IM_END, PAD_TOKEN = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -142,12 +151,22 @@ def load_tokenizer(name_or_path: str, spec=None, *, chat: bool = True,
     from transformers import AutoTokenizer
 
     spec = _spec(spec)
-    where = _resolve(name_or_path, what)
-    try:
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=spec.trust_remote_code,
-                                            cache_dir=cache_dir)
-    except (OSError, ValueError) as err:
-        raise _load_error(name_or_path, what, err, "tokenizer") from err
+    gguf = gguf_location(name_or_path, spec, what)
+    if gguf is not None:
+        _require_gguf(what)
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1],
+                                                trust_remote_code=spec.trust_remote_code)
+        except (OSError, ValueError, KeyError, NotImplementedError) as err:
+            raise _gguf_error(gguf, what, err) from err
+    else:
+        where = _resolve(name_or_path, what)
+        try:
+            tok = AutoTokenizer.from_pretrained(where,
+                                                trust_remote_code=spec.trust_remote_code,
+                                                cache_dir=cache_dir)
+        except (OSError, ValueError) as err:
+            raise _load_error(name_or_path, what, err, "tokenizer") from err
     old_eos = tok.eos_token
     if chat:
         had_template = template_text(tok) is not None
@@ -340,6 +359,81 @@ def _resolve(name_or_path: str, what: str) -> str:
     return name
 
 
+# --------------------------------------------------------------------------- GGUF
+
+GGUF_EXTRA_HINT = "pip install 'starpo[gguf]'"
+
+
+def gguf_location(name_or_path, spec=None, what: str = "model.name_or_path"
+                  ) -> tuple[str, str] | None:
+    """``(directory, file name)`` when ``name_or_path`` names a GGUF checkpoint, else None.
+
+    A GGUF checkpoint is a ``.gguf`` file, or a directory that holds ``spec.gguf_file`` and
+    no ``config.json`` (a saved stage checkpoint beside it is never read as GGUF). Nothing
+    is loaded here; a missing file is an error naming it.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        return None
+    p = Path(str(name_or_path)).expanduser()
+    gguf_file = getattr(spec, "gguf_file", None)
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise StarpoError(f"{what}: GGUF file {str(name_or_path)!r} not found")
+        return str(p.resolve().parent), p.name
+    if gguf_file and p.is_dir() and not (p / "config.json").is_file():
+        if not (p / gguf_file).is_file():
+            raise StarpoError(f"{what}: {str(name_or_path)!r} has no file {gguf_file!r} "
+                              "(model.gguf_file)")
+        return str(p.resolve()), gguf_file
+    return None
+
+
+def _require_gguf(what: str) -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise StarpoError(f"{what}: reading a GGUF checkpoint needs the gguf package: "
+                          f"{GGUF_EXTRA_HINT}") from None
+
+
+def _gguf_error(where: tuple[str, str], what: str, err: Exception) -> StarpoError:
+    """One line for a GGUF file transformers cannot read (an architecture it has no
+    mapping for, a quantisation type it cannot dequantise, a damaged file)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    path = str(Path(where[0]) / where[1])
+    if "architecture" in first and "not supported" in first:
+        try:
+            from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+            # the mapping also holds the non-architecture sections "general", "tokenizer"
+            known = ", ".join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES)
+                                     - {"general", "tokenizer"}))
+        except ImportError:
+            known = "see transformers' GGUF documentation"
+        return StarpoError(f"{what}: {path}: transformers cannot read this architecture from "
+                           f"GGUF ({first}); it reads: {known}. Convert the model to a "
+                           "Hugging Face checkpoint another way and name that directory")
+    return StarpoError(f"{what}: cannot read GGUF checkpoint {path}: {first}")
+
+
+def dequantized(model):
+    """Clear the marks transformers leaves on a model read from GGUF.
+
+    Its tensors are already plain (dequantised on load), but ``hf_quantizer`` and
+    ``config.quantization_config`` remain: ``save_pretrained`` then refuses ("quantized
+    with gguf … not serializable") and a saved config would send the next
+    ``from_pretrained`` to look for the GGUF file again. Returns ``model``."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for cfg in {id(c): c for c in (model.config, getattr(model.config, "get_text_config",
+                                                          lambda: model.config)())}.values():
+        if getattr(cfg, "quantization_config", None) is not None:
+            try:
+                delattr(cfg, "quantization_config")
+            except AttributeError:
+                cfg.quantization_config = None
+    return model
+
+
 def _load_error(name: str, what: str, err: Exception, part: str) -> StarpoError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if Path(name).expanduser().is_dir():
@@ -380,7 +474,8 @@ def load_model(name_or_path: str, spec=None, *, for_training: bool = True, devic
     if kind not in ("causal_lm", "reward"):
         raise ValueError(f"kind must be 'causal_lm' or 'reward', not {kind!r}")
     spec = _spec(spec)
-    where = _resolve(name_or_path, what)
+    gguf = gguf_location(name_or_path, spec, what)
+    where = gguf[0] if gguf is not None else _resolve(name_or_path, what)
     if tokenizer is None:
         tokenizer = load_tokenizer(name_or_path, spec, what=what, cache_dir=cache_dir,
                                    chat=chat)
@@ -393,14 +488,23 @@ def load_model(name_or_path: str, spec=None, *, for_training: bool = True, devic
                                   attn_implementation=spec.attn_implementation,
                                   trust_remote_code=spec.trust_remote_code,
                                   cache_dir=cache_dir)
+    if gguf is not None:
+        _require_gguf(what)
+        kwargs["gguf_file"] = gguf[1]
     try:
         if kind == "reward":
             model = AutoModelForSequenceClassification.from_pretrained(
                 where, num_labels=1, pad_token_id=tokenizer.pad_token_id, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError, NotImplementedError) as err:
+        if gguf is not None:
+            raise _gguf_error(gguf, what, err) from err
+        if isinstance(err, (KeyError, NotImplementedError)):
+            raise
         raise _load_error(str(name_or_path), what, err, "model") from err
+    if gguf is not None:
+        dequantized(model)
     align_model_to_tokenizer(model, tokenizer)
     if device is not None:
         model = model.to(device)

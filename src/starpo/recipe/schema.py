@@ -63,7 +63,12 @@ class TinyModelSpec(Strict):
 
 
 class ModelSpec(Strict):
-    name_or_path: str = "tiny"     # "tiny", a hub id or a local checkpoint directory
+    # "tiny", a hub id, a local checkpoint directory, or a GGUF checkpoint (a .gguf file, or
+    # a directory plus gguf_file; needs the gguf extra)
+    name_or_path: str = "tiny"
+    # the .gguf file inside the name_or_path directory (left out of dumps when unset, so
+    # stage hashes of recipes without it stay the same)
+    gguf_file: str | None = Field(None, exclude_if=lambda v: v is None)
     tiny: TinyModelSpec = TinyModelSpec()
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = "sdpa"

@@ -127,6 +127,31 @@ def _metrics_table(summary: dict[str, dict], colors: dict[str, str], reference: 
             f'</thead><tbody>{"".join(rows)}</tbody></table>')
 
 
+def _categories_table(cats: Any) -> str:
+    """Mean score per prompt category (``categories.json``, MT-Bench): categories as rows,
+    models as columns, each with its 95% interval."""
+    if not isinstance(cats, dict) or not cats:
+        return ""
+    models = [m for m, per in cats.items() if isinstance(per, dict)]
+    names = sorted({c for m in models for c in cats[m]})
+    rows = []
+    for c in names:
+        cells = []
+        for m in models:
+            v = cats[m].get(c) if isinstance(cats[m].get(c), dict) else {}
+            x, ci = v.get("mean_score"), v.get("mean_score_ci")
+            ci_txt = (f'<span class="ci">[{ci[0]:.2f}, {ci[1]:.2f}]</span>'
+                      if isinstance(ci, list) and len(ci) == 2 and all(finite(t) for t in ci)
+                      else "")
+            cells.append(f'<td><span class="v">{x:.3f}</span>{ci_txt}</td>' if finite(x)
+                         else "<td>–</td>")
+        n = next((cats[m][c].get("n") for m in models if isinstance(cats[m].get(c), dict)), "")
+        rows.append(f"<tr><th>{esc(c)} <span class=\"ci\">({n})</span></th>{''.join(cells)}</tr>")
+    head = "".join(f"<th>{esc(m)}</th>" for m in models)
+    return ('<h3>Mean score by category</h3><table class="metrics"><thead><tr><th>category '
+            f'(prompts)</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
 def _gaps_table(gaps: Any) -> str:
     """Paired score gaps (``gaps.json``): one line per (model, baseline) pair."""
     rows = []
@@ -380,6 +405,7 @@ def _eval_section(run_dir: Path, d: Path) -> str:
         f'</span></h2><p class="facts">{esc(" · ".join(facts))}</p>'
         + _metrics_table(summary, colors, reference)
         + _gaps_table(fileio.read_json(d / "gaps.json"))
+        + _categories_table(fileio.read_json(d / "categories.json"))
         + '<p class="legend-note">win rates count ties as ½; KL = Σ<sub>t</sub> [log π − log '
         'π<sub>sft</sub>] over the model\'s own sampled tokens (end of turn included); KL / '
         'token divides by those tokens; length = response tokens without the end-of-turn '

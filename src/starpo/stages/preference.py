@@ -19,7 +19,7 @@ from starpo.model.layout import attention_note
 from starpo.recipe import PreferenceSpec
 from starpo.train.loop import run_loop
 from starpo.train.preference import PreferenceTask, evaluate_pairs, one_row, row_tokens
-from starpo.train.refcache import reference_logps, tokenizer_fingerprint
+from starpo.train.refcache import reference_logps_for, tokenizer_fingerprint
 
 
 def tokenize_pairs(tokenizer, rows: list[dict], spec: PreferenceSpec, *, on_bad_rows: str,
@@ -41,8 +41,10 @@ def tokenize_pairs(tokenizer, rows: list[dict], spec: PreferenceSpec, *, on_bad_
     return out, stats
 
 
-def prepare_reference(ctx, stage, tok, pairs, ref_path: str, *, batch_size: int):
-    """Reference log-probs for ``pairs`` from the cache (computed on a miss)."""
+def prepare_reference(ctx, stage, tok, pairs, ref_path: str, *, batch_size: int,
+                      needed: list[int] | None = None):
+    """Reference log-probs for ``pairs`` from the cache (computed on a miss); with
+    ``needed``, for those pairs only (the rest NaN: :func:`reference_logps_for`)."""
     if not losses.needs_reference(stage.loss):
         return None, None, None
     if not stage.reference_cache:
@@ -50,7 +52,7 @@ def prepare_reference(ctx, stage, tok, pairs, ref_path: str, *, batch_size: int)
                 "only")
     cache_dir = ctx.refcache if stage.reference_cache else Path(ctx.out) / stage.name / \
         "refcache-tmp"
-    ref = reference_logps(ref_path, tok, pairs, cache_dir=cache_dir,
+    ref = reference_logps_for(ref_path, tok, pairs, needed, cache_dir=cache_dir,
                           load_model=lambda: loading.load_model(ref_path, ctx.recipe.model,
                                                                 for_training=False),
                           runtime=ctx.runtime,
@@ -67,8 +69,6 @@ def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: 
     second the whole trained weights under FSDP/DeepSpeed (for ``save_pretrained``), else
     None."""
     all_pairs = train_pairs + eval_pairs
-    rc, rr, ref = prepare_reference(ctx, stage, tok, all_pairs, ref_path,
-                                    batch_size=max(stage.train.batch_size, 8))
     n = len(train_pairs)
     rows1 = one_row(model, stage)
     if stage.prefix_sharing or stage.padding_free:
@@ -76,8 +76,18 @@ def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: 
     mk = lambda ps, a, b, bs: PreferenceTask(  # noqa: E731
         ps, stage, batch_size=bs, pad_id=tok.pad_token_id, seed=seed,
         ref_chosen=a, ref_rejected=b, one_row=rows1)
-    task = mk(train_pairs, rc[:n] if rc is not None else None,
-              rr[:n] if rr is not None else None, stage.train.batch_size)
+    task = mk(train_pairs, None, None, stage.train.batch_size)
+    # a run that reaches at most half of its pairs (max_steps) computes the reference
+    # log-probs of those and the held-out ones only; one that reaches more computes them
+    # all, as one entry in data order: it costs little more, serves any later run of the
+    # same data whole, and keeps the numbers of runs made before this existed (a subset
+    # packs pairs into other rows, which rounds differently in the last float bits)
+    trained = task.trained_pairs(stage.train, ctx.runtime.num_processes)
+    needed = None if 2 * len(trained) > n else trained + list(range(n, len(all_pairs)))
+    rc, rr, ref = prepare_reference(ctx, stage, tok, all_pairs, ref_path,
+                                    batch_size=max(stage.train.batch_size, 8), needed=needed)
+    if rc is not None:
+        task.ref_c, task.ref_r = rc[:n], rr[:n]
     held = mk(eval_pairs, rc[n:] if rc is not None else None,
               rr[n:] if rr is not None else None, 32) if eval_pairs else None
     saved = PB.tokens_saved([p.as_dict() for p in train_pairs]) if stage.prefix_sharing else {}

@@ -26,7 +26,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ class _Schedule:
     total: int
 
 
-def _schedule(first: list[TokenBatch], spec: TrainSpec, world: int, desc: str) -> _Schedule:
+def _schedule(first: Sequence, spec: TrainSpec, world: int, desc: str) -> _Schedule:
     per_proc = len(first) // world
     if per_proc == 0:
         raise TrainingError(f"{desc}: not enough data for one micro-batch per process "
@@ -150,6 +150,29 @@ def _schedule(first: list[TokenBatch], spec: TrainSpec, world: int, desc: str) -
     steps_per_epoch = math.ceil(per_proc / spec.grad_accum)
     total = spec.max_steps or max(1, math.ceil(spec.epochs * steps_per_epoch))
     return _Schedule(steps_per_epoch, per_proc, total)
+
+
+def trained_microbatches(n_microbatches: int, spec: TrainSpec, world: int = 1
+                         ) -> dict[int, list[int]]:
+    """Which micro-batches the loop trains on: ``{epoch: sorted indices into that epoch's
+    list of micro-batches (task.microbatches(epoch))}``, over all ``world`` processes.
+
+    The same arithmetic as :func:`_run_loop` (process ``rank`` takes the epoch's list
+    ``[rank::world][:per_proc]``, step ``j`` of an epoch its ``grad_accum`` micro-batches
+    ``j·ga … (j+1)·ga``), so a stage can prepare only what ``max_steps`` will reach
+    (the reference log-probs of the pairs it trains on); tested against the loop itself.
+    An epoch the run goes through whole lists every micro-batch the loop uses."""
+    if n_microbatches // world == 0:
+        return {}              # the loop itself says: not enough data for one micro-batch
+    sched = _schedule(range(n_microbatches), spec, world, "trained_microbatches")
+    out: dict[int, set[int]] = {}
+    for step in range(sched.total):
+        epoch, j = divmod(step, sched.steps_per_epoch)
+        lo, hi = j * spec.grad_accum, min((j + 1) * spec.grad_accum, sched.per_proc)
+        got = out.setdefault(epoch, set())
+        for p in range(lo, hi):
+            got.update(rank + p * world for rank in range(world))
+    return {e: sorted(v) for e, v in out.items()}
 
 
 def _enable_checkpointing(model: nn.Module) -> None:

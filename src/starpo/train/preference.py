@@ -19,6 +19,7 @@ from starpo.data.tokenize import TokenizedPair
 from starpo.model.layout import row_cap
 from starpo.recipe import PreferenceSpec
 from starpo.runtime import Runtime
+from starpo.train.loop import trained_microbatches
 from starpo.train.task import TargetLogprobs, metric_sum
 
 
@@ -97,11 +98,26 @@ class PreferenceTask:
             b.meta["ref_rejected"] = self.ref_r[idx]
         return b
 
-    def microbatches(self, epoch: int) -> list[TokenBatch]:
+    def groups(self, epoch: int) -> list[list[int]]:
+        """The pair indices of each micro-batch of ``epoch`` (a seeded shuffle, cut into
+        ``batch_size`` groups)."""
         order = list(range(len(self.pairs)))
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        return [self.batch_for(order[k:k + self.batch_size])
-                for k in range(0, len(order), self.batch_size)]
+        return [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+
+    def microbatches(self, epoch: int) -> list[TokenBatch]:
+        return [self.batch_for(g) for g in self.groups(epoch)]
+
+    def trained_pairs(self, spec, world: int = 1) -> list[int]:
+        """Indices of the pairs the loop will train on under ``spec`` (a TrainSpec; with
+        ``max_steps`` or ``epochs`` < 1 possibly fewer than all), sorted."""
+        n_mb = len(self.groups(0))
+        used: set[int] = set()
+        for epoch, mbs in trained_microbatches(n_mb, spec, world).items():
+            groups = self.groups(epoch)
+            for k in mbs:
+                used.update(groups[k])
+        return sorted(used)
 
     def units(self, batch: TokenBatch) -> float:
         return float(batch.num_seqs // 2)

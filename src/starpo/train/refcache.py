@@ -285,3 +285,108 @@ def _compute_and_store(path: Path, key: str, ref_path: str, pairs: list, load_mo
         metadata={"ref": str(ref_path), "pairs": str(len(pairs))}))
     partial.unlink(missing_ok=True)
     return RefLogps(ch, rj, key, False)
+
+
+# --------------------------------------------------------------------------- a run's share
+#
+# A stage with max_steps may train on a few of its pairs: it asks for those (and its
+# held-out pairs) only. Each entry computed this way gets a sidecar listing the content
+# hash of each of its pairs, under a namespace of (reference weights, tokenizer); a later
+# run with the same reference finds every pair it needs in any entry of that namespace
+# and computes only the rest, as one new entry. The entries themselves are the ones
+# ``reference_logps`` writes (same key, same format), so nothing about them changes.
+
+def pair_key(pair) -> str:
+    """Content hash of one tokenized pair (what its reference log-probs depend on besides
+    the reference and the tokenizer)."""
+    return pairs_fingerprint([pair])[:32]
+
+
+def _namespace(ref_path: str, tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(model_fingerprint(ref_path).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    return h.hexdigest()[:32]
+
+
+def _sidecar(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"ref-{key}.pairs.json"
+
+
+def _known_pairs(cache_dir: Path, namespace: str) -> dict[str, tuple[str, int]]:
+    """pair hash → (entry key, position) over the readable sidecars of ``namespace``."""
+    found: dict[str, tuple[str, int]] = {}
+    for side in sorted(Path(cache_dir).glob("ref-*.pairs.json")):
+        rec = fileio.read_json(side)
+        if not isinstance(rec, dict) or rec.get("namespace") != namespace:
+            continue
+        key = side.name[len("ref-"):-len(".pairs.json")]
+        hashes = rec.get("pairs") or []
+        if _entry_size(Path(cache_dir) / f"ref-{key}.safetensors") != len(hashes):
+            continue                  # gone or damaged: its pairs count as not computed
+        for i, h in enumerate(hashes):
+            found.setdefault(h, (key, i))
+    return found
+
+
+def _entry_size(path: Path) -> int | None:
+    """Pairs in a cache entry, or None when it is missing or unreadable."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            n = f.get_slice("chosen").get_shape()[0]
+            return n if f.get_slice("rejected").get_shape()[0] == n else None
+    except Exception:  # noqa: BLE001 - any damage means: not usable
+        return None
+
+
+def reference_logps_for(ref_path: str, tokenizer, pairs: list, needed: list[int] | None, *,
+                        cache_dir: Path, runtime: Runtime, log=print, **kw) -> RefLogps:
+    """Reference log-probs of ``pairs[i]`` for ``i`` in ``needed`` (all when ``None``);
+    the others are NaN (a loss that reads one is non-finite and stops the run, never a
+    silent wrong value). ``kw`` are :func:`reference_logps`' arguments.
+
+    All pairs needed: exactly :func:`reference_logps` (same entry, same numbers). A
+    subset: pairs already computed by an earlier run with the same reference and
+    tokenizer are read from its entries; the rest are computed as one new entry. Every
+    entry written here gets a sidecar of its pairs' content hashes, so a longer rerun adds
+    only what it lacks. ``hit`` is true when nothing had to be computed."""
+    cache_dir = Path(cache_dir)
+    n = len(pairs)
+    want = list(range(n)) if needed is None else sorted(set(needed))
+    ns = _namespace(ref_path, tokenizer)
+    hashes = [pair_key(pairs[i]) for i in want]
+    known = _known_pairs(cache_dir, ns) if cache_dir.is_dir() else {}
+    runtime.wait()        # every process has read the index before any writes to it
+    missing = [i for i, h in zip(want, hashes) if h not in known]
+    ch = torch.full((n,), float("nan"))
+    rj = torch.full((n,), float("nan"))
+    key, computed = "", False
+    if missing:
+        if len(missing) < n:
+            log(f"  reference log-probs: {len(missing)} of {n} pairs needed "
+                f"({len(want) - len(missing)} more found in the cache); the rest are not "
+                "trained on")
+        sub = [pairs[i] for i in missing]
+        ref = reference_logps(ref_path, tokenizer, sub, cache_dir=cache_dir, runtime=runtime,
+                              log=log, **kw)
+        ch[missing], rj[missing] = ref.chosen, ref.rejected
+        key, computed = ref.key, not ref.hit
+        if runtime.is_main and not _sidecar(cache_dir, ref.key).is_file():
+            fileio.write_json(_sidecar(cache_dir, ref.key),
+                              {"namespace": ns, "pairs": [pair_key(p) for p in sub]},
+                              indent=None)
+    found = [(i, known[h]) for i, h in zip(want, hashes) if h in known]
+    if found:
+        from safetensors.torch import load_file
+        entries: dict[str, dict] = {}
+        for i, (k, pos) in found:
+            if k not in entries:
+                entries[k] = load_file(str(cache_dir / f"ref-{k}.safetensors"))
+            ch[i] = entries[k]["chosen"][pos]
+            rj[i] = entries[k]["rejected"][pos]
+        if not missing:
+            log(f"  reference log-probs: cache hit (all {len(want)} pairs needed, found by "
+                f"content in {len(entries)} entr{'y' if len(entries) == 1 else 'ies'})")
+        key = key or sorted(entries)[0]
+    return RefLogps(ch, rj, key, not computed)
