@@ -127,14 +127,15 @@ def test_each_stage_kind_preempted_and_resumed_equals_the_uninterrupted_run(runs
     assert msg.startswith("sft: preempted (SIGTERM) at step 2 of 5; checkpoint saved")
     assert (out / "sft" / "checkpoints" / "step_0000002").is_dir()
 
-    # the reference pass (5 batches of 8 pairs): stopped after its second batch
+    # the reference pass (sized to the run: the 16 pairs its 4 steps reach and the 4
+    # held-out ones, in batches of 8): stopped after its second batch
     msg, _ = _preempted(recipe, out, monkeypatch,
                         _on_call(refcache, "sequence_logprobs", 2))
-    assert msg.startswith("reference log-probs: preempted (SIGTERM) after 16 of 40 pairs")
+    assert msg.startswith("reference log-probs: preempted (SIGTERM) after 16 of 20 pairs")
     assert (out / "sft" / "stage.json").is_file()
 
     msg, logs = _preempted(recipe, out, monkeypatch, _at_step("dpo", 2))
-    assert any("continuing from pair 16 of 40" in line for line in logs)
+    assert any("continuing from pair 16 of 20" in line for line in logs)
     assert msg.startswith("dpo: preempted (SIGTERM) at step 2 of 4")
 
     # online round 1: sampling (2 chunks of 16 and 8 prompts), judging, training
