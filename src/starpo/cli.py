@@ -118,15 +118,13 @@ def run(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML f
                 typer.echo(f"  {name:<12} {kind:<8} {status}")
             if expected is not None:
                 typer.echo(f"then: check {out_dir} against {expected.path}")
-            if show_recipe:
-                typer.echo("# resolved recipe")
-                typer.echo(dump_recipe(rec))
-            else:
-                typer.echo("(--show-recipe adds the resolved recipe)")
-            return
         if show_recipe:
             typer.echo("# resolved recipe")
             typer.echo(dump_recipe(rec))
+        elif dry_run:
+            typer.echo("(--show-recipe adds the resolved recipe)")
+        if dry_run:
+            return
         _quiet_transformers()
         from starpo.run import pipeline
         pipeline.run(rec, out_dir, only=only, restart=not resume, progress=not quiet,

@@ -14,7 +14,8 @@ differently and a thousand training steps later lands elsewhere. The file::
       dpo: {kl_vs_sft: [0.01, 0.3]}
 
 ``gap`` bounds the mean gap; ``interval_above`` / ``interval_below`` bound the ends of its
-95% interval (``interval_above: 0``: the first model is better, clear of noise).
+95% interval (``interval_above: 0``: the first model is better, clear of noise). ``runs``
+lists the measured runs the ranges were drawn from (a test checks every one against them).
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ class GapExpectation(_Strict):
     interval_below: float | None = None
 
 
+class MeasuredRun(_Strict):
+    """One run the ranges were drawn from, kept with them so that a test can check the
+    ranges against every one (tests/run/test_check.py)."""
+
+    cpu: str
+    threads: int
+    overrides: str = ""                          # e.g. "seed=1"; "" for the recipe as is
+    scores: dict[str, float]                     # mean score per model
+    gaps: list[tuple[str, str, float, float, float]]   # model, baseline, gap, 95% interval
+    metrics: dict[str, dict[str, float]] = {}    # other checked metrics, per model
+
+
 class Expected(_Strict):
     eval: str = "eval"
     prompts: int | None = None
@@ -51,6 +64,7 @@ class Expected(_Strict):
     measured: str | None = None          # where the ranges come from, in words
     gaps: list[GapExpectation] = []
     models: dict[str, dict[str, Range]] = {}
+    runs: list[MeasuredRun] = []
     path: Path | None = None             # the file it was read from (set on load)
 
 
