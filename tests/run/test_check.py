@@ -38,7 +38,8 @@ def test_each_kind_of_expectation_passes_and_fails(tmp_path):
     exp = _expected(tmp_path, {
         "prompts": 665,
         "gaps": [{"model": "dpo", "baseline": "sft", "gap": [0.03, 0.2], "interval_above": 0},
-                 {"model": "online", "baseline": "dpo", "gap": [-0.1, 0.1]},
+                 {"model": "online", "baseline": "dpo", "gap": [-0.1, 0.1],
+                  "interval_not_below": 0},
                  {"model": "bad", "baseline": "sft", "interval_below": 0}],
         "models": {"dpo": {"kl_vs_sft": [0.01, 0.5]}}})
     run = _eval_dir(tmp_path / "a", [_gap("dpo", "sft", 0.11, 0.06, 0.16),
@@ -48,8 +49,8 @@ def test_each_kind_of_expectation_passes_and_fails(tmp_path):
                      "bad": {}})
     res = K.check_run(run, exp)
     assert res.ok and res.lines[-1] == "as expected"
-    assert "  ok      online − dpo: 0.000 [−0.040, +0.040]; expected gap −0.100 to +0.100" \
-        in res.lines
+    assert "  ok      online − dpo: 0.000 [−0.040, +0.040]; expected gap −0.100 to +0.100, " \
+           "interval not wholly below 0.000" in res.lines
     # each check failing on its own
     run = _eval_dir(tmp_path / "b", [_gap("dpo", "sft", 0.11, -0.01, 0.2),     # interval
                                      _gap("online", "dpo", 0.15, 0.1, 0.2),    # gap range
@@ -60,6 +61,14 @@ def test_each_kind_of_expectation_passes_and_fails(tmp_path):
     assert res.lines[-1] == "5 of 5 checks differ from the expected results"
     assert "  DIFFERS prompts: 600; expected 665" in res.lines
     assert any(l.startswith("  DIFFERS dpo kl_vs_sft: 0.900") for l in res.lines)
+    # online clearly worse than dpo: only the not-below check fails
+    run = _eval_dir(tmp_path / "c", [_gap("dpo", "sft", 0.11, 0.06, 0.16),
+                                     _gap("online", "dpo", -0.06, -0.09, -0.02),
+                                     _gap("bad", "sft", -0.2, -0.3, -0.1)],
+                    {"dpo": {"kl_vs_sft": 0.13}})
+    res = K.check_run(run, exp)
+    assert res.differences == 1
+    assert any(l.startswith("  DIFFERS online − dpo: −0.060 [−0.090, −0.020]") for l in res.lines)
 
 
 def test_missing_results_are_differences_and_a_missing_evaluation_an_error(tmp_path):

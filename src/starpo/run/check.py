@@ -14,7 +14,8 @@ differently and a thousand training steps later lands elsewhere. The file::
       dpo: {kl_vs_sft: [0.01, 0.3]}
 
 ``gap`` bounds the mean gap; ``interval_above`` / ``interval_below`` bound the ends of its
-95% interval (``interval_above: 0``: the first model is better, clear of noise). ``runs``
+95% interval (``interval_above: 0``: the first model is better, clear of noise;
+``interval_not_below: 0``: it is at least not clearly worse). ``runs``
 lists the measured runs the ranges were drawn from (a test checks every one against them).
 """
 
@@ -41,8 +42,9 @@ class GapExpectation(_Strict):
     model: str
     baseline: str
     gap: Range | None = None
-    interval_above: float | None = None
-    interval_below: float | None = None
+    interval_above: float | None = None      # the whole 95% interval lies above this
+    interval_below: float | None = None      # the whole 95% interval lies below this
+    interval_not_below: float | None = None  # its upper end is above this (not clearly worse)
 
 
 class MeasuredRun(_Strict):
@@ -159,6 +161,9 @@ def check_run(run_dir: str | Path, expected: Expected,
         if g.interval_below is not None:
             want.append(f"interval below {signed(g.interval_below)}")
             ok &= ci is not None and ci[1] < g.interval_below
+        if g.interval_not_below is not None:
+            want.append(f"interval not wholly below {signed(g.interval_not_below)}")
+            ok &= ci is not None and ci[1] > g.interval_not_below
         record(ok, what, got, ", ".join(want) or "present")
     for model, metrics in expected.models.items():
         m = summary.get(model)
