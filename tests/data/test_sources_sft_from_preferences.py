@@ -125,5 +125,5 @@ def test_recipe_key_and_dump():
     assert rec.stages[0].data.sources[0].model_dump(mode="json")["use"] == "chosen"
     base["stages"][0]["data"]["sources"][0]["use"] = "rejected"
     from starpo.errors import RecipeError
-    with pytest.raises(RecipeError, match=r"stages\.0\.data\.sources\.0\.use"):
+    with pytest.raises(RecipeError, match=r"stages\.sft\.data\.sources\.0\.use"):
         recipe_from_dict(base)

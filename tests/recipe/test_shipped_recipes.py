@@ -13,7 +13,9 @@ from starpo.run import pipeline
 from starpo.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-FILES = sorted((ROOT / "recipes").rglob("*.yaml"))
+# a recipe's expected results (<stem>.expected.yaml, `starpo run --check`) are not recipes
+FILES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml")
+               if not p.name.endswith(".expected.yaml"))
 SWEEPS = [p for p in FILES if "methods" in (yaml.safe_load(p.read_text()) or {})]
 RECIPES = [p for p in FILES if p not in SWEEPS]
 

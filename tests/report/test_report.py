@@ -269,3 +269,193 @@ def test_report_renders_in_headless_chromium(tmp_path):
     # the top of the page is not all background: the metrics table sits there
     top = img.crop((0, 0, 1400, 900)).getcolors(maxcolors=1 << 20)
     assert top is not None and len(top) > 100
+
+
+# =========================================================================== what a newcomer reads
+
+
+def _online_stage(run: Path) -> None:
+    """An online stage as the pipeline leaves it: per-round logs, the combined log (with
+    ``round`` and ``round_step``), round summaries in stage.json and no top-level steps."""
+    import yaml
+    tree = yaml.safe_load((run / "recipe.yaml").read_text())
+    tree["stages"].insert(3, {"type": "online", "data": {"sources": [{"path": "world:prompt"}]}})
+    (run / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    combined = []
+    for k in (1, 2):
+        recs = [{"step": s, "loss": 0.69 - 0.01 * s, "reward_accuracy": 0.5 + 0.02 * s,
+                 "lr": 1e-5, "elapsed_s": s * 0.2} for s in range(4, 17, 4)]
+        _jsonl(run / "online" / f"round_{k}" / "metrics.jsonl", recs)
+        combined += [{**r, "step": r["step"] + 16 * (k - 1), "round": k, "round_step": r["step"]}
+                     for r in recs]
+    _jsonl(run / "online" / "metrics.jsonl", combined)
+    (run / "online" / "stage.json").write_text(json.dumps(
+        {"complete": True, "seconds": 30.0,
+         "rounds": [{"round": 1, "steps": 16}, {"round": 2, "steps": 16}]}))
+
+
+def _section(page: str, pattern: str) -> str:
+    return re.search(pattern, page, flags=re.S).group(0)
+
+
+def test_online_stage_steps_curves_once_and_round_marks(tmp_path):
+    run = make_run(tmp_path / "run")
+    _online_stage(run)
+    page = R.write_report(run).read_text()
+    stages = _section(page, r'<table class="stages">.*?</table>')
+    row = re.search(r"<tr><th>online</th>.*?</tr>", stages).group(0)
+    assert "<td>32 (2 rounds)</td>" in row                     # the sum of its rounds
+    assert "loss 0.530" in row                                 # its last logged line
+    curves = _section(page, r'<section id="curves">.*?</section>')
+    assert "online/round_1" not in curves and "online/round_2" not in curves
+    block = re.search(r"<h3>online .*?</div></h3>|<h3>online .*?(?=<h3>|</section>)",
+                      curves, flags=re.S).group(0)
+    titles = re.findall(r'class="title"[^>]*>([^<]+)</text>', block)
+    assert titles == ["loss", "reward_accuracy", "lr"]         # no round, no round_step
+    assert block.count('class="mark"') == len(titles)          # round 2's start, per chart
+    assert "round 2" in block
+    # while the stage runs (no combined file yet) its rounds' logs are drawn
+    (run / "online" / "metrics.jsonl").unlink()
+    page = R.write_report(run).read_text()
+    assert "online/round_1" in page and "online/round_2" in page
+
+
+def test_round_marks_sit_at_the_end_of_the_round_before():
+    recs = [{"step": s, "round": 1 + (s > 16)} for s in (4, 8, 12, 16, 20, 24, 28, 32)]
+    assert RP.round_marks(recs) == [(16.0, "round 2")]
+    assert RP.round_marks([{"step": 1, "loss": 1}]) == []
+
+
+def test_preference_stages_show_held_out_accuracy_before_and_after(tmp_path):
+    run = make_run(tmp_path / "run")
+    info = json.loads((run / "dpo" / "stage.json").read_text())
+    info.update(eval_pairs=249, eval_before={"reward_accuracy": 0.5},
+                eval_after={"reward_accuracy": 0.6305})
+    (run / "dpo" / "stage.json").write_text(json.dumps(info))
+    stages = _section(R.write_report(run).read_text(), r'<table class="stages">.*?</table>')
+    assert "held-out reward accuracy" in stages
+    row = re.search(r"<tr><th>dpo</th>.*?</tr>", stages).group(0)
+    assert "0.500 → 0.630 (249 pairs)" in row or "0.500 → 0.631 (249 pairs)" in row
+    sft = re.search(r"<tr><th>sft</th>.*?</tr>", stages).group(0)
+    assert sft.endswith("<td>—</td></tr>")                    # an SFT stage has none
+
+
+def test_length_histograms_cut_long_outliers_and_say_so(tmp_path):
+    run = make_run(tmp_path / "run")
+    recs = [json.loads(l) for l in (run / "eval" / "dpo.jsonl").open()]
+    recs[0]["length"] = 256                                     # a runaway response
+    _jsonl(run / "eval" / "dpo.jsonl", recs)
+    page = R.write_report(run).read_text()
+    note = re.search(r"The axis stops at (\d+) tokens.*?</p>", page, flags=re.S)
+    assert note is not None and "1 of 120 responses are longer, up to 256 tokens" in note.group(0)
+    assert int(note.group(1)) < 100
+    hist = [s for s in _svgs(page) if "hist-chart" in s]
+    assert all("256" not in re.sub(r"<title>.*?</title>", "", h) for h in hist)  # no 256 tick
+    assert any("≥ " in h for h in hist)                       # the last bar's hover says so
+    # the ordinary spread of lengths is not cut
+    plain = R.write_report(make_run(tmp_path / "plain")).read_text()
+    assert "The axis stops" not in plain
+
+
+def test_length_axis_cut_and_bins():
+    bulk = [10 + (i % 30) for i in range(500)]
+    assert C.length_axis_cut(bulk) is None
+    cut = C.length_axis_cut(bulk + [256] * 3)
+    assert cut is not None and 35 <= cut <= 40
+    edges = C.length_bins(bulk + [256] * 3, upper=cut)
+    assert edges[-1] <= 45 and C.bin_counts(bulk + [256] * 3, edges)[-1] >= 3
+    assert sum(C.bin_counts(bulk + [256] * 3, edges)) == 503   # none lost
+    assert C.percentile([1, 2, 3, 4], 50) == 2.5 and C.percentile([5], 99) == 5
+
+
+def test_best_is_not_bold_on_a_tie(tmp_path):
+    run = make_run(tmp_path / "run")
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    summary["sft"]["mean_score"] = -0.5
+    summary["dpo"]["mean_score"], summary["simpo"]["mean_score"] = 0.1173, 0.1168  # 0.117 both
+    (run / "eval" / "summary.json").write_text(json.dumps(summary))
+    table = _section(R.write_report(run).read_text(), r'<table class="metrics">.*?</table>')
+    first = [re.findall(r"<td( class=\"best\")?><span class=\"v\">", row)[0]
+             for row in re.findall(r"<tr><th class=\"model\">.*?</tr>", table)]
+    assert first == ["", "", ""]                               # mean score: nobody bold
+    assert RP.best_of_column(summary, "mean_score", "sft") is None
+    summary["dpo"]["mean_score"] = 0.125
+    assert RP.best_of_column(summary, "mean_score", "sft") == "dpo"
+
+
+def test_no_negative_zero_anywhere(tmp_path):
+    assert C.signed(-0.0004) == "0.000" and C.signed(0.0004) == "0.000"
+    assert C.signed(-0.042) == "−0.042" and C.signed(0.111) == "+0.111"
+    run = make_run(tmp_path / "run")
+    gaps = json.loads((run / "eval" / "gaps.json").read_text())
+    gaps[1].update(gap=-0.00045, gap_ci=[-0.0392, 0.0415])
+    (run / "eval" / "gaps.json").write_text(json.dumps(gaps))
+    page = R.write_report(run).read_text()
+    assert "-0.000" not in page and "−0.000" not in page
+    assert '<span class="v">0.000</span><span class="ci">[−0.039, +0.042]' in page
+
+
+def test_summary_on_top_gives_the_verdict_and_the_pick(tmp_path):
+    run = make_run(tmp_path / "run")
+    page = R.write_report(run).read_text()
+    assert page.index('<section id="summary">') < page.index('<section id="stages">')
+    summary = _section(page, r'<section id="summary">.*?</section>')
+    text = re.sub(r"<[^>]+>", "", summary)
+    assert "All 4 stages are complete." in text
+    assert "by the gold judge on 40 held-out prompts" in text
+    assert "dpo scores higher than sft: dpo − sft +0.100 [+0.040, +0.160]" in text
+    assert "simpo is not distinguishable from dpo" in text
+    assert "simpo scores lower than sft" in text
+    assert "Pick " in text
+    # no evaluation yet: the summary says so instead of a verdict
+    shutil.rmtree(run / "eval")
+    text = re.sub(r"<[^>]+>", "", _section(R.write_report(run).read_text(),
+                                           r'<section id="summary">.*?</section>'))
+    assert "3 of 4 stages are complete (eval not run)." in text
+    assert "No evaluation yet" in text and "Pick" not in text
+
+
+def _m(score, kl):
+    return {"mean_score": score, "kl_vs_sft": kl}
+
+
+def _g(model, base, gap, lo, hi):
+    return {"model": model, "baseline": base, "n": 665, "gap": gap, "gap_ci": [lo, hi]}
+
+
+def test_pick_the_best_when_the_paired_gap_clears_it():
+    from starpo.report.verdict import pick_model
+    summary = {"sft": _m(-0.27, 0.0), "dpo": _m(-0.21, 0.05), "online": _m(-0.15, 0.1)}
+    gaps = [_g("dpo", "sft", 0.06, 0.02, 0.1), _g("online", "dpo", 0.058, 0.02, 0.099)]
+    pick = pick_model(summary, gaps, "sft")
+    assert pick.model == "online"
+    assert "clear of dpo, the next best (online − dpo +0.058 [+0.020, +0.099])" in pick.why
+
+
+def test_pick_the_closer_to_sft_of_models_the_gaps_cannot_separate():
+    from starpo.report.verdict import pick_model
+    # the issue's run: online 0.1168, dpo 0.1173, gap −0.000 [−0.039, +0.042]
+    summary = {"sft": _m(0.007, 0.0), "dpo": _m(0.1173, 0.133), "online": _m(0.1168, 0.203)}
+    gaps = [_g("dpo", "sft", 0.111, 0.062, 0.161), _g("online", "dpo", -0.0005, -0.039, 0.042)]
+    pick = pick_model(summary, gaps, "sft")
+    assert pick.model == "dpo" and "stays closest to the SFT model" in pick.why
+    # the higher scorer drifted further: the closer one is picked, and the text says why
+    summary["online"]["mean_score"] = 0.12
+    pick = pick_model(summary, gaps, "sft")
+    assert pick.model == "dpo"
+    assert pick.why.startswith("online scores highest (0.120) but the paired gaps do not "
+                               "separate it from dpo (0.117)")
+    # a preference stage no better than SFT: SFT is the pick
+    summary = {"sft": _m(0.0, 0.0), "dpo": _m(0.01, 0.1)}
+    pick = pick_model(summary, [_g("dpo", "sft", 0.01, -0.03, 0.05)], "sft")
+    assert pick.model == "sft"
+
+
+def test_pick_without_gaps_or_kl_says_what_it_could_not_test():
+    from starpo.report.verdict import pick_model
+    summary = {"sft": _m(0.0, None), "dpo": _m(0.2, None)}
+    assert "no paired gap to sft" in pick_model(summary, [], "sft").why
+    pick = pick_model(summary, [_g("dpo", "sft", 0.2, -0.1, 0.5)], "sft")
+    assert pick.model == "dpo" and "without KL to the SFT model" in pick.why
+    assert pick_model({"only": _m(0.1, 0.0)}, [], None).why.startswith("it is the only model")
+    assert pick_model({}, [], None) is None

@@ -181,7 +181,8 @@ def test_cli_runs_skips_finished_stages_and_dry_runs(tmp_path):
     assert (out / "sft" / "model" / "model.safetensors").is_file()
     p = _cli("run", str(recipe), "--out", str(out), "-q", "--no-report")
     assert p.returncode == 0 and "complete, skipped" in p.stdout
-    p = _cli("run", str(recipe), "--out", str(out), "--dry-run", "stages.sft.train.lr=0.5")
+    p = _cli("run", str(recipe), "--out", str(out), "--dry-run", "--show-recipe",
+             "stages.sft.train.lr=0.5")
     assert p.returncode == 0 and "lr: 0.5" in p.stdout and "complete" in p.stdout
 
 
@@ -193,7 +194,7 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
     p = _cli("run", str(recipe), "--out", str(tmp_path / "o"))
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0, p.stderr
-    assert "stages.0.train.lrr: unknown key" in p.stderr and "Traceback" not in p.stderr
+    assert "stages.sft.train.lrr: unknown key" in p.stderr and "Traceback" not in p.stderr
     # a malformed data row names file, row and field
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},

@@ -92,7 +92,7 @@ def _stages(base_path, *, judge_path="pw", order=("pw", "online"), extra=None):
 
 def test_recipe_checks_the_judge_path_of_a_pairwise_rm_judge():
     assert recipe_from_dict(_stages("tiny")).stage("online").judge.path == "pw"
-    with pytest.raises(RecipeError, match=r"stages\.1\.judge\.path: a pairwise_rm judge "
+    with pytest.raises(RecipeError, match=r"stages\.online\.judge\.path: a pairwise_rm judge "
                                           r"needs path"):
         recipe_from_dict(_stages("tiny", judge_path=None))
     rw = {"rw": {"type": "reward", "name": "rw",

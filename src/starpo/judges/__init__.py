@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from starpo import extensions
-from starpo.errors import RecipeError, StarpoError
+from starpo.errors import RecipeError, StarpoError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def check_name(name: str) -> str:
                               f"PairwiseJudge)")
         return name
     raise RecipeError(f"unknown judge type {name!r}; expected one of {', '.join(BUILTIN)} or "
-                      f"an importable module:Class")
+                      f"an importable module:Class{did_you_mean(name, BUILTIN)}")
 
 
 def is_pointwise(name: str) -> bool:

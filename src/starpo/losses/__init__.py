@@ -31,7 +31,7 @@ from functools import cached_property
 from typing import Callable
 
 from starpo import extensions
-from starpo.errors import RecipeError
+from starpo.errors import RecipeError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,8 @@ def check_name(name: str) -> str:
         get(name)
         return name
     raise RecipeError(f"unknown preference loss {name!r}; expected one of "
-                      f"{', '.join(LOSSES)} or an importable module:function")
+                      f"{', '.join(LOSSES)} or an importable module:function"
+                      f"{did_you_mean(name, LOSSES)}")
 
 
 def get(name: str) -> LossDef:

@@ -375,7 +375,7 @@ class Recipe(Strict):
             kind = judges.stage_kind(spec.type) if spec is not None else None
             if kind is None:
                 continue
-            where = f"stages.{i}.judge.path"
+            where = f"stages.{st.name}.judge.path"
             if not spec.path:
                 raise ValueError(f"{where}: a {spec.type} judge needs path: the name of a "
                                  f"{kind} stage (or that stage's model/ directory)")

@@ -60,6 +60,16 @@ def fmt(v: Any, digits: int | None = None) -> str:
     return f"{v:.3f}"
 
 
+def signed(v: Any, digits: int = 3) -> str:
+    """A difference with its sign (``+0.111``, ``−0.042``); one that rounds to zero prints
+    as ``0.000``, never ``-0.000`` (a sign the value does not have)."""
+    if not finite(v):
+        return "—"
+    if round(v, digits) == 0:
+        return f"{0:.{digits}f}"
+    return f"{v:+.{digits}f}".replace("-", "−")
+
+
 def pct(v: Any) -> str:
     return f"{100 * v:.0f}%" if finite(v) else "—"
 
@@ -178,13 +188,23 @@ def value_text(v: Any) -> str:
 
 def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], *, title: str,
                xlabel: str = "step", width: int = 380, height: int = 230,
-               colors: Sequence[str] = PALETTE) -> str:
-    """Lines of (label, xs, ys); non-finite values break a line. A legend when > 1 series."""
+               colors: Sequence[str] = PALETTE,
+               marks: Sequence[tuple[float, str]] = ()) -> str:
+    """Lines of (label, xs, ys); non-finite values break a line. A legend when > 1 series.
+    ``marks``: (x, label) of events on the x axis (an online stage's round starts), each a
+    dashed vertical line."""
     xs = [x for _, sx, _ in series for x in sx if finite(x)]
     ys = [y for _, _, sy in series for y in sy if finite(y)]
     legend = len(series) > 1
     fr = _Frame(width, height, xs, ys, top=48 if legend else 30)
     body = fr.axes(title, xlabel, title_y=16 if legend else None)
+    for x, label in marks:
+        if finite(x) and fr.x0 <= x <= fr.x1:
+            px = _num(fr.px(x))
+            body.append(f'<line class="mark" x1="{px}" x2="{px}" y1="{fr.t}" '
+                        f'y2="{fr.h - fr.b}"><title>{esc(label)}</title></line>'
+                        f'<text class="tick" x="{_num(fr.px(x) + 3)}" y="{fr.t + 10}">'
+                        f'{esc(label)}</text>')
     for k, (label, sx, sy) in enumerate(series):
         color = colors[k % len(colors)]
         pts = [(x, y) for x, y in zip(sx, sy)]
@@ -250,10 +270,9 @@ def scatter_chart(points: Sequence[dict], *, title: str, xlabel: str, ylabel: st
     return _svg(width, height, body, "chart scatter-chart", title)
 
 
-def histogram_chart(values: Sequence[float], edges: Sequence[float], *, title: str,
-                    color: str, ymax: float, xlabel: str = "tokens", width: int = 300,
-                    height: int = 200, mean: float | None = None) -> str:
-    """Counts of ``values`` in bins ``[edges[i], edges[i+1])`` (last bin closed)."""
+def bin_counts(values: Sequence[float], edges: Sequence[float]) -> list[int]:
+    """Counts of ``values`` in bins ``[edges[i], edges[i+1])``; the last bin also takes
+    every value at or beyond its left edge (the overflow of an axis cut short)."""
     counts = [0] * (len(edges) - 1)
     for v in values:
         if not finite(v):
@@ -262,6 +281,17 @@ def histogram_chart(values: Sequence[float], edges: Sequence[float], *, title: s
         while i < len(counts) - 1 and v >= edges[i + 1]:
             i += 1
         counts[i] += 1
+    return counts
+
+
+def histogram_chart(values: Sequence[float], edges: Sequence[float], *, title: str,
+                    color: str, ymax: float, xlabel: str = "tokens", width: int = 300,
+                    height: int = 200, mean: float | None = None) -> str:
+    """Counts of ``values`` in bins ``[edges[i], edges[i+1])`` (:func:`bin_counts`: the last
+    bar holds everything from its left edge up, which its hover text says when values lie
+    beyond ``edges[-1]``)."""
+    counts = bin_counts(values, edges)
+    overflow = any(finite(v) and v > edges[-1] for v in values)
     fr = _Frame(width, height, [edges[0], edges[-1]], [0.0, max(ymax, 1.0)],
                 xticks=nice_ticks(edges[0], edges[-1], 5), left=44)
     fr.x0, fr.x1 = edges[0], edges[-1]
@@ -272,21 +302,57 @@ def histogram_chart(values: Sequence[float], edges: Sequence[float], *, title: s
             continue
         x0, x1 = fr.px(edges[i]), fr.px(edges[i + 1])
         y = fr.py(c)
+        span = (f"≥ {edges[i]:g}" if overflow and i == len(counts) - 1
+                else f"{edges[i]:g}–{edges[i + 1]:g}")
         body.append(f'<rect class="bar" x="{_num(x0 + 0.5)}" y="{_num(y)}" '
                     f'width="{_num(max(x1 - x0 - 1, 0.8))}" height="{_num(fr.py(0) - y)}" '
-                    f'fill="{color}"><title>{edges[i]:g}–{edges[i + 1]:g} tokens: '
-                    f'{c}</title></rect>')
+                    f'fill="{color}"><title>{span} tokens: {c}</title></rect>')
     if mean is not None and finite(mean):
-        mx = fr.px(mean)
+        # a mean beyond a cut axis sits on its right edge, labelled with its value
+        mx = fr.px(min(max(mean, edges[0]), edges[-1]))
         body.append(f'<line class="meanline" x1="{_num(mx)}" x2="{_num(mx)}" y1="{fr.t}" '
                     f'y2="{fr.h - fr.b}"/><text class="tick" x="{_num(mx + 3)}" '
                     f'y="{fr.t + 10}">mean {fmt(mean, 1)}</text>')
     return _svg(width, height, body, "chart hist-chart", title)
 
 
-def length_bins(all_values: Sequence[float], target: int = 24) -> list[float]:
-    """Shared integer-aligned bin edges for length histograms (about ``target`` bins)."""
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0–100) by linear interpolation between order statistics."""
+    vals = sorted(v for v in values if finite(v))
+    if not vals:
+        return float("nan")
+    pos = (len(vals) - 1) * q / 100
+    i = math.floor(pos)
+    j = min(i + 1, len(vals) - 1)
+    return vals[i] + (vals[j] - vals[i]) * (pos - i)
+
+
+# length histograms: the axis stops at this percentile of all lengths when the longest
+# responses would otherwise squash the rest into a few bars (a few runaway 256-token
+# responses next to a bulk under 40); the last bar then holds the longer ones
+LENGTH_CLIP_PERCENTILE = 99.0
+
+
+def length_axis_cut(all_values: Sequence[float], q: float = LENGTH_CLIP_PERCENTILE
+                    ) -> float | None:
+    """Where a length axis stops, or None when the whole range fits: the ``q``-th
+    percentile when the values beyond it stretch the axis by more than half again."""
     vals = [v for v in all_values if finite(v)]
+    if len(vals) < 20:
+        return None
+    cut, lo, hi = percentile(vals, q), min(vals), max(vals)
+    if hi - lo <= 1.5 * (cut - lo) + 1:
+        return None
+    return cut
+
+
+def length_bins(all_values: Sequence[float], target: int = 24,
+                upper: float | None = None) -> list[float]:
+    """Shared integer-aligned bin edges for length histograms (about ``target`` bins),
+    up to ``upper`` when given (values beyond it belong in the last bin)."""
+    vals = [v for v in all_values if finite(v)]
+    if upper is not None and finite(upper):
+        vals = [v for v in vals if v <= upper] or vals
     if not vals:
         return [0.0, 1.0]
     lo, hi = math.floor(min(vals)), math.floor(max(vals)) + 1
@@ -507,6 +573,9 @@ h3 { font-size: 15px; margin: 18px 0 6px; }
 .kind { color: var(--muted); font-weight: normal; font-size: 0.85em; }
 .note, .facts, .legend-note, .sub { color: var(--muted); }
 .legend-note { font-size: 12px; margin: 4px 0 10px; }
+ul.summary { margin: 6px 0; padding-left: 20px; max-width: 980px; }
+ul.summary li { margin: 3px 0; }
+ul.summary li.pick { margin-top: 8px; }
 nav a { margin-right: 14px; color: #0969da; text-decoration: none; }
 table { border-collapse: collapse; margin: 8px 0; }
 th, td { border: 1px solid var(--line); padding: 5px 10px; text-align: right; vertical-align: top; }
@@ -537,6 +606,7 @@ svg .err { stroke-width: 1.5; fill: none; }
 svg .pt { stroke: #fff; stroke-width: 1.5; }
 svg .ptlabel { font-size: 12px; font-weight: 600; fill: #1f2328; }
 svg .meanline { stroke: #1f2328; stroke-dasharray: 4 3; stroke-width: 1; }
+svg .mark { stroke: #8c959f; stroke-dasharray: 2 3; stroke-width: 1; }
 .sample { border: 1px solid var(--line); border-radius: 6px; margin: 12px 0; overflow: hidden; }
 .prompt { background: var(--soft); padding: 8px 12px; white-space: pre-wrap;
           border-bottom: 1px solid var(--line); }

@@ -2,13 +2,19 @@
 
 Contents, each part present when its data exists:
 
-* the stages of the run (type, status, steps, time);
+* a summary on one screen: the stages' status, what the paired score gaps say and which
+  model to pick and why, in words (:mod:`starpo.report.verdict`);
+* the stages of the run (type, status, steps, time, last logged values, the held-out
+  preference accuracy before → after of a preference stage);
 * for every evaluation (a stage directory holding ``summary.json``, ``eval/`` by default):
   the metrics table with bootstrap 95% intervals, a score-vs-KL scatter (one point per
   model, with its intervals as error bars), the response-length histograms of every
-  model on shared axes, and a few prompts with every model's response side by side;
+  model on shared axes (cut at the 99th percentile of the lengths when a few long
+  responses would squash the rest; the page says so), and a few prompts with every
+  model's response side by side;
 * training curves of every stage (each numeric column of ``DIR/<stage>/metrics.jsonl``
-  against ``step``; an online stage's per-round ``metrics.jsonl`` files each get theirs).
+  against ``step``; an online stage's file holds all its rounds, whose starts are marked;
+  its per-round files are drawn only while the stage has no file of its own yet).
 
 A sweep directory gets the sweep page instead (:mod:`starpo.report.sweep_page`); charts
 are :mod:`starpo.report.charts`'.
@@ -21,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from starpo import fileio
-from starpo.report.charts import (CSS, METRIC_COLUMNS, PALETTE, PERCENT_COLUMNS, esc, finite,
-                                  fmt, histogram_chart, length_bins, line_chart, model_colors,
-                                  nice_ticks, pct, scatter_chart)
+from starpo.report.charts import (CSS, LENGTH_CLIP_PERCENTILE, METRIC_COLUMNS, PALETTE,
+                                  PERCENT_COLUMNS, bin_counts, esc, finite, fmt,
+                                  histogram_chart, length_axis_cut, length_bins, line_chart,
+                                  model_colors, nice_ticks, pct, scatter_chart, signed)
+from starpo.report.verdict import gap_word, pick_model, verdict_lines
 
 
 # curve keys drawn together in one chart, and the order charts appear in
@@ -32,7 +40,9 @@ CURVE_GROUPS = [
     ("logp_chosen", "logp_rejected"), ("token_prob_margin",), ("len_chosen", "len_rejected"),
     ("grad_norm",), ("lr",), ("tokens_per_s",), ("trained_tokens",),
 ]
-CURVE_SKIP = {"step", "epoch", "elapsed_s"}
+# not metrics: the x axis, bookkeeping, and an online stage's round counters (its rounds
+# are marked on the curves instead)
+CURVE_SKIP = {"step", "epoch", "elapsed_s", "round", "round_step"}
 
 SAMPLE_PROMPTS = 4
 
@@ -72,12 +82,14 @@ def _stage_dirs(run_dir: Path, recipe_stages: list[tuple[str, str]]) -> list[tup
 
 
 def _metrics_files(stage_dir: Path) -> list[Path]:
-    """``metrics.jsonl`` of a stage and of its sub-runs (online rounds), checkpoints aside."""
+    """The stage's ``metrics.jsonl``; without one (an online stage still running), those
+    of its sub-runs (its rounds so far), checkpoints aside. A finished online stage's own
+    file holds every round's steps, so its rounds' files would only repeat it."""
     if not stage_dir.is_dir():
         return []
-    files = []
     if (stage_dir / "metrics.jsonl").is_file():
-        files.append(stage_dir / "metrics.jsonl")
+        return [stage_dir / "metrics.jsonl"]
+    files: list[Path] = []
     for p in sorted(stage_dir.rglob("metrics.jsonl")):
         rel = p.relative_to(stage_dir).parts
         if p in files or any(part.startswith("checkpoint") or part.startswith(".")
@@ -96,21 +108,31 @@ def _ci(m: dict, key: str) -> list[float] | None:
     return None
 
 
+def best_of_column(summary: dict[str, dict], key: str, reference: str | None) -> str | None:
+    """The one model with the best (highest) value of ``key``, or None: fewer than two
+    values, or a tie at the precision the table shows (bold on one of two equal-looking
+    numbers would pick a winner the page cannot show)."""
+    f = pct if key in PERCENT_COLUMNS else fmt
+    vals = {n: m.get(key) for n, m in summary.items() if finite(m.get(key))
+            and not (key == "win_vs_sft" and n == reference)}
+    if len(vals) < 2:
+        return None
+    top = max(vals.values())
+    leaders = [n for n, v in vals.items() if f(v) == f(top)]
+    return leaders[0] if len(leaders) == 1 else None
+
+
 def _metrics_table(summary: dict[str, dict], colors: dict[str, str], reference: str | None
                    ) -> str:
-    best: dict[str, float] = {}
-    for key, _, _, higher in METRIC_COLUMNS:
-        vals = [m.get(key) for n, m in summary.items() if finite(m.get(key))
-                and not (key == "win_vs_sft" and n == reference)]
-        if higher and len(vals) > 1:
-            best[key] = max(vals)
+    best = {key: best_of_column(summary, key, reference)
+            for key, _, _, higher in METRIC_COLUMNS if higher}
     head = "".join(f"<th>{esc(h)}</th>" for _, h, _, _ in METRIC_COLUMNS)
     rows = []
     for name, m in summary.items():
         cells = []
         for key, _, tie_key, _ in METRIC_COLUMNS:
             v = m.get(key)
-            cls = ' class="best"' if key in best and finite(v) and v == best[key] else ""
+            cls = ' class="best"' if best.get(key) == name else ""
             ci = _ci(m, key)
             f = pct if key in PERCENT_COLUMNS else fmt
             txt = f'<span class="v">{f(v)}</span>'
@@ -159,15 +181,10 @@ def _gaps_table(gaps: Any) -> str:
         if not isinstance(g, dict) or not finite(g.get("gap")):
             continue
         ci = g.get("gap_ci")
-        ci_txt = (f'<span class="ci">[{ci[0]:+.3f}, {ci[1]:+.3f}]</span>'
-                  if isinstance(ci, list) and len(ci) == 2 and all(finite(v) for v in ci)
-                  else "")
-        verdict = ""
-        if ci_txt:
-            verdict = ("higher" if ci[0] > 0 else "lower" if ci[1] < 0
-                       else "not distinguishable")
+        verdict = gap_word(ci) or ""
+        ci_txt = f'<span class="ci">[{signed(ci[0])}, {signed(ci[1])}]</span>' if verdict else ""
         rows.append(f"<tr><th>{esc(str(g.get('model')))} − {esc(str(g.get('baseline')))}</th>"
-                    f'<td><span class="v">{g["gap"]:+.3f}</span>{ci_txt}</td>'
+                    f'<td><span class="v">{signed(g["gap"])}</span>{ci_txt}</td>'
                     f"<td>{esc(verdict)}</td></tr>")
     if not rows:
         return ""
@@ -197,16 +214,10 @@ def _length_section(records: dict[str, list[dict]], summary: dict[str, dict],
     lengths = {n: v for n, v in lengths.items() if v}
     if not lengths:
         return '<p class="note">No per-response records, so no length distributions.</p>'
-    edges = length_bins([v for vs in lengths.values() for v in vs])
-    ymax = 0
-    for vs in lengths.values():
-        counts: dict[int, int] = {}
-        for v in vs:
-            i = 0
-            while i < len(edges) - 2 and v >= edges[i + 1]:
-                i += 1
-            counts[i] = counts.get(i, 0) + 1
-        ymax = max(ymax, max(counts.values()))
+    every = [v for vs in lengths.values() for v in vs]
+    cut = length_axis_cut(every)
+    edges = length_bins(every, upper=cut)
+    ymax = max(max(bin_counts(vs, edges)) for vs in lengths.values())
     ymax = nice_ticks(0, ymax)[-1]
     charts = []
     for n, vs in lengths.items():
@@ -215,8 +226,17 @@ def _length_section(records: dict[str, list[dict]], summary: dict[str, dict],
             mean = sum(vs) / len(vs)
         charts.append(histogram_chart(vs, edges, title=f"{n} (n={len(vs)})",
                                       color=colors.get(n, PALETTE[0]), ymax=ymax, mean=mean))
-    return '<div class="grid">' + "".join(f'<div class="cell">{c}</div>' for c in charts) + \
-        "</div>"
+    note = ""
+    if cut is not None:
+        beyond = sum(v >= edges[-2] for v in every)
+        over = sum(v > edges[-1] for v in every)
+        note = (f'<p class="note">The axis stops at {edges[-1]:g} tokens (the '
+                f'{LENGTH_CLIP_PERCENTILE:g}th percentile of all lengths is {cut:g}): '
+                f'{over} of {len(every)} responses are longer, up to {max(every):g} tokens; '
+                f'the last bar counts all {beyond} from {edges[-2]:g} tokens up. The means '
+                f'are of every response.</p>')
+    return note + '<div class="grid">' + \
+        "".join(f'<div class="cell">{c}</div>' for c in charts) + "</div>"
 
 
 def _prompt_text(prompt: Any) -> str:
@@ -301,13 +321,26 @@ def _curve_charts(recs: list[dict]) -> list[str]:
             used.update(present)
     groups += [(k,) for k in sorted(keys) if k not in used]
     steps = [float(r["step"]) for r in recs]
+    marks = round_marks(recs)
     charts = []
     for g in groups:
         series = [(k, steps, [float(r[k]) if finite(r.get(k)) else float("nan") for r in recs])
                   for k in g]
         title = " / ".join(g)
-        charts.append(line_chart(series, title=title))
+        charts.append(line_chart(series, title=title, marks=marks))
     return charts
+
+
+def round_marks(recs: list[dict]) -> list[tuple[float, str]]:
+    """Where each round after the first starts in an online stage's combined log (records
+    with ``round``): at the last logged step of the round before, labelled ``round k``."""
+    last: dict[int, float] = {}
+    for r in recs:
+        k = r.get("round")
+        if finite(k) and finite(r.get("step")):
+            last[int(k)] = max(last.get(int(k), float("-inf")), float(r["step"]))
+    ks = sorted(last)
+    return [(last[a], f"round {b}") for a, b in zip(ks, ks[1:])]
 
 
 def _curves_section(run_dir: Path, stages: list[tuple[str, str]]) -> str:
@@ -329,33 +362,113 @@ def _curves_section(run_dir: Path, stages: list[tuple[str, str]]) -> str:
     return "".join(blocks)
 
 
+def _stage_info(run_dir: Path, name: str) -> tuple[str, dict]:
+    """(status, stage.json's contents or {}) of a stage directory."""
+    d = run_dir / name
+    info = fileio.read_json(d / "stage.json") if (d / "stage.json").is_file() else None
+    if isinstance(info, dict):
+        return "complete", info
+    if d.is_dir() and (d / "checkpoints").is_dir():
+        return "partial", {}
+    return ("started" if d.is_dir() else "not run"), {}
+
+
+def stage_steps(info: dict) -> tuple[float | None, int]:
+    """(optimizer steps, rounds) a stage trained: ``steps`` of its stage.json, or for an
+    online stage the sum over its rounds."""
+    rounds = [r for r in info.get("rounds") or [] if isinstance(r, dict)]
+    if finite(info.get("steps")):
+        return float(info["steps"]), len(rounds)
+    per_round = [r.get("steps") for r in rounds if finite(r.get("steps"))]
+    return (float(sum(per_round)) if per_round else None), len(rounds)
+
+
+def _last_logged(run_dir: Path, name: str, info: dict) -> dict:
+    """The stage's last logged training values: stage.json's ``final``, else (an online
+    stage) the last line of its metrics.jsonl."""
+    if isinstance(info.get("final"), dict):
+        return info["final"]
+    f = run_dir / name / "metrics.jsonl"
+    recs = fileio.read_jsonl(f) if info and f.is_file() else []
+    return recs[-1] if recs and isinstance(recs[-1], dict) else {}
+
+
+def heldout_accuracy(info: dict) -> str:
+    """``0.500 → 0.631 (249 pairs)``: a preference stage's held-out reward accuracy before
+    and after training (stage.json's ``eval_before`` / ``eval_after``), or ``""``."""
+    acc = [(info.get(k) or {}).get("reward_accuracy") if isinstance(info.get(k), dict)
+           else None for k in ("eval_before", "eval_after")]
+    if not all(finite(v) for v in acc):
+        return ""
+    pairs = f" ({info['eval_pairs']} pairs)" if finite(info.get("eval_pairs")) else ""
+    return f"{acc[0]:.3f} → {acc[1]:.3f}{pairs}"
+
+
 def _stages_table(run_dir: Path, stages: list[tuple[str, str]]) -> str:
     rows = []
     for name, kind in stages:
-        d = run_dir / name
-        info = fileio.read_json(d / "stage.json") if (d / "stage.json").is_file() else None
-        if isinstance(info, dict):
-            status = "complete"
-        elif d.is_dir() and (d / "checkpoints").is_dir():
-            status = "partial"
-        elif d.is_dir():
-            status = "started"
-        else:
-            status = "not run"
-        info = info if isinstance(info, dict) else {}
-        steps = info.get("steps")
+        status, info = _stage_info(run_dir, name)
+        steps, rounds = stage_steps(info)
+        steps_txt = fmt(steps, 0) if steps is not None else "—"
+        if rounds > 1:
+            steps_txt += f" ({rounds} rounds)"
         secs = info.get("seconds")
-        final = info.get("final") if isinstance(info.get("final"), dict) else {}
+        final = _last_logged(run_dir, name, info)
         shown = [(k, final[k]) for k in ("loss", "reward_accuracy") if finite(final.get(k))]
         last = ", ".join(f"{k} {fmt(v)}" for k, v in shown)
         rows.append(f'<tr><th>{esc(name)}</th><td>{esc(kind)}</td>'
                     f'<td class="status {status.replace(" ", "-")}">{status}</td>'
-                    f'<td>{fmt(steps, 0) if finite(steps) else "—"}</td>'
+                    f'<td>{esc(steps_txt)}</td>'
                     f'<td>{fmt(secs, 1) if finite(secs) else "—"}</td>'
-                    f'<td>{esc(last) or "—"}</td></tr>')
+                    f'<td>{esc(last) or "—"}</td>'
+                    f'<td>{esc(heldout_accuracy(info)) or "—"}</td></tr>')
     return ('<table class="stages"><thead><tr><th>stage</th><th>type</th><th>status</th>'
-            '<th>steps</th><th>seconds</th><th>last logged</th></tr></thead><tbody>'
+            '<th>steps</th><th>seconds</th><th>last logged</th>'
+            '<th>held-out reward accuracy</th></tr></thead><tbody>'
             + "".join(rows) + "</tbody></table>")
+
+
+def _summary_section(run_dir: Path, stages: list[tuple[str, str]], evals: list[Path]) -> str:
+    """The page's first screen: the stages' status, the paired gaps in words, the pick."""
+    statuses = [_stage_info(run_dir, n)[0] for n, _ in stages]
+    done = statuses.count("complete")
+    if not stages:
+        status_txt = "No stages found."
+    elif done == len(stages):
+        status_txt = f"All {len(stages)} stages are complete."
+    else:
+        rest = ", ".join(f"{n} {st}" for (n, _), st in zip(stages, statuses)
+                         if st != "complete")
+        status_txt = f"{done} of {len(stages)} stages are complete ({rest})."
+    items = [f"<li>{esc(status_txt)}</li>"]
+    if not evals:
+        items.append("<li>No evaluation yet, so nothing to compare the models by.</li>")
+        return ('<section id="summary"><h2>Summary</h2><ul class="summary">'
+                + "".join(items) + "</ul></section>")
+    d = evals[0]
+    summary = fileio.read_json(d / "summary.json")
+    summary = {str(k): v for k, v in summary.items() if isinstance(v, dict)} \
+        if isinstance(summary, dict) else {}
+    meta = fileio.read_json(d / "meta.json")
+    meta = meta if isinstance(meta, dict) else {}
+    gaps = fileio.read_json(d / "gaps.json")
+    judge = f" by the {meta['judge']} judge" if meta.get("judge") else ""
+    prompts = f" on {meta['prompts']} held-out prompts" if meta.get("prompts") else ""
+    rel = d.relative_to(run_dir).as_posix()
+    lines = verdict_lines(gaps)
+    if lines:
+        items.append(f"<li>Paired score gaps{judge}{prompts} (each model minus another on "
+                     f"the same prompts, 95% interval; <code>{esc(rel)}/gaps.json</code>):"
+                     "<ul>" + "".join(f"<li>{esc(t)}</li>" for t in lines) + "</ul></li>")
+    else:
+        items.append(f"<li>No paired score gaps in <code>{esc(rel)}/gaps.json</code>; "
+                     f"compare the per-model intervals below with care (they overlap "
+                     f"more than paired ones).</li>")
+    pick = pick_model(summary, gaps, meta.get("reference"))
+    if pick is not None:
+        items.append(f'<li class="pick"><b>Pick {esc(pick.model)}</b>: {esc(pick.why)}.</li>')
+    return ('<section id="summary"><h2>Summary</h2><ul class="summary">' + "".join(items)
+            + "</ul></section>")
 
 
 def _eval_dirs(run_dir: Path, stages: list[tuple[str, str]]) -> list[Path]:
@@ -410,7 +523,8 @@ def _eval_section(run_dir: Path, d: Path) -> str:
         'π<sub>sft</sub>] over the model\'s own sampled tokens (end of turn included); KL / '
         'token divides by those tokens; length = response tokens without the end-of-turn '
         'token; finished = share of responses that ended their turn (the rest hit '
-        'max_new_tokens). Best value of a column in bold.</p>'
+        'max_new_tokens). Best value of a column in bold (none where the best values '
+        'look equal).</p>'
         '<div class="two"><div class="cell">'
         + _scatter_section(summary, colors) + '</div><div class="cell">'
         '<h3>Response length</h3>' + _length_section(records, summary, colors) +
@@ -424,7 +538,7 @@ def render_report(run_dir: str | Path) -> str:
     name, recipe_stages = _recipe_info(run_dir)
     stages = _stage_dirs(run_dir, recipe_stages)
     evals = _eval_dirs(run_dir, stages)
-    nav = ['<a href="#stages">stages</a>']
+    nav = ['<a href="#summary">summary</a>', '<a href="#stages">stages</a>']
     nav += [f'<a href="#eval-{esc(d.relative_to(run_dir).as_posix())}">evaluation'
             f'{"" if len(evals) == 1 else " " + esc(d.name)}</a>' for d in evals]
     nav.append('<a href="#curves">training curves</a>')
@@ -437,6 +551,7 @@ def render_report(run_dir: str | Path) -> str:
         f'<p class="sub">{esc(str(run_dir.resolve()))} · written '
         f'{esc(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>',
         "<nav>" + "".join(nav) + "</nav>",
+        _summary_section(run_dir, stages, evals),
         '<section id="stages"><h2>Stages</h2>',
         _stages_table(run_dir, stages) if stages else '<p class="note">No stages found.</p>',
         "</section>",

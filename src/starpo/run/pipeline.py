@@ -43,6 +43,7 @@ from starpo.train.checkpoint import verify_model_dir
 from starpo.train.trackers import Tracking
 from starpo.model import loading
 from starpo.world import World
+from starpo.run.plan import plan   # its own light module: `starpo run --dry-run`
 
 
 def _default_log(msg: str) -> None:
@@ -151,27 +152,6 @@ class RunContext:
                                   f"(--stages {ref},{before})")
             return str(path)
         return ref  # a local path or a hub id
-
-
-def plan(recipe: Recipe, out: Path, only: list[str] | None) -> list[tuple[str, str, str]]:
-    """(stage name, type, status) for every stage that the run would touch."""
-    names = [s.name for s in recipe.stages]
-    for n in only or []:
-        if n not in names:
-            raise RecipeError(f"--stages: no stage named {n!r}; the recipe has {names}")
-    rows = []
-    for st in recipe.stages:
-        if only and st.name not in only:
-            continue
-        d = out / st.name
-        if (d / "stage.json").is_file():
-            status = "complete (skipped)"
-        elif (d / "checkpoints").is_dir() and any((d / "checkpoints").glob("step_*")):
-            status = "partial (resumes)"
-        else:
-            status = "to run"
-        rows.append((st.name, st.type, status))
-    return rows
 
 
 def run(recipe: Recipe, out: Path, *, only: list[str] | None = None, restart: bool = False,

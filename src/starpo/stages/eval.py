@@ -21,6 +21,7 @@ from starpo.errors import StarpoError
 from starpo.judges import make_judge
 from starpo.metrics.evaluation import EvalResult, brief, evaluate_models
 from starpo.recipe import DataSpec, EvalStage, SourceSpec
+from starpo.report.charts import signed
 
 
 def run_eval(ctx, stage: EvalStage) -> dict:
@@ -42,8 +43,8 @@ def gap_lines(gaps: list[dict]) -> list[str]:
         if g["gap"] is None:
             continue
         ci = g["gap_ci"]
-        span = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci and None not in ci else ""
-        out.append(f"gap {g['model']} − {g['baseline']} {g['gap']:+.3f}{span} "
+        span = f" [{signed(ci[0])}, {signed(ci[1])}]" if ci and None not in ci else ""
+        out.append(f"gap {g['model']} − {g['baseline']} {signed(g['gap'])}{span} "
                    f"({g['n']} prompts, paired)")
     return out
 
