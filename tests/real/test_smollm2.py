@@ -201,17 +201,36 @@ def test_a_few_steps_of_sft_and_dpo_then_plain_transformers_generates(smollm2, t
     first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
 
+    # The assertions avoid near-ties: unprompted, the first answer token is a near tie
+    # between "The" and "L'" (top-1 minus top-2 logit 0.09 after SFT here), so a greedy
+    # answer can flip to French on another CPU's rounding. After the prefilled "The capital
+    # of France is" the next token leads by ~4.7 logits, and the answer's mean token
+    # log-likelihood is a continuous quantity.
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = "The capital of France is Paris."
+
+    def answer_nll(model, t):
+        prompt = t.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+        p_ids = t(prompt, return_tensors="pt")["input_ids"]
+        full = t(prompt + answer + "<|im_end|>", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(full).logits[0, p_ids.shape[1] - 1:-1]
+        target = full[0, p_ids.shape[1]:]
+        return float(torch.nn.functional.cross_entropy(logits, target))
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2)
+    base_nll = answer_nll(base, AutoTokenizer.from_pretrained(smollm2))
     for stage in ("sft", "dpo"):
         d = tmp_path / stage / "model"
         model = AutoModelForCausalLM.from_pretrained(d)
         t = AutoTokenizer.from_pretrained(d)
-        ids = t.apply_chat_template([{"role": "user", "content":
-                                      "What is the capital of France?"}],
-                                    add_generation_prompt=True, return_tensors="pt",
-                                    return_dict=True)
-        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+        nll = answer_nll(model, t)
+        assert abs(nll - base_nll) < 0.1, (stage, nll, base_nll)   # a few small steps
+        prompt = t.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+        ids = t(prompt + "The capital of France is", return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=48, do_sample=False)
         new = out[0, ids["input_ids"].shape[1]:].tolist()
         text = t.decode(new, skip_special_tokens=True)
-        assert "Paris" in text, (stage, text)
+        assert text.startswith(" Paris"), (stage, text)
         assert new[-1] == t.eos_token_id, (stage, text)       # it ended its turn
         assert distinct_n([text], 1) > 0.6, (stage, text)
