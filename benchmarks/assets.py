@@ -4,7 +4,7 @@ Everything is built once by the parent (``build_assets``) into a work directory 
 back by each child, so starpo and TRL see byte-identical weights, tokenizer and rows.
 
 Data. Text is made of pseudo-words from a fixed list of ``N_WORDS`` words; the byte-level
-BPE (``starpo.loading.train_tokenizer``, the tiny default's tokenizer) is trained on that
+BPE (``starpo.model.loading.train_tokenizer``, the tiny default's tokenizer) is trained on that
 text with a vocabulary large enough that every word (with its leading space) is one
 token, so a segment of ``n`` words is ``n`` tokens and lengths are controlled. Segment
 lengths are drawn log-uniformly in ``[lo, hi]`` tokens (default 10–400): many short

@@ -30,17 +30,10 @@ from starpo.train.preference import PreferenceTask
 from starpo.stages.sft import SFTTask
 
 
-def _hf(module: nn.Module) -> nn.Module:
-    # the loop's module is ``starpo.train.task.TargetLogprobs``, which ``unwrap_model`` does not
-    # know (it unwraps ``logprobs.SequenceLogprobs``): take its ``.model`` first
-    return unwrap_model(getattr(module, "model", module) if not hasattr(module, "config")
-                        else module)
-
-
 def full_logits_logprobs(model: nn.Module, batch: TokenBatch):
     """``sequence_logprobs`` with the chunked head switched off: the model's own forward
     (full logits, float32 log-softmax, gather), attention as in the library path."""
-    core = _hf(model)
+    core = unwrap_model(model)
     seg = segments_apply(core, batch.attention_mask)
     with segment_attention(core) if seg else contextlib.nullcontext():
         out = core(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
@@ -55,7 +48,7 @@ def full_logits_logprobs(model: nn.Module, batch: TokenBatch):
 def logprob_fn(kind: str):
     """``(model, batch) -> (sums, counts, per_target)`` for: chunked | plain."""
     if kind == "chunked":
-        return lambda m, b: sequence_logprobs(_hf(m), b)
+        return lambda m, b: sequence_logprobs(unwrap_model(m), b)
     if kind == "plain":
         return full_logits_logprobs
     raise ValueError(kind)

@@ -29,7 +29,7 @@ from starpo.stages.sft import SFTTask
 from starpo.train.loop import run_loop
 from starpo.train.preference import PreferenceTask
 from starpo.train.refcache import compute_reference
-from starpo.train.task import TargetLogprobs
+from starpo.model.logprobs import TargetLogprobs
 
 # float32, different kernels (fused C++ vs aten): sums of log-probs and gradients agree
 # to these (measured: 4e-8 relative on losses, 6e-7 on gradients)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from starpo.data.batch import TokenBatch
-from starpo.model.logprobs import (SequenceLogprobs, logit_transform, model_attention_mask,
+from starpo.model.logprobs import (TargetLogprobs, logit_transform, model_attention_mask,
                              plain_sequence_logprobs, sequence_logprobs, target_logprobs,
                              verify_logit_head)
 from starpo.data.prefbatch import collate_padded, collate_padding_free, collate_prefix_shared
@@ -231,7 +231,7 @@ def test_counts_and_per_target_order():
 def test_wrapper_module_and_verify_head():
     model = make_model("llama")
     batch = collate_padded(random_pairs(), 0)
-    wrapped = SequenceLogprobs(model, chunk_size=3)
+    wrapped = TargetLogprobs(model, chunk_size=3)
     torch.testing.assert_close(wrapped(batch)[0], sequence_logprobs(model, batch)[0])
     torch.testing.assert_close(sequence_logprobs(wrapped, batch)[0], sequence_logprobs(model, batch)[0])
     assert verify_logit_head(model) < 1e-4

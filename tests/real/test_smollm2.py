@@ -102,7 +102,7 @@ def test_dpo_first_step_loss_is_ln2_on_packed_real_pairs(smollm2, tok):
     from starpo.runtime import Runtime
     from starpo.train.preference import PreferenceTask
     from starpo.train.refcache import compute_reference
-    from starpo.train.task import TargetLogprobs
+    from starpo.model.logprobs import TargetLogprobs
 
     model = loading.load_model(smollm2, None, tokenizer=tok)
     pairs = [p for _, p in _pairs(tok, 6)]

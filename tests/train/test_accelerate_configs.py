@@ -35,7 +35,7 @@ def test_wrappers_expose_the_decoder_layer_classes():
     prepares (our wrapper), so the wrapper must pass the model's own through."""
     import transformers as T
     from starpo.stages.reward import SequenceScores
-    from starpo.train.task import TargetLogprobs
+    from starpo.model.logprobs import TargetLogprobs
     cfg = T.LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=2, intermediate_size=32)
     lm = T.LlamaForCausalLM(cfg)

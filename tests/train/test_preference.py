@@ -16,7 +16,7 @@ from starpo.model.logprobs import sequence_logprobs
 from starpo.recipe import PreferenceSpec
 from starpo.runtime import Runtime
 from starpo.train.preference import TIE, PreferenceTask, evaluate_pairs
-from starpo.train.task import TargetLogprobs
+from starpo.model.logprobs import TargetLogprobs
 
 VOCAB = 60
 

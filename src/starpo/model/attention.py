@@ -3,10 +3,9 @@ cost of ``Σ segment²``, never with an ``L × L`` mask.
 
 Why. With sdpa or eager attention (CPU, and GPUs without flash-attention) transformers
 computes attention over the whole packed row: an ``L × L`` score matrix per head, with a
-block-diagonal mask that throws most of it away. The useful work is only ``Σ segment²``.
-Measured on this project's CPU (torch.profiler, 8 DPO pairs in one ~3k-token row): the
-attention kernel's forward + backward was 58% of a step; running it per segment made DPO
-steps 1.47× and SFT steps 1.3× faster (``BENCHMARKS.md``). It also lets a whole SFT
+block-diagonal mask that throws most of it away. The useful work is only ``Σ segment²``
+(on a CPU, whole-row attention was over half of a DPO step; BENCHMARKS.md has the
+figures). It also lets a whole SFT
 micro-batch be one row with no padding at all (:func:`starpo.data.packing.collate_rows`
 with ``flat=True``), which over whole rows would cost ``(B·L)²`` attention.
 

@@ -7,18 +7,8 @@ go through it in chunks of ``chunk_size`` rows inside a custom autograd function
 saves only its inputs and recomputes each chunk's logits in backward. Peak extra memory is
 O(chunk_size × vocab) instead of O(N × vocab) for N targets, in forward *and* backward.
 
-Measured here (torch 2.13 CPU, fp32, peak RSS over baseline with large allocations
-mmapped so RSS tracks the allocator):
-
-    head only, N=8192 targets, H=256, V=32000:
-        plain log_softmax + gather        +2.9 GB   (logits + log-softmax + their grad)
-        chunked, chunk_size=4096          +1.4 GB
-        chunked, chunk_size=1024          +0.32 GB  (≈ 2 chunk buffers + grad of W)
-        chunked, chunk_size=256           +0.04 GB
-    4-layer d256 Llama, V=32000, 8 rows × 1024 packed tokens, 6144 targets, fwd+bwd:
-        plain_sequence_logprobs           +3.4 GB
-        sequence_logprobs (1024)          +1.0 GB   (mostly the body's activations)
-    Time: about 1.1× the plain path (backward recomputes one logits matmul per chunk).
+Peak extra memory and time against the plain path are in BENCHMARKS.md ("Memory of the
+chunked LM head").
 
 A [chunk, V] float32 buffer is chunk·V·4 bytes: with Gemma's 256k vocabulary use
 chunk_size ≈ 128 to stay near 128 MB per buffer.
@@ -26,7 +16,7 @@ chunk_size ≈ 128 to stay near 128 MB per buffer.
     target_logprobs(hidden [N,H], lm_head, targets [N])        -> [N] float32
     sequence_logprobs(model, batch)                             -> sums [S], counts [S], per-target [N]
     plain_sequence_logprobs(model, batch)                       -> same, via full logits (tests)
-    SequenceLogprobs(model)                                     nn.Module wrapper for DDP/FSDP
+    TargetLogprobs(model)                                       nn.Module wrapper for DDP/FSDP
 
 Model support. The transformer body is ``model.get_decoder()`` (``LlamaModel``,
 ``GPTNeoXModel``, ``Gemma2Model``, ...) and the head ``model.get_output_embeddings()``;
@@ -207,7 +197,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     seen = 0
     while seen < 8:
         seen += 1
-        if isinstance(model, SequenceLogprobs):
+        if isinstance(model, TargetLogprobs):
             model = model.model
         elif hasattr(model, "module") and isinstance(model.module, nn.Module) and \
                 not hasattr(model, "get_output_embeddings"):
@@ -389,13 +379,14 @@ def plain_sequence_logprobs(model: nn.Module, batch: TokenBatch) -> tuple[Tensor
     return sums, counts, per_target
 
 
-class SequenceLogprobs(nn.Module):
+class TargetLogprobs(nn.Module):
     """``forward(batch) = sequence_logprobs(model, batch)`` as a module.
 
     ``sequence_logprobs`` calls the model's body and head directly, bypassing the model's
     own ``forward``. Under DDP/FSDP the wrapper's ``forward`` is what must run (gradient
-    sync, parameter gathering), so prepare *this* module with accelerate rather than the
-    bare model. ``self.model`` stays the Hugging Face model (save it, generate with it).
+    sync, parameter gathering), so the training loop prepares *this* module with accelerate
+    rather than the bare model. ``self.model`` stays the Hugging Face model (save it,
+    generate with it).
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024):
@@ -403,8 +394,14 @@ class SequenceLogprobs(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
+    @property
+    def _no_split_modules(self):
+        # FSDP's transformer-based auto wrap reads this from the module it prepares (this
+        # wrapper): the wrapped model's decoder layer classes become the wrap units
+        return getattr(unwrap_model(self.model), "_no_split_modules", None)
+
     def forward(self, batch: TokenBatch) -> tuple[Tensor, Tensor, Tensor]:
-        return sequence_logprobs(self.model, batch, self.chunk_size)
+        return sequence_logprobs(self.model, batch, chunk_size=self.chunk_size)
 
 
 @torch.no_grad()

@@ -2,14 +2,14 @@
 
 The starting point is a causal LM (by default the SFT stage's model): its body is copied
 into ``AutoModelForSequenceClassification`` with a fresh scalar head
-(:func:`starpo.loading.reward_model_from_causal`). The trained model is saved to
+(:func:`starpo.model.loading.reward_model_from_causal`). The trained model is saved to
 ``DIR/<stage>/model/`` as a sequence-classification checkpoint that
-:class:`starpo.judges.RewardModelJudge` loads, so an online stage can be judged by a
+:class:`starpo.judges.reward_model.RewardModelJudge` loads, so an online stage can be judged by a
 *learned* reward model while evaluation keeps the gold reward (as in the papers, the
 training judge is never the evaluation judge).
 
 Scoring, padding-free
-    Pairs are tokenized exactly as for DPO (:func:`starpo.stages.dpo.tokenize_pairs`:
+    Pairs are tokenized exactly as for DPO (:func:`starpo.stages.preference.tokenize_pairs`:
     chat template rendered once, then tokenized once). ``prompt + chosen`` and
     ``prompt + rejected`` are packed as separate documents with restarting
     ``position_ids`` (:func:`starpo.data.prefbatch.collate_padding_free`): one row per
@@ -59,7 +59,7 @@ from starpo.losses.reward import bradley_terry
 from starpo.model.layout import row_cap
 from starpo.runtime import Runtime
 from starpo.errors import StarpoError
-from starpo.data.prefbatch import collate_padding_free
+from starpo.data.prefbatch import collate_padding_free, split_pairs
 from starpo.model import loading
 from starpo.model.logprobs import body_hidden_states, unwrap_model
 from starpo.stages.preference import prepare_pairs
@@ -218,7 +218,7 @@ class RewardTask:
 
     def loss(self, module: nn.Module, batch: TokenBatch):
         r = module(batch)
-        even, odd = r[0::2], r[1::2]
+        even, odd = split_pairs(r)
         losses = self.objective.loss(even, odd)
         return losses.sum(), self.objective.metrics(even, odd, losses)
 
@@ -238,7 +238,7 @@ def evaluate_reward(model: nn.Module, pairs, runtime: Runtime, *, batch_size: in
         for k in range(0, len(pairs), batch_size):
             b = runtime.batch(collate_reward_pairs(pairs[k:k + batch_size], max_tokens_per_row))
             r = sequence_scores(model, b)
-            even, odd = r[0::2], r[1::2]
+            even, odd = split_pairs(r)
             for name, (s, c) in objective.metrics(even, odd,
                                                   objective.loss(even, odd)).items():
                 t = tot.setdefault(name, [0.0, 0.0])

@@ -42,7 +42,8 @@ from starpo.train import preempt
 from starpo.train.checkpoint import (load_checkpoint, load_sharded_checkpoint, resume_from,
                                      save_checkpoint, save_sharded_checkpoint)
 from starpo.train.metrics_log import MetricsLog
-from starpo.train.task import TargetLogprobs, Task
+from starpo.model.logprobs import TargetLogprobs
+from starpo.train.task import Task
 
 
 def seed_everything(seed: int) -> None:

@@ -19,8 +19,9 @@ from starpo.data.tokenize import TokenizedPair
 from starpo.model.layout import row_cap
 from starpo.recipe import PreferenceSpec
 from starpo.runtime import Runtime
+from starpo.model.logprobs import TargetLogprobs
 from starpo.train.loop import trained_microbatches
-from starpo.train.task import TargetLogprobs, metric_sum
+from starpo.train.task import metric_sum
 
 
 def row_tokens(spec: PreferenceSpec) -> int:
@@ -63,6 +64,7 @@ def pair_metrics(spec, pc, pr, nc, nr, rc, rr, losses, cr, rjr, mean_p) -> dict:
     """Sums (with counts) of the logged metrics for a micro-batch of pairs."""
     n = float(pc.numel())
     s = metric_sum
+    mean_pc, mean_pr = PB.split_pairs(mean_p)
     return {
         "loss": (s(losses), n),
         "reward_chosen": (s(cr), n),
@@ -72,7 +74,7 @@ def pair_metrics(spec, pc, pr, nc, nr, rc, rr, losses, cr, rjr, mean_p) -> dict:
                             n),
         "logp_chosen": (s(pc), n),
         "logp_rejected": (s(pr), n),
-        "token_prob_margin": (s(mean_p[0::2] - mean_p[1::2]), n),
+        "token_prob_margin": (s(mean_pc - mean_pr), n),
         "len_chosen": (s(nc), n),
         "len_rejected": (s(nr), n),
     }
@@ -124,8 +126,8 @@ class PreferenceTask:
 
     def forward(self, module, batch: TokenBatch):
         lp, counts, tok_lp = module(batch)
-        pc, pr = lp[0::2], lp[1::2]
-        nc, nr = counts[0::2].to(lp.dtype), counts[1::2].to(lp.dtype)
+        pc, pr = PB.split_pairs(lp)
+        nc, nr = PB.split_pairs(counts.to(lp.dtype))
         rc = rr = None
         if self.loss_def.needs_reference:
             rc = batch.meta["ref_chosen"].to(lp.device, lp.dtype)

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from starpo import fileio
-from starpo.data.prefbatch import collate_pairs
+from starpo.data.prefbatch import collate_pairs, split_pairs
 from starpo.model.compile import compiled_blocks
 from starpo.model.layout import row_cap
 from starpo.model.logprobs import sequence_logprobs
@@ -148,8 +148,7 @@ def compute_reference(model, pairs: list, runtime: Runtime, *, batch_size: int =
                                             padding_free=True, cap=cap))
             lp, _, _ = sequence_logprobs(model, b, chunk_size=chunk_size)
             lp = lp.float().cpu()
-            ch[s:s + len(chunk)] = lp[0::2]
-            rj[s:s + len(chunk)] = lp[1::2]
+            ch[s:s + len(chunk)], rj[s:s + len(chunk)] = split_pairs(lp)
             end = s + len(chunk)
             if save_progress is None or end >= len(pairs):
                 continue
