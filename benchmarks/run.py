@@ -398,7 +398,7 @@ def _f(x, nd=1):
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
     w = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(str(x).ljust(w[i]) for i, x in enumerate(r)) + " |"  # noqa
+    line = lambda r: "| " + " | ".join(str(x).ljust(w[i]) for i, x in enumerate(r)) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"]
                      + [line(r) for r in rows])
 
@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work)
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, flush=True)
     log(f"building the shared model and tokenizer in {work} ...")
     sys.path.insert(0, str(ROOT))
     from benchmarks import assets

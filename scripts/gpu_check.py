@@ -359,7 +359,7 @@ def _env_main() -> int:
         try:
             mod = importlib.import_module(m)
             out[m] = f"{getattr(mod, '__version__', '?')}  {os.path.dirname(mod.__file__)}"
-        except Exception as err:  # noqa: BLE001 - reported, the check goes on
+        except Exception as err:  # reported, the check goes on
             out[m] = f"import failed: {err!r}"
     import torch
     cuda = torch.cuda.is_available()
@@ -386,7 +386,7 @@ def _imports_main() -> int:
         try:
             mod = importlib.import_module(m)
             print(m, getattr(mod, "__version__", "?"), mod.__file__, flush=True)
-        except Exception as err:  # noqa: BLE001 - every missing one is listed
+        except Exception as err:  # every missing one is listed
             missing.append(f"{m} ({err.__class__.__name__}: {err})")
     if missing:
         print("missing: " + "; ".join(missing))
@@ -584,7 +584,7 @@ def dry_run(plan: dict, a) -> int:
     try:
         from starpo.recipe import recipe_from_dict
         recipe_from_dict(plan["recipe"])           # validates, or raises the recipe error
-    except Exception as err:  # noqa: BLE001 - any failure is the one line to report
+    except Exception as err:  # any failure is the one line to report
         problems.append(f"the shrunk recipe does not validate: {err}")
     if not missing:
         bench = bench_plan(plan["limits_s"]["bench"], plan["bench_configs"], realdata,

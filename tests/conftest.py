@@ -14,7 +14,7 @@ torch.set_num_threads(2)
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
-from starpo.model.loading import CHATML_TEMPLATE as CHATML  # noqa: E402
+from starpo.model.loading import CHATML_TEMPLATE as CHATML
 
 
 def realdata(*parts: str) -> Path:

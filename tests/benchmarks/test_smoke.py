@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import assets, run, worker  # noqa: E402
+from benchmarks import assets, run, worker
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from starpo.recipe import GenerationSpec, recipe_from_dict
 from sampling_cases import PROMPTS, Triggered, make_tokenizer, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.generation import time_generation  # noqa: E402
+from benchmarks.generation import time_generation
 
 MORE_PROMPTS = PROMPTS + [
     [{"role": "user", "content": "apple banana cherry"}],

@@ -136,7 +136,7 @@ def test_pipeline_on_a_base_tokenizer_trains_every_assistant_token(tmp_path, one
 
     tok = AutoTokenizer.from_pretrained(str(out / "sft" / "model"))
     eot = "<|im_end|>"
-    trained = lambda ids, labels: tok.decode(  # noqa: E731
+    trained = lambda ids, labels: tok.decode(
         [i for i, lab in zip(ids, labels) if lab != IGNORE])
     pairs = {r["row"]: r for r in load_source(SourceSpec(path=hh), "preference")}
     docs = json.loads(next((out / "sft" / "data").glob("sft-*.json")).read_text())

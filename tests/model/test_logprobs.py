@@ -64,7 +64,7 @@ def test_target_logprobs_gradcheck_float64():
     weight = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
     targets = torch.tensor([0, 5, 2, 2, 1])
     # float64 in, float32 softmax: check against the plain path with float64 tolerance instead
-    fn = lambda h, w: target_logprobs(h, w, targets, chunk_size=2, softcap=2.0, scale=0.5).double()  # noqa: E731
+    fn = lambda h, w: target_logprobs(h, w, targets, chunk_size=2, softcap=2.0, scale=0.5).double()
     assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-3, atol=1e-3, rtol=1e-3)
 
 

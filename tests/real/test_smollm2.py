@@ -19,7 +19,7 @@ import torch
 from starpo.data.sources import load_source
 from starpo.data.tokenize import IGNORE, tokenize_conversation
 from starpo.errors import StarpoError
-from starpo.recipe import PreferenceSpec, SourceSpec, TrainSpec
+from starpo.recipe import PreferenceSpec, SourceSpec
 
 pytestmark = pytest.mark.slow
 

@@ -87,8 +87,8 @@ def _shell(tmp_path: Path, env: dict) -> dict[str, str]:
                        text=True, timeout=60, env=env)
     assert p.returncode == 0, p.stderr
     # what setup.sh does with it: eval in bash, then read the three variables
-    out = subprocess.run(["bash", "-c", f'eval "$1"; printf "%s\\n%s\\n%s" "$TORCH_BUILD" '
-                                        f'"$TORCH_INDEX" "$TORCH_REASON"', "_", p.stdout],
+    out = subprocess.run(["bash", "-c", 'eval "$1"; printf "%s\\n%s\\n%s" "$TORCH_BUILD" '
+                                        '"$TORCH_INDEX" "$TORCH_REASON"', "_", p.stdout],
                          capture_output=True, text=True, timeout=60)
     build, index, reason = out.stdout.split("\n", 2)
     return {"build": build, "index": index, "reason": reason}

@@ -36,7 +36,7 @@ def test_gradient_accumulation_keeps_the_loss_scale(tmp_path):
     a per-micro-batch mean would weight them differently)."""
     # plain SGD: the weight change is lr × gradient, so weights compare gradients directly
     # (Adam's g/√v would turn float noise in near-zero gradients into ±lr steps)
-    sgd = lambda m, s: torch.optim.SGD(m.parameters(), lr=s.lr)  # noqa: E731
+    sgd = lambda m, s: torch.optim.SGD(m.parameters(), lr=s.lr)
     spec = dict(lr=1.0, max_steps=3, warmup_ratio=0, scheduler="constant", log_every=1,
                 max_grad_norm=None)
     m0, m1, m2 = tiny_llama(100), tiny_llama(100), tiny_llama(100)

@@ -118,7 +118,7 @@ def _wandb_run(run_dir: Path) -> dict:
         elif kind == 4:
             chunks.append(part + data)
     out = {"history": [], "config": {}, "run": None}
-    key = lambda item: item.key or "/".join(item.nested_key)   # noqa: E731
+    key = lambda item: item.key or "/".join(item.nested_key)
     for c in chunks:
         r = pb.Record()
         r.ParseFromString(c)

@@ -340,7 +340,7 @@ class StaticDecoder:
             self._graph = graph
         except torch.cuda.OutOfMemoryError:
             raise           # not the graph's fault: the caller retries with fewer rows
-        except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly instead
+        except Exception as err:  # any capture failure: run eagerly instead
             self.graph_failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             logger.warning("decoding: the CUDA graph capture failed (%s); the decode step "
                            "runs eagerly (set generation.decoder: static to skip the "

@@ -387,7 +387,7 @@ def varlen_layout(plans: list, length: int, device=None) -> VarlenLayout:
     index = None
     if branched:
         index = torch.cat([torch.arange(a, a + m) for a, m in keys]).to(device)
-    as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
     return VarlenLayout(as_i32(cu_q), as_i32(cu_k), max_q, max_k, index)
 
 
@@ -475,12 +475,12 @@ def _varlen_probe(device: torch.device) -> bool:
     q = torch.randn(tq, 4, 64, generator=g).to(device, torch.bfloat16)
     k = torch.randn(tk, 2, 64, generator=g).to(device, torch.bfloat16)
     v = torch.randn(tk, 2, 64, generator=g).to(device, torch.bfloat16)
-    cum = lambda x: torch.tensor([0] + list(itertools.accumulate(x)), dtype=torch.int32,  # noqa: E731
+    cum = lambda x: torch.tensor([0] + list(itertools.accumulate(x)), dtype=torch.int32,
                                  device=device)
     args = (cum(lens_q), cum(lens_k), max(lens_q), max(lens_k))
     try:
         got = torch_varlen(q, k, v, *args, gqa=True).float()
-    except Exception as err:        # noqa: BLE001 — any failure means: do not use it
+    except Exception as err:        # any failure means: do not use it
         warnings.warn(f"starpo: torch's varlen attention failed its check on {device} "
                       f"({type(err).__name__}: {err}); packed rows use flex attention")
         return False

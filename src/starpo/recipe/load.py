@@ -13,7 +13,7 @@ import copy
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Iterable, Union, get_args, get_origin
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError

@@ -73,7 +73,7 @@ def train_preference(ctx, stage, tok, model, train_pairs, eval_pairs, ref_path: 
     rows1 = one_row(model, stage)
     if stage.prefix_sharing or stage.padding_free:
         ctx.log(f"  {attention_note(model, prefix_shared=stage.prefix_sharing)}")
-    mk = lambda ps, a, b, bs: PreferenceTask(  # noqa: E731
+    mk = lambda ps, a, b, bs: PreferenceTask(
         ps, stage, batch_size=bs, pad_id=tok.pad_token_id, seed=seed,
         ref_chosen=a, ref_rejected=b, one_row=rows1)
     task = mk(train_pairs, None, None, stage.train.batch_size)

@@ -288,7 +288,7 @@ def train_pair_scorer(ctx, stage, objective: PairObjective, *, what: str) -> dic
     for key, value in objective.config.items():     # travels in the checkpoint's config.json
         setattr(unwrap_model(rm).config, key, value)
     cap = row_cap(rm, stage.max_length, prefix_shared=False)
-    evaluate = lambda ps: evaluate_reward(rm, ps, rt, max_tokens_per_row=cap,  # noqa
+    evaluate = lambda ps: evaluate_reward(rm, ps, rt, max_tokens_per_row=cap,
                                           objective=objective)
     probe = random.Random(f"starpo-reward-probe|{seed}").sample(
         train_pairs, min(TRAIN_PROBE, len(train_pairs)))

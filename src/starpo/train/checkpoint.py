@@ -183,7 +183,7 @@ def resume_from(ckpt_dir: Path, load: Callable[[Path], dict], *,
         if why is None:
             try:
                 return load(p)
-            except Exception as err:  # noqa: BLE001 - any damage: fall back
+            except Exception as err:  # any damage: fall back
                 lines = str(err).strip().splitlines()
                 why = f"loading failed: {type(err).__name__}" + (f": {lines[0]}" if lines else "")
                 touched = p

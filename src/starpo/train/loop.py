@@ -218,7 +218,7 @@ class _Window:
         names = list(self.sums)
         red = {}
         if names:
-            as64 = lambda v: torch.as_tensor(v, dtype=torch.float64, device=acc.device)  # noqa: E731
+            as64 = lambda v: torch.as_tensor(v, dtype=torch.float64, device=acc.device)
             sc = torch.stack([torch.stack([as64(s), as64(c)]) for s, c in
                               self.sums.values()]).float()
             t = acc.reduce(sc, reduction="sum")

@@ -218,7 +218,7 @@ def _read_cached(path: Path, n_pairs: int, log) -> RefLogps | None:
     try:
         t = load_file(str(path))
         ch, rj = t["chosen"], t["rejected"]
-    except Exception as err:  # noqa: BLE001 - any damage means: compute again
+    except Exception as err:  # any damage means: compute again
         log(f"  reference log-probs: {path.name} is unreadable ({type(err).__name__}); "
             f"computing them again")
         return None
@@ -243,7 +243,7 @@ def _read_partial(partial: Path, setup: dict[str, str], log
             meta = f.metadata() or {}
             ch, rj = f.get_tensor("chosen"), f.get_tensor("rejected")
         n = int(meta["done"])
-    except Exception:  # noqa: BLE001 - damaged: start the pass over
+    except Exception:  # damaged: start the pass over
         log(f"  reference log-probs: {partial.name} is unreadable; starting the pass over")
         return None
     if any(meta.get(k) != v for k, v in setup.items()) or len(ch) < n or len(rj) < n:
@@ -335,7 +335,7 @@ def _entry_size(path: Path) -> int | None:
         with safe_open(str(path), framework="pt") as f:
             n = f.get_slice("chosen").get_shape()[0]
             return n if f.get_slice("rejected").get_shape()[0] == n else None
-    except Exception:  # noqa: BLE001 - any damage means: not usable
+    except Exception:  # any damage means: not usable
         return None
 
 
