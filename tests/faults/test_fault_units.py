@@ -358,8 +358,9 @@ def test_the_slurm_task_passes_the_signal_on_and_requeues_itself(tmp_path):
     fake = tmp_path / "fake_starpo.py"
     fake.write_text(
         "import signal, sys, time\n"
-        f"open({str(tmp_path / 'started')!r}, 'w').close()\n"
         "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))\n"
+        # ready only once the handler is in: a signal before it would kill (status 138)
+        f"open({str(tmp_path / 'started')!r}, 'w').close()\n"
         "time.sleep(60)\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

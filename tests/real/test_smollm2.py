@@ -171,7 +171,9 @@ def test_dpo_loss_and_gradients_equal_trl_on_real_pairs(smollm2, tok):
     for n, p in policy.named_parameters():
         g, want = p.grad, trl_grads[n]
         worst = max(worst, float((g - want).abs().max() / (want.abs().max() + 1e-12)))
-        torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-3)
+        # the absolute tolerance scales with the tensor: summation order (thread count)
+        # moves its tiniest entries by a few 1e-6 on some CPUs
+        torch.testing.assert_close(g, want, atol=1e-4 * float(want.abs().max()), rtol=1e-3)
     assert worst < 1e-3
 
 
