@@ -38,7 +38,9 @@ KL estimator
 Bootstrap
     Percentile bootstrap of the mean over prompts: ``bootstrap`` resamples of the prompt
     indices with replacement from ``numpy.random.default_rng(seed)``; the same resamples
-    serve every metric of a model. ``bootstrap=0`` gives no intervals (``None``).
+    serve every metric of a model over all prompts (``win_vs_chosen``, over the prompts
+    with a reference, draws its own from the same seed). ``bootstrap=0`` gives no
+    intervals (``None``).
 
 Files written by :func:`evaluate_models` (``out_dir``)::
 
@@ -47,13 +49,14 @@ Files written by :func:`evaluate_models` (``out_dir``)::
                       against the one before it and against the SFT reference
                       (:func:`starpo.metrics.stats.score_gaps`)
     categories.json   only for prompts with a ``category`` (MT-Bench): {model: {category:
-                      metrics}} (:func:`starpo.metrics.stats.by_category`)
+                      metrics}} (:func:`starpo.metrics.registry.by_category`)
     <model>.jsonl     one record per prompt (see :func:`_records`)
     meta.json         prompts, sampling spec, seed, judge, reference model
 
 Samples come from :mod:`starpo.metrics.samples`, the metrics from
-:mod:`starpo.metrics.registry` (on the statistics of :mod:`starpo.metrics.stats`); the eval stage (:mod:`starpo.stages.eval`) runs this on a run's
-models, and ``starpo eval`` on an existing run directory.
+:mod:`starpo.metrics.registry` (on the statistics of :mod:`starpo.metrics.stats`); the
+eval stage (:mod:`starpo.stages.eval`) runs this on a run's models, and ``starpo eval`` on
+an existing run directory.
 """
 
 from __future__ import annotations

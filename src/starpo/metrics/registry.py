@@ -6,8 +6,8 @@ An entry says everything the rest of starpo needs to know about a metric:
 * ``header`` and ``label``: its column header in the report tables and its longer label
   on chart axes;
 * ``higher_is_better``: True for a goal a method wants high (the report marks the best
-  value, a sweep may rank runs by it: ``analysis.metric``); False for a metric that
-  describes a model (KL, length) without a better direction;
+  value; a sweep that records it may rank runs by it, ``analysis.metric``); False for a
+  metric that describes a model (KL, length) without a better direction;
 * how it ties and compares: ``tie`` names the summary key of the share of ties of a win
   rate (its per-prompt outcomes equal to ½); ``against_sft`` says the metric compares a
   model with the SFT reference, whose own value is trivial (½, 0) and never "best";
@@ -16,15 +16,19 @@ An entry says everything the rest of starpo needs to know about a metric:
   metric is then ``None``), and ``aggregate`` turns them and the bootstrap resamples into
   the value and its interval (default: the mean, percentile bootstrap interval);
 * ``details``: further summary keys written right after it (counts, quantiles);
-* ``record``: the per-prompt record field (``<model>.jsonl``) that averages to it, which
-  the per-category table uses; ``sweep``: recorded for every sweep trial
-  (``trials.jsonl``), analysed over a sweep's grid and shown on its page (the documented
-  contract metrics); ``percent``: shown as a percentage; ``description``: the report's
-  one-phrase explanation under the metrics table.
+* ``record``: the field of the per-prompt records (``<model>.jsonl``) holding its
+  per-prompt values, from which the per-category table aggregates it (``None``: not in
+  that table);
+* ``sweep``: recorded for every sweep trial (``trials.jsonl``), analysed over a sweep's
+  grid and shown on its page (the documented contract metrics; ``finished_rate`` is not);
+* ``percent``: shown as a percentage; ``description``: the report's one-phrase
+  explanation under the metrics table.
 
-Adding a metric is one entry in :data:`METRICS` (the order is ``summary.json``'s); the
-eval summary (:func:`summarize_model`), the per-category table (:func:`by_category`), the run report, the sweep
-record, its analysis and its page read this tuple when they run, never a copy of it.
+Adding a metric is one entry in :data:`METRICS` (the order is ``summary.json``'s; add
+new ones at the end, so existing summaries keep their layout). The eval summary
+(:func:`summarize_model`), the per-category table (:func:`by_category`), the run page, the
+sweep analysis and the sweep page read this tuple when they run; the sweep's trial record
+and the constants of :mod:`starpo.metrics.names` take the names from it at import.
 """
 
 from __future__ import annotations
