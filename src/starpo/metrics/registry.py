@@ -71,6 +71,7 @@ Aggregate = Callable[[np.ndarray, "np.ndarray | None"],
 
 @dataclass(frozen=True)
 class Metric:
+    """One evaluation metric (its fields are explained in the module docstring)."""
     name: str
     header: str
     per_prompt: PerPrompt
