@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from starpo import fileio
 from starpo.metrics import evaluation as E
+from starpo.metrics import registry as MR
 from starpo.metrics import samples as SM
 from starpo.metrics import stats as ST
 from starpo.run import pipeline
@@ -89,7 +90,7 @@ def test_win_rate_counts_ties_as_half():
 def test_kl_terms_and_per_token():
     kl = ST.kl_terms([-10.0, -4.0, -6.0], [-12.0, -4.0, -5.0])
     assert kl.tolist() == [2.0, 0.0, -1.0]
-    m = ST.summarize_model([0.0, 0.0, 0.0], lengths=[3, 1, 0], n_tokens=[4, 2, 1], kl=kl,
+    m = MR.summarize_model([0.0, 0.0, 0.0], lengths=[3, 1, 0], n_tokens=[4, 2, 1], kl=kl,
                           n_boot=0)
     assert m["kl_vs_sft"] == pytest.approx(1.0 / 3)
     assert m["kl_vs_sft_per_token"] == pytest.approx((2 / 4 + 0 / 2 - 1 / 1) / 3)
@@ -148,7 +149,7 @@ def test_summarize_model_by_hand():
     scores = [1.0, 0.2, -0.6, 1.0]
     chosen = [0.2, None, -0.6, 1.0]      # prompt 1 has no reference response
     sft = [1.0, 1.0, -1.0, 0.2]
-    m = ST.summarize_model(scores, lengths=[5, 7, 9, 3], n_tokens=[6, 8, 10, 4],
+    m = MR.summarize_model(scores, lengths=[5, 7, 9, 3], n_tokens=[6, 8, 10, 4],
                           finished=[True, True, True, False], chosen_scores=chosen,
                           same_as_chosen=[False, False, False, True], sft_scores=sft,
                           same_as_sft=[True, False, False, False], n_boot=300, seed=0)
@@ -265,7 +266,7 @@ def test_gold_scores_and_outputs(evaluated, prompts):
         assert g["gap_ci"][0] <= g["gap"] <= g["gap_ci"][1]
     assert gaps[2]["gap"] == 0.0   # the same samples as the SFT model's
     for name, m in summary.items():
-        for k in E.EVAL_METRICS:
+        for k in MR.sweep_names():
             assert k in m and f"{k}_ci" in m
         assert m["n"] == len(prompts)
         recs = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
@@ -360,7 +361,7 @@ def test_eval_stage_in_the_pipeline(ckpts, tmp_path):
     assert summary["dpo"]["n"] == 5
     stage = json.loads((run / "eval" / "stage.json").read_text())
     assert stage["models"] == ["sft", "dpo"] and stage["reference"] == "sft"
-    assert set(stage["metrics"]["dpo"]) == set(E.EVAL_METRICS)
+    assert set(stage["metrics"]["dpo"]) == set(MR.sweep_names())
     (gap,) = stage["gaps"]
     assert (gap["model"], gap["baseline"]) == ("dpo", "sft")
     assert any(line.strip().startswith("gap dpo − sft ") and "(5 prompts, paired)" in line
@@ -449,7 +450,7 @@ def test_by_category_by_hand():
             {"category": "b", "score": -2.0, "win_vs_sft": 0.0, "win_vs_chosen": 1.0,
              "kl": None, "length": 10, "finished": True},
             {"score": 100.0}]                      # no category: left out
-    got = ST.by_category(recs, n_boot=200, seed=0)
+    got = MR.by_category(recs, n_boot=200, seed=0)
     assert list(got) == ["a", "b"]
     a, b = got["a"], got["b"]
     assert a["n"] == 2 and a["mean_score"] == 2.0 and a["win_vs_sft"] == 0.75
@@ -458,7 +459,7 @@ def test_by_category_by_hand():
     assert 1.0 <= a["mean_score_ci"][0] <= a["mean_score_ci"][1] <= 3.0
     assert b["n"] == 1 and b["mean_score"] == -2.0 and b["kl_vs_sft"] is None
     assert b["win_vs_chosen"] == 1.0
-    assert ST.by_category([{"score": 1.0}]) == {}
+    assert MR.by_category([{"score": 1.0}]) == {}
 
 
 def test_prompts_with_categories_get_a_per_category_table(ckpts, prompts, tmp_path):

@@ -44,8 +44,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
 from starpo import fileio
-from starpo.metrics.names import EVAL_METRICS, HEADLINE_METRICS
+from starpo.metrics import registry
+from starpo.metrics.stats import win_rate
 
 # what the top-k runs are described by (the guide: length and KL of the top runs)
 TOPK_METRICS = ("mean_length", "kl_vs_sft", "kl_vs_sft_per_token")
@@ -116,7 +118,7 @@ def brief(rec: Mapping[str, Any] | None) -> dict | None:
         return None
     return {"id": rec.get("id"), "method": rec.get("method"),
             "params": dict(rec.get("params") or {}),
-            "metrics": {k: metric_of(rec, k) for k in EVAL_METRICS}}
+            "metrics": {k: metric_of(rec, k) for k in registry.sweep_names()}}
 
 
 # =========================================================================== run selection
@@ -162,10 +164,12 @@ def top_runs(runs: Sequence[Mapping[str, Any]], k_percent: float,
 
 
 def expected_performance(runs: Sequence[Mapping[str, Any]],
-                         metrics: Sequence[str] = EVAL_METRICS) -> dict[str, dict]:
-    """``{metric: describe(values over the ok runs)}`` for one method's grid."""
+                         metrics: Sequence[str] | None = None) -> dict[str, dict]:
+    """``{metric: describe(values over the ok runs)}`` for one method's grid (default: the
+    metrics a sweep records)."""
     ok = [r for r in runs if r.get("status") == "ok"]
-    return {m: describe(metric_of(r, m) for r in ok) for m in metrics}
+    return {m: describe(metric_of(r, m) for r in ok)
+            for m in (registry.sweep_names() if metrics is None else metrics)}
 
 
 def robustness(trials: Sequence[Mapping[str, Any]], baseline: float | None,
@@ -258,21 +262,17 @@ def pairwise_win_rate(a: Sequence[Mapping], b: Sequence[Mapping]) -> dict[str, A
     Records need ``score`` (and ``response`` for the same-text tie rule). Returns
     ``{"win": ..., "tie": ..., "n": prompts compared}`` (``None`` rates for no prompt).
     """
-    outcomes = []
+    sa, sb, same = [], [], []
     for ra, rb in _aligned(a, b):
-        sa, sb = ra.get("score"), rb.get("score")
-        if not (_finite(sa) and _finite(sb)):
-            continue
-        same = isinstance(ra.get("response"), str) and isinstance(rb.get("response"), str) \
-            and ra["response"].strip() == rb["response"].strip()
-        if same or sa == sb:
-            outcomes.append(0.5)
-        else:
-            outcomes.append(1.0 if sa > sb else 0.0)
-    if not outcomes:
+        if _finite(ra.get("score")) and _finite(rb.get("score")):
+            sa.append(float(ra["score"]))
+            sb.append(float(rb["score"]))
+            same.append(isinstance(ra.get("response"), str) and isinstance(
+                rb.get("response"), str) and ra["response"].strip() == rb["response"].strip())
+    if not sa:
         return {"win": None, "tie": None, "n": 0}
-    o = np.asarray(outcomes)
-    return {"win": float(o.mean()), "tie": float((o == 0.5).mean()), "n": int(o.size)}
+    win, tie = win_rate(sa, sb, same=same)  # the evaluation's tie rule, ties ½
+    return {"win": win, "tie": tie, "n": len(sa)}
 
 
 def head_to_head(selected: Mapping[str, Mapping[str, Any] | None], load: PromptLoader
@@ -389,8 +389,9 @@ def analyze(records: Sequence[Mapping[str, Any]], *, baseline: Mapping[str, Any]
         reference_method: the method the best runs are compared with in percent (the
             guide compares with DPO); default ``dpo`` if present, else the first method.
     """
-    if metric not in HEADLINE_METRICS:
-        raise ValueError(f"analysis metric must be one of {HEADLINE_METRICS}, not {metric!r}")
+    if metric not in registry.headline_names():
+        raise ValueError(f"analysis metric must be one of {registry.headline_names()}, "
+                         f"not {metric!r}")
     by_method = group_by_method(records)
     if reference_method is None and by_method:
         reference_method = "dpo" if "dpo" in by_method else next(iter(by_method))
@@ -445,12 +446,12 @@ def sweep_baseline(sweep_dir: Path, info: Mapping[str, Any],
         summary = _read_json(Path(sweep_dir) / base["summary"])
         if isinstance(summary, dict) and isinstance(summary.get(base["model"]), dict):
             m = summary[base["model"]]
-            return {k: m.get(k) for k in EVAL_METRICS}, str(base["summary"])
+            return {k: m.get(k) for k in registry.sweep_names()}, str(base["summary"])
     sft = [r.get("sft") for r in records if r.get("status") == "ok" and
            isinstance(r.get("sft"), dict)]
     if not sft:
         return None, None
-    vals = {k: [s.get(k) for s in sft if _finite(s.get(k))] for k in EVAL_METRICS}
+    vals = {k: [s.get(k) for s in sft if _finite(s.get(k))] for k in registry.sweep_names()}
     return ({k: (float(np.mean(v)) if v else None) for k, v in vals.items()},
             "mean of the trials' own SFT evaluations")
 

@@ -4,7 +4,8 @@ Every model is asked each evaluation prompt once, with the same sampling seed (s
 models draw from the same random stream: identical models give identical samples), and
 each response is scored by a pointwise judge (the world's gold reward, or a reward model).
 
-Metrics (one value per model, each with a bootstrap 95% confidence interval over prompts)::
+Metrics (one value per model, each with a bootstrap 95% confidence interval over prompts;
+each is an entry of :mod:`starpo.metrics.registry`, which computes them)::
 
     mean_score           mean_i gold(y_i)
     win_vs_chosen        mean_i w(gold(y_i), gold(chosen_i))          prompts with a reference
@@ -14,6 +15,7 @@ Metrics (one value per model, each with a bootstrap 95% confidence interval over
     kl_vs_sft            mean_i Σ_t [log π(y_it | x_i, y_i<t) − log π_sft(y_it | x_i, y_i<t)]
     kl_vs_sft_per_token  mean_i (that sum / n_i)
     mean_length          mean_i length_i
+    finished_rate        share of responses that ended their turn (not cut at max_new_tokens)
 
 Tokens and lengths
     ``tokens`` are the sampled token ids themselves (never a re-tokenisation of the decoded
@@ -36,7 +38,9 @@ KL estimator
 Bootstrap
     Percentile bootstrap of the mean over prompts: ``bootstrap`` resamples of the prompt
     indices with replacement from ``numpy.random.default_rng(seed)``; the same resamples
-    serve every metric of a model. ``bootstrap=0`` gives no intervals (``None``).
+    serve every metric of a model over all prompts (``win_vs_chosen``, over the prompts
+    with a reference, draws its own from the same seed). ``bootstrap=0`` gives no
+    intervals (``None``).
 
 Files written by :func:`evaluate_models` (``out_dir``)::
 
@@ -45,13 +49,14 @@ Files written by :func:`evaluate_models` (``out_dir``)::
                       against the one before it and against the SFT reference
                       (:func:`starpo.metrics.stats.score_gaps`)
     categories.json   only for prompts with a ``category`` (MT-Bench): {model: {category:
-                      metrics}} (:func:`starpo.metrics.stats.by_category`)
+                      metrics}} (:func:`starpo.metrics.registry.by_category`)
     <model>.jsonl     one record per prompt (see :func:`_records`)
     meta.json         prompts, sampling spec, seed, judge, reference model
 
-Samples come from :mod:`starpo.metrics.samples`, the statistics from
-:mod:`starpo.metrics.stats`; the eval stage (:mod:`starpo.stages.eval`) runs this on a run's
-models, and ``starpo eval`` on an existing run directory.
+Samples come from :mod:`starpo.metrics.samples`, the metrics from
+:mod:`starpo.metrics.registry` (on the statistics of :mod:`starpo.metrics.stats`); the
+eval stage (:mod:`starpo.stages.eval`) runs this on a run's models, and ``starpo eval`` on
+an existing run directory.
 """
 
 from __future__ import annotations
@@ -67,11 +72,11 @@ from starpo import fileio
 from starpo.data.canonical import as_messages, response_text
 from starpo.errors import StarpoError
 from starpo.judges.base import PairwiseJudge
-from starpo.metrics.names import EVAL_METRICS
+from starpo.metrics import registry
+from starpo.metrics.registry import by_category, summarize_model
 from starpo.metrics.samples import (ModelRef, ModelSamples, load_for_sampling,
                                     response_logprobs, sample_model)
-from starpo.metrics.stats import (by_category, gap_pairs, kl_terms, score_gaps,
-                                  summarize_model, win_outcomes)
+from starpo.metrics.stats import gap_pairs, kl_terms, score_gaps, win_outcomes
 from starpo.recipe import GenerationSpec
 from starpo.runtime import default_device, release_memory
 
@@ -357,6 +362,7 @@ def write_outputs(out_dir: Path, summary: dict, records: dict[str, list[dict]],
 
 
 def brief(summary: Mapping[str, dict]) -> dict[str, dict]:
-    """The headline metrics of a summary (what a stage summary / log line shows)."""
-    return {name: {k: (None if m.get(k) is None else round(float(m[k]), 4)) for k in EVAL_METRICS}
+    """The contract metrics of a summary (what a stage summary / log line shows)."""
+    keys = registry.sweep_names()
+    return {name: {k: (None if m.get(k) is None else round(float(m[k]), 4)) for k in keys}
             for name, m in summary.items()}

@@ -1,21 +1,15 @@
-"""Every metric name starpo writes, in one place (the contract: README "Metrics").
+"""The metric names of the documented contract (README "Metrics"), as constants for the
+code that validates against them (a sweep file's ``analysis.metric``) or lists them.
 
-The evaluation writes ``EVAL_METRICS`` (and ``EVAL_EXTRA``) per model to
-``eval/summary.json``, each with ``<name>_ci`` (a bootstrap 95% interval); training stages
-log ``TRAIN_METRICS`` (all) and ``PREFERENCE_METRICS`` (preference and reward stages) to
-``metrics.jsonl``. The sweep analysis, the report's columns and curves, and the sweep
-file's ``analysis.metric`` are derived from these tuples.
+They are derived from :mod:`starpo.metrics.registry`, where every evaluation metric is
+defined; code that runs after import (the evaluation, the reports, the sweep) reads the
+registry itself. Training stages log their own keys to ``metrics.jsonl`` (README
+"Metrics"; the preference ones: :func:`starpo.train.preference.pair_metrics`).
 """
 
-EVAL_METRICS = ("mean_score", "win_vs_chosen", "win_vs_sft", "kl_vs_sft",
-                "kl_vs_sft_per_token", "mean_length")
-# per-model values that also get an interval: tie shares of the win rates, and the share
-# of responses that ended with the end-of-turn token (not cut at max_new_tokens)
-EVAL_EXTRA = ("tie_vs_chosen", "tie_vs_sft", "finished_rate")
-# metrics a method wants high; the others (KL, length) describe a model, they are no goal
-HEADLINE_METRICS = ("mean_score", "win_vs_chosen", "win_vs_sft")
+from starpo.metrics.registry import headline_names, sweep_names
 
-TRAIN_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s")
-PREFERENCE_METRICS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy",
-                      "logp_chosen", "logp_rejected", "token_prob_margin", "len_chosen",
-                      "len_rejected")
+# mean_score, win_vs_chosen, win_vs_sft, kl_vs_sft, kl_vs_sft_per_token, mean_length
+EVAL_METRICS = sweep_names()
+# the ones a method wants high (what "best" may mean); KL and length describe a model
+HEADLINE_METRICS = headline_names()

@@ -1,6 +1,6 @@
-"""The guide's per-model statistics: win rates with ties, KL terms, bootstrap intervals,
-length quantiles, and the summary of one model (the metric definitions are in
-:mod:`starpo.metrics.evaluation`)."""
+"""The guide's statistics: win rates with ties, KL terms, bootstrap intervals, length
+quantiles, paired score gaps (the metrics built from them are the entries of
+:mod:`starpo.metrics.registry`; their definitions in words: :mod:`starpo.metrics.evaluation`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-
-from starpo.errors import StarpoError
 
 
 # Judge scores tie only when equal: the judges score each text deterministically, and the
@@ -101,6 +99,17 @@ def _finite_or_none(x: float | None) -> float | None:
     return float(x)
 
 
+def mean_interval(values: np.ndarray, indices: np.ndarray | None
+                  ) -> tuple[float | None, list[float | None] | None]:
+    """The mean of per-prompt ``values`` and its percentile bootstrap 95% interval over the
+    resamples ``indices`` (``[n_boot, len(values)]``; ``None``: no interval). Non-finite
+    results are ``None`` (JSON has no NaN). How a metric's per-prompt values become its
+    summary value unless its registry entry says otherwise."""
+    value = _finite_or_none(float(values.mean()))
+    ci = bootstrap_ci(values, indices=indices) if indices is not None else None
+    return value, None if ci is None else [_finite_or_none(ci[0]), _finite_or_none(ci[1])]
+
+
 def gap_pairs(names: Sequence[str], reference: str | None = None) -> list[tuple[str, str]]:
     """Which paired score gaps an evaluation reports, as ``(model, baseline)`` pairs: each
     model against the one before it (the pipeline's stage order: dpo vs sft, online vs
@@ -140,119 +149,6 @@ def score_gaps(scores: Mapping[str, Sequence[float]], pairs: Sequence[tuple[str,
                     "gap": _finite_or_none(float(d.mean())) if d.size else None,
                     "gap_ci": None if ci is None else [_finite_or_none(ci[0]),
                                                        _finite_or_none(ci[1])]})
-    return out
-
-
-def summarize_model(scores: Sequence[float], lengths: Sequence[int], n_tokens: Sequence[int], *,
-                    finished: Sequence[bool] | None = None,
-                    chosen_scores: Sequence[float | None] | None = None,
-                    same_as_chosen: Sequence[bool] | None = None,
-                    sft_scores: Sequence[float] | None = None,
-                    same_as_sft: Sequence[bool] | None = None,
-                    kl: Sequence[float] | None = None,
-                    n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """All metrics of one model from its per-prompt values (see the module docstring).
-
-    Prompts whose ``chosen_scores`` entry is ``None`` (no reference response) are left
-    out of ``win_vs_chosen``; a metric whose inputs are missing is ``None``.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    n = scores.size
-    if n == 0:
-        raise StarpoError("evaluation: no prompt to evaluate")
-    idx = bootstrap_indices(n, n_boot, seed) if n_boot > 0 else None
-
-    out: dict[str, Any] = {"n": n}
-
-    def put(name: str, per_prompt: np.ndarray | None):
-        if per_prompt is None or per_prompt.size == 0:
-            out[name], out[f"{name}_ci"] = None, None
-            return
-        out[name] = _finite_or_none(float(per_prompt.mean()))
-        sub = idx
-        if sub is not None and per_prompt.size != n:  # a subset of prompts: its own resamples
-            sub = bootstrap_indices(per_prompt.size, n_boot, seed)
-        ci = bootstrap_ci(per_prompt, indices=sub) if sub is not None else None
-        out[f"{name}_ci"] = None if ci is None else [_finite_or_none(ci[0]),
-                                                     _finite_or_none(ci[1])]
-
-    put("mean_score", scores)
-
-    if chosen_scores is not None:
-        has = np.array([c is not None for c in chosen_scores], dtype=bool)
-        if has.any():
-            ch = np.array([c for c in chosen_scores if c is not None], dtype=np.float64)
-            same = None if same_as_chosen is None else np.asarray(same_as_chosen, bool)[has]
-            w = win_outcomes(scores[has], ch, same=same)
-            put("win_vs_chosen", w)
-            put("tie_vs_chosen", (w == 0.5).astype(np.float64))
-            out["n_chosen"] = int(has.sum())
-        else:
-            put("win_vs_chosen", None)
-            put("tie_vs_chosen", None)
-            out["n_chosen"] = 0
-    else:
-        put("win_vs_chosen", None)
-        put("tie_vs_chosen", None)
-
-    if sft_scores is not None:
-        w = win_outcomes(scores, sft_scores, same=same_as_sft)
-        put("win_vs_sft", w)
-        put("tie_vs_sft", (w == 0.5).astype(np.float64))
-    else:
-        put("win_vs_sft", None)
-        put("tie_vs_sft", None)
-
-    n_tok = np.asarray(n_tokens, dtype=np.float64)
-    if kl is not None:
-        kl = np.asarray(kl, dtype=np.float64)
-        put("kl_vs_sft", kl)
-        put("kl_vs_sft_per_token", kl / np.maximum(n_tok, 1.0))
-    else:
-        put("kl_vs_sft", None)
-        put("kl_vs_sft_per_token", None)
-
-    lengths_a = np.asarray(lengths, dtype=np.float64)
-    put("mean_length", lengths_a)
-    out["length_quantiles"] = length_quantiles(lengths)
-    if finished is not None:
-        put("finished_rate", np.asarray(finished, dtype=np.float64))
-    return out
-
-
-# per-prompt record field → the metric it averages to (evaluation records, <model>.jsonl)
-CATEGORY_FIELDS = (("score", "mean_score"), ("win_vs_chosen", "win_vs_chosen"),
-                   ("win_vs_sft", "win_vs_sft"), ("kl", "kl_vs_sft"),
-                   ("length", "mean_length"), ("finished", "finished_rate"))
-
-
-def by_category(records: Sequence[Mapping[str, Any]], *, n_boot: int = 1000, seed: int = 0
-                ) -> dict[str, dict[str, Any]]:
-    """One model's metrics per prompt category (MT-Bench's writing, math, …) from its
-    per-prompt evaluation records: ``{category: {"n": k, metric: mean, metric_ci: [lo,
-    hi]}}`` for the metrics of :data:`CATEGORY_FIELDS`, each the mean over that category's
-    prompts where the record has a value, with a percentile bootstrap interval. Records
-    without a ``category`` are left out; no categories gives ``{}``."""
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for r in records:
-        c = r.get("category")
-        if c is not None:
-            groups.setdefault(str(c), []).append(r)
-    out: dict[str, dict[str, Any]] = {}
-    for cat in sorted(groups):
-        recs = groups[cat]
-        m: dict[str, Any] = {"n": len(recs)}
-        for field, name in CATEGORY_FIELDS:
-            vals = np.array([float(r[field]) for r in recs if r.get(field) is not None],
-                            dtype=np.float64)
-            if vals.size == 0:
-                m[name], m[f"{name}_ci"] = None, None
-                continue
-            m[name] = _finite_or_none(float(vals.mean()))
-            ci = bootstrap_ci(vals, n_boot=n_boot, seed=seed) if n_boot > 0 else None
-            m[f"{name}_ci"] = None if ci is None else [_finite_or_none(ci[0]),
-                                                       _finite_or_none(ci[1])]
-        out[cat] = m
     return out
 
 

@@ -9,23 +9,12 @@ import json
 import math
 from typing import Any, Iterable, Sequence
 
-from starpo.metrics.names import EVAL_METRICS, HEADLINE_METRICS
+from starpo.metrics import registry
 
 esc = html.escape
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#edc948",
            "#ff9da7", "#9c755f", "#7f7f7f"]
-
-
-_HEADERS = {"mean_score": "mean score", "win_vs_chosen": "win vs chosen",
-            "win_vs_sft": "win vs SFT", "kl_vs_sft": "KL vs SFT", "kl_vs_sft_per_token": "KL / token",
-            "mean_length": "mean length", "finished_rate": "finished"}
-_TIES = {"win_vs_chosen": "tie_vs_chosen", "win_vs_sft": "tie_vs_sft"}
-# key, header, tie key, higher is better (None: no "best" marking); finished_rate is the
-# share of responses ending with end-of-turn (not cut)
-METRIC_COLUMNS = [(k, _HEADERS[k], _TIES.get(k), True if k in HEADLINE_METRICS else None)
-                  for k in EVAL_METRICS + ("finished_rate",)]
-PERCENT_COLUMNS = {"finished_rate"}
 
 
 def model_colors(names: Sequence[str]) -> dict[str, str]:
@@ -72,6 +61,11 @@ def signed(v: Any, digits: int = 3) -> str:
 
 def pct(v: Any) -> str:
     return f"{100 * v:.0f}%" if finite(v) else "—"
+
+
+def fmt_metric(metric: registry.Metric, v: Any) -> str:
+    """A value of ``metric`` for a table cell: a percentage or a number, as it asks."""
+    return pct(v) if metric.percent else fmt(v)
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:

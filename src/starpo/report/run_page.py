@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from starpo import fileio
-from starpo.report.charts import (CSS, LENGTH_CLIP_PERCENTILE, METRIC_COLUMNS, PALETTE,
-                                  PERCENT_COLUMNS, bin_counts, esc, finite, fmt,
-                                  histogram_chart, length_axis_cut, length_bins, line_chart,
-                                  model_colors, nice_ticks, pct, scatter_chart, signed)
+from starpo.metrics import registry
+from starpo.report.charts import (CSS, LENGTH_CLIP_PERCENTILE, PALETTE, bin_counts, esc,
+                                  finite, fmt, fmt_metric, histogram_chart, length_axis_cut,
+                                  length_bins, line_chart, model_colors, nice_ticks,
+                                  scatter_chart, signed)
 from starpo.report.verdict import gap_word, pick_model, verdict_lines
 
 
@@ -109,44 +110,55 @@ def _ci(m: dict, key: str) -> list[float] | None:
 
 
 def best_of_column(summary: dict[str, dict], key: str, reference: str | None) -> str | None:
-    """The one model with the best (highest) value of ``key``, or None: fewer than two
-    values, or a tie at the precision the table shows (bold on one of two equal-looking
-    numbers would pick a winner the page cannot show)."""
-    f = pct if key in PERCENT_COLUMNS else fmt
+    """The one model with the best (highest) value of metric ``key``, or None: a metric
+    with no better direction, fewer than two values, or a tie at the precision the table
+    shows (bold on one of two equal-looking numbers would pick a winner the page cannot
+    show). The SFT reference's own value of a metric against SFT (½, 0) is not ranked."""
+    metric = registry.get(key)
+    if not metric.higher_is_better:
+        return None
     vals = {n: m.get(key) for n, m in summary.items() if finite(m.get(key))
-            and not (key == "win_vs_sft" and n == reference)}
+            and not (metric.against_sft and n == reference)}
     if len(vals) < 2:
         return None
     top = max(vals.values())
-    leaders = [n for n, v in vals.items() if f(v) == f(top)]
+    shown = fmt_metric(metric, top)
+    leaders = [n for n, v in vals.items() if fmt_metric(metric, v) == shown]
     return leaders[0] if len(leaders) == 1 else None
 
 
 def _metrics_table(summary: dict[str, dict], colors: dict[str, str], reference: str | None
                    ) -> str:
-    best = {key: best_of_column(summary, key, reference)
-            for key, _, _, higher in METRIC_COLUMNS if higher}
-    head = "".join(f"<th>{esc(h)}</th>" for _, h, _, _ in METRIC_COLUMNS)
+    metrics = registry.metrics()
+    best = {m.name: best_of_column(summary, m.name, reference) for m in metrics}
+    head = "".join(f"<th>{esc(m.header)}</th>" for m in metrics)
     rows = []
-    for name, m in summary.items():
+    for name, row in summary.items():
         cells = []
-        for key, _, tie_key, _ in METRIC_COLUMNS:
-            v = m.get(key)
-            cls = ' class="best"' if best.get(key) == name else ""
-            ci = _ci(m, key)
-            f = pct if key in PERCENT_COLUMNS else fmt
-            txt = f'<span class="v">{f(v)}</span>'
+        for metric in metrics:
+            v = row.get(metric.name)
+            cls = ' class="best"' if best[metric.name] == name else ""
+            ci = _ci(row, metric.name)
+            txt = f'<span class="v">{fmt_metric(metric, v)}</span>'
             if ci:
-                txt += f'<span class="ci">[{f(ci[0])}, {f(ci[1])}]</span>'
-            if tie_key and finite(m.get(tie_key)):
-                txt += f'<span class="tie">ties {m[tie_key] * 100:.0f}%</span>'
+                txt += (f'<span class="ci">[{fmt_metric(metric, ci[0])}, '
+                        f'{fmt_metric(metric, ci[1])}]</span>')
+            if metric.tie and finite(row.get(metric.tie)):
+                txt += f'<span class="tie">ties {row[metric.tie] * 100:.0f}%</span>'
             cells.append(f"<td{cls}>{txt}</td>")
         ref = ' <span class="tag">reference</span>' if name == reference else ""
         rows.append(f'<tr><th class="model"><span class="swatch" style="background:'
                     f'{colors.get(name, "#888")}"></span>{esc(name)}{ref}</th>'
-                    f'<td class="n">{fmt(m.get("n"), 0)}</td>' + "".join(cells) + "</tr>")
+                    f'<td class="n">{fmt(row.get("n"), 0)}</td>' + "".join(cells) + "</tr>")
     return (f'<table class="metrics"><thead><tr><th>model</th><th>prompts</th>{head}</tr>'
             f'</thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _metrics_legend() -> str:
+    """The metrics' explanations (each said once, in the registry's order)."""
+    said = list(dict.fromkeys(m.description for m in registry.metrics() if m.description))
+    return ('<p class="legend-note">' + esc("; ".join(said)) + (". " if said else "")
+            + 'Best value of a column in bold (none where the best values look equal).</p>')
 
 
 def _categories_table(cats: Any) -> str:
@@ -519,12 +531,7 @@ def _eval_section(run_dir: Path, d: Path) -> str:
         + _metrics_table(summary, colors, reference)
         + _gaps_table(fileio.read_json(d / "gaps.json"))
         + _categories_table(fileio.read_json(d / "categories.json"))
-        + '<p class="legend-note">win rates count ties as ½; KL = Σ<sub>t</sub> [log π − log '
-        'π<sub>sft</sub>] over the model\'s own sampled tokens (end of turn included); KL / '
-        'token divides by those tokens; length = response tokens without the end-of-turn '
-        'token; finished = share of responses that ended their turn (the rest hit '
-        'max_new_tokens). Best value of a column in bold (none where the best values '
-        'look equal).</p>'
+        + _metrics_legend() +
         '<div class="two"><div class="cell">'
         + _scatter_section(summary, colors) + '</div><div class="cell">'
         '<h3>Response length</h3>' + _length_section(records, summary, colors) +

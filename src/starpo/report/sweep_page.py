@@ -12,9 +12,9 @@ from typing import Any
 
 from starpo import fileio
 from starpo.errors import StarpoError
-from starpo.metrics.analysis import analyze_dir, latest_records, metric_of
-from starpo.metrics.names import EVAL_METRICS
-from starpo.report.charts import (CSS, METRIC_COLUMNS, PALETTE, box_chart, esc, finite, fmt,
+from starpo.metrics import registry
+from starpo.metrics.analysis import TOPK_METRICS, analyze_dir, latest_records, metric_of
+from starpo.report.charts import (CSS, PALETTE, box_chart, esc, finite, fmt, fmt_metric,
                                   model_colors, pct, trials_scatter, value_chart, value_text)
 
 
@@ -75,18 +75,30 @@ def _sweep_summary(info: dict, res: dict, records: list[dict]) -> str:
     return "<ul class=\"facts\">" + "".join(f"<li>{esc(f)}</li>" for f in facts) + "</ul>"
 
 
+def _sweep_metrics() -> list[registry.Metric]:
+    """The metrics a sweep records per trial: its tables' columns."""
+    return [m for m in registry.metrics() if m.sweep]
+
+
+def _metric_head() -> str:
+    return "".join(f"<th>{esc(m.header)}</th>" for m in _sweep_metrics())
+
+
+def _metric_cells(values: dict) -> str:
+    return "".join(f"<td>{fmt_metric(m, values.get(m.name))}</td>" for m in _sweep_metrics())
+
+
 def _best_table(info: dict, res: dict, colors: dict[str, str]) -> str:
     ref = res.get("reference_method")
-    head = "".join(f"<th>{esc(h)}</th>" for k, h, _, _ in METRIC_COLUMNS if k in EVAL_METRICS)
+    head = _metric_head()
     rows = []
     for m in res.get("methods", []):
         b = (res.get("best") or {}).get(m)
         if not b:
-            rows.append(f'<tr><th class="model">{esc(m)}</th><td colspan="{len(EVAL_METRICS) + 3}" '
-                        f'class="note">no finished run</td></tr>')
+            rows.append(f'<tr><th class="model">{esc(m)}</th><td colspan="'
+                        f'{len(_sweep_metrics()) + 3}" class="note">no finished run</td></tr>')
             continue
-        cells = "".join(f"<td>{fmt(b['metrics'].get(k))}</td>" for k, _, _, _ in METRIC_COLUMNS
-                        if k in EVAL_METRICS)
+        cells = _metric_cells(b["metrics"])
         vs = b.get("vs_sft") or {}
         vr = b.get("vs_reference") or {}
         d_sft = fmt(vs.get("mean_score")) if finite(vs.get("mean_score")) else "—"
@@ -105,14 +117,23 @@ def _best_table(info: dict, res: dict, colors: dict[str, str]) -> str:
             f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
-EXPECTED_CHARTS = [("mean_score", "mean gold score"), ("win_vs_sft", "win rate vs SFT"),
-                   ("kl_vs_sft", "KL to SFT (nats)"), ("mean_length", "mean length (tokens)")]
+# the metrics whose distribution over each method's grid is drawn (the table has them all)
+EXPECTED_CHARTS = ("mean_score", "win_vs_sft", "kl_vs_sft", "mean_length")
+
+
+def _spread_cell(metric: registry.Metric, s: dict) -> str:
+    """A metric's distribution over a grid (:func:`starpo.metrics.analysis.describe`)."""
+    if not s.get("n"):
+        return "<td>—</td>"
+    f = [fmt_metric(metric, s[k]) for k in ("median", "q25", "q75", "min", "max")]
+    return (f'<td><span class="v">{f[0]}</span><span class="ci">[{f[1]}, {f[2]}]</span>'
+            f'<span class="ci">{f[3]} … {f[4]}</span></td>')
 
 
 def _expected_section(res: dict, records: list[dict], colors: dict[str, str]) -> str:
     base = res.get("baseline") or {}
     charts = []
-    for key, label in EXPECTED_CHARTS:
+    for key in EXPECTED_CHARTS:
         groups = []
         for m in res.get("methods", []):
             ok = [r for r in records if r.get("method") == m and r.get("status") == "ok"]
@@ -120,21 +141,14 @@ def _expected_section(res: dict, records: list[dict], colors: dict[str, str]) ->
                            "points": [metric_of(r, key) for r in ok],
                            "ids": [r.get("id") for r in ok], "color": colors.get(m)})
         bl = base.get(key) if key in ("mean_score", "mean_length") else None
-        charts.append(box_chart(groups, title=label, baseline=bl, width=300))
-    head = "".join(f"<th>{esc(h)}</th>" for k, h, _, _ in METRIC_COLUMNS if k in EVAL_METRICS)
+        charts.append(box_chart(groups, title=registry.get(key).axis_label, baseline=bl,
+                                width=300))
+    head = _metric_head()
     rows = []
     for m in res.get("methods", []):
         cells = []
-        for k, _, _, _ in METRIC_COLUMNS:
-            if k not in EVAL_METRICS:
-                continue
-            s = res["expected"][m][k]
-            if not s.get("n"):
-                cells.append("<td>—</td>")
-                continue
-            cells.append(f'<td><span class="v">{fmt(s["median"])}</span><span class="ci">'
-                         f'[{fmt(s["q25"])}, {fmt(s["q75"])}]</span><span class="ci">'
-                         f'{fmt(s["min"])} … {fmt(s["max"])}</span></td>')
+        for metric in _sweep_metrics():
+            cells.append(_spread_cell(metric, res["expected"][m].get(metric.name) or {}))
         rows.append(f'<tr><th class="model"><span class="swatch" style="background:'
                     f'{colors.get(m, "#888")}"></span>{esc(m)}</th>'
                     f'<td class="n">{res["expected"][m]["mean_score"].get("n", 0)}</td>'
@@ -193,7 +207,7 @@ def _topk_section(res: dict, colors: dict[str, str]) -> str:
     for m in res.get("methods", []):
         t = res["top_k"][m]
         cells = []
-        for key in ("mean_length", "kl_vs_sft", "kl_vs_sft_per_token"):
+        for key in TOPK_METRICS:
             s = t["run_level"][key]
             cells.append("<td>—</td>" if not s.get("n") else
                          f'<td><span class="v">{fmt(s["median"])}</span><span class="ci">'
@@ -201,9 +215,9 @@ def _topk_section(res: dict, colors: dict[str, str]) -> str:
         rows.append(f'<tr><th class="model"><span class="swatch" style="background:'
                     f'{colors.get(m, "#888")}"></span>{esc(m)}</th><td>{len(t["runs"])}</td>'
                     + "".join(cells) + "</tr>")
-    table = ('<table class="metrics"><thead><tr><th>method</th><th>runs</th><th>mean length'
-             '</th><th>KL to SFT</th><th>KL / token</th></tr></thead><tbody>' + "".join(rows)
-             + '</tbody></table>')
+    head = "".join(f"<th>{esc(registry.get(key).header)}</th>" for key in TOPK_METRICS)
+    table = ('<table class="metrics"><thead><tr><th>method</th><th>runs</th>' + head +
+             '</tr></thead><tbody>' + "".join(rows) + '</tbody></table>')
     charts = []
     for field, label in (("length", "response length (tokens)"),
                          ("kl_per_token", "KL to SFT per token (nats)")):
@@ -259,7 +273,8 @@ def _scatter_trials(res: dict, records: list[dict], colors: dict[str, str]) -> s
 
 def _trials_table(info: dict, records: list[dict], colors: dict[str, str]) -> str:
     by_id = {r.get("id"): r for r in records}
-    head = "".join(f"<th>{esc(h)}</th>" for k, h, _, _ in METRIC_COLUMNS if k in EVAL_METRICS)
+    head = _metric_head()
+    width = len(_sweep_metrics())
     rows = []
     for t in info.get("trials") or [{"id": r.get("id"), "method": r.get("method"),
                                      "params": r.get("params")} for r in records]:
@@ -268,14 +283,13 @@ def _trials_table(info: dict, records: list[dict], colors: dict[str, str]) -> st
         sw = f'<span class="swatch" style="background:{colors.get(m, "#888")}"></span>'
         if r is None:
             status, cells = '<td class="status not-run">not run</td>', \
-                f'<td colspan="{len(EVAL_METRICS)}"></td>'
+                f'<td colspan="{width}"></td>'
         elif r.get("status") != "ok":
             status = '<td class="status failed">failed</td>'
-            cells = f'<td colspan="{len(EVAL_METRICS)}" class="err-msg">{esc(str(r.get("error")))}</td>'
+            cells = f'<td colspan="{width}" class="err-msg">{esc(str(r.get("error")))}</td>'
         else:
             status = '<td class="status complete">ok</td>'
-            cells = "".join(f"<td>{fmt((r.get('metrics') or {}).get(k))}</td>"
-                            for k, _, _, _ in METRIC_COLUMNS if k in EVAL_METRICS)
+            cells = _metric_cells(r.get("metrics") or {})
         secs = fmt(r.get("seconds"), 1) if r is not None and finite(r.get("seconds")) else "—"
         link = _trial_link(info, t.get("id")) if r is not None else esc(str(t.get("id")))
         rows.append(f'<tr><th class="model">{sw}{esc(str(m))}</th>'

@@ -4,7 +4,7 @@ LIONs observes that in well-trained runs the change of the probability margin be
 chosen and rejected responses follows a parabola over training, and asks whether that is
 general. Every DPO-family run of studies 2 and 5 logs ``token_prob_margin`` (the mean
 per-token probability of the chosen minus the rejected response, on each training
-batch; :data:`starpo.metrics.names.PREFERENCE_METRICS`), so this study trains nothing:
+batch; :func:`starpo.train.preference.pair_metrics`), so this study trains nothing:
 it reads those logs.
 
 Good and bad runs: the top and the bottom quarter of all runs by their gold-score gain
