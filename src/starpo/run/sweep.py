@@ -65,7 +65,7 @@ from typing import Any, Callable
 from starpo import fileio
 from starpo.errors import DiskError, StarpoError
 from starpo.metrics.names import EVAL_METRICS
-from starpo.recipe import Recipe, dump_recipe, recipe_from_dict
+from starpo.recipe import Recipe, dump_recipe
 from starpo.report.sweep_page import write_sweep_report
 from starpo.run import pipeline
 from starpo.train import preempt
