@@ -85,7 +85,7 @@ class RunContext:
         if not self.runtime.is_main:   # one writer: the main process
             return
         d = self.stage_dir(name)
-        model = d / "model"
+        model = graph.model_dir(self.out, name)
         why = verify_model_dir(model) if model.is_dir() else None
         if why is not None:
             raise TrainingError(f"{model}: the stage's saved model is damaged ({why}); the "
