@@ -182,3 +182,14 @@ def test_judges_of_the_eval_and_online_stages_resolve_alike(tmp_path):
     (tmp_path / "rm" / "model").mkdir(parents=True)
     (tmp_path / "rm" / "model" / "config.json").write_text("{}")
     assert ctx.resolver(r.stage("online"))("rm") == str(tmp_path / "rm" / "model")
+
+
+def test_select_and_replace_stages_give_validated_recipes():
+    r = _recipe(*FULL)
+    kept = graph.select(r, ["dpo", "eval"])
+    assert [s.name for s in kept.stages] == ["dpo", "eval"]
+    assert graph.starting_model(kept, kept.stage("dpo")) == BASE    # nothing written out
+    assert kept.stage("dpo") is not r.stage("dpo")                  # copies
+    with pytest.raises(RecipeError, match=r"^the recipe with stages \['sft', 'sft'\]: "
+                                          r"stages\.1\.name: duplicate stage name 'sft'$"):
+        graph.replace_stages(r, [r.stage("sft"), r.stage("sft").model_copy()])

@@ -18,9 +18,10 @@ the pipeline, the eval and online stages and the sweep alike, so ``starpo run`` 
 * :func:`rewrite` — a recipe whose stages named in a mapping are replaced by their
   checkpoints (the sweep's trials, which reuse the shared stages).
 
-Everything here works on a validated recipe and reads nothing, except :func:`checkpoint`,
-which looks whether a stage's model has been written. (This module does not import the
-schema, whose validation calls :func:`problems`.)
+Everything here works on a validated recipe and reads no file, except that
+:func:`checkpoint` looks whether a stage's model has been written and :func:`problems`
+whether a name that looks like a misspelt stage is a directory. (This module does not
+import the schema, whose validation calls :func:`problems`.)
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from pydantic import ValidationError
 
 from starpo.errors import RecipeError, StarpoError, did_you_mean
 
@@ -276,5 +279,10 @@ def select(recipe, keep: list[str]):
 def replace_stages(recipe, stages: list):
     """A validated copy of ``recipe`` whose stages are ``stages`` (stage objects)."""
     rest = {f: getattr(recipe, f) for f in type(recipe).model_fields if f != "stages"}
-    return type(recipe)(**{k: v.model_copy(deep=True) if hasattr(v, "model_copy") else v
-                           for k, v in rest.items()}, stages=stages)
+    try:
+        return type(recipe)(**{k: v.model_copy(deep=True) if hasattr(v, "model_copy") else v
+                               for k, v in rest.items()}, stages=stages)
+    except ValidationError as err:
+        first = err.errors()[0]["msg"].removeprefix("Value error, ")
+        raise RecipeError(f"the recipe with stages {[st.name for st in stages]}: "
+                          f"{first}") from None

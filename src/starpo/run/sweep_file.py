@@ -342,7 +342,10 @@ def _keep_stages(path: Path, spec: SweepSpec, full: Recipe, recipe_name: str) ->
     if not any(full.stage(n).evaluates for n in keep):
         raise SweepError(f"{path}: the trials have no eval stage, so nothing would score "
                          f"them; add one to {recipe_name} (or to stages:)")
-    return graph.select(full, keep)
+    try:
+        return graph.select(full, keep)
+    except RecipeError as err:
+        raise SweepError(f"{path}: stages: {err}") from None
 
 
 def _preference_stage(path: Path, spec: SweepSpec, base: Recipe) -> str:
