@@ -37,8 +37,8 @@ from starpo.errors import RecipeError, StarpoError, did_you_mean
 # the recipe's starting model (``model.name_or_path``), by the name stages use for it
 BASE = "base"
 
-# fields that name models to evaluate, not starting points: their values name evaluated
-# models (an eval stage's ``sft`` may be the evaluation name of a checkpoint, see rewrite)
+# fields whose value may be the evaluation name of a checkpoint rather than a stage or a
+# path (an eval stage's ``sft`` after rewrite): never taken for a misspelt stage
 _EVAL_NAME_FIELDS = ("sft",)
 
 
