@@ -76,6 +76,19 @@ def test_a_shared_stage_must_not_need_an_unshared_one(tmp_path):
         S.load_sweep(path)
 
 
+def test_a_kept_stage_must_not_need_a_stage_left_out(tmp_path):
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["stages"][1]["reference"] = "sft"
+    path = write_sweep(tmp_path, {**SWEEP, "shared": [], "stages": ["dpo", "eval"]}, recipe)
+    with pytest.raises(S.SweepError, match=r"stages: stage 'dpo' needs 'sft' \(reference\), "
+                                           r"which the sweep leaves out"):
+        S.load_sweep(path)
+    # an implicit starting model is not a need: without sft, dpo starts from the base model
+    sw = S.load_sweep(write_sweep(tmp_path, {**SWEEP, "shared": [], "stages": ["dpo", "eval"]}))
+    plan = S.make_plan(sw, tmp_path / "out")
+    assert plan.trials[0][1].stage("dpo").model == "base"
+
+
 def test_command_line_overrides_apply_to_every_trial(tmp_path):
     sw = S.load_sweep(write_sweep(tmp_path), ["stages.dpo.train.max_steps=7"])
     assert all(t.recipe.stage("dpo").train.max_steps == 7 for t in sw.trials)
