@@ -137,8 +137,12 @@ def test_paths_and_hub_ids_are_not_taken_for_misspelt_stages(tmp_path, monkeypat
     (tmp_path / "sftt").mkdir()                 # a directory of that name: meant as a path
     for ref in ("sftt", "org/sft", "/ckpt/sft", "./sft", BASE, "gpt2"):
         assert _recipe({"type": "sft"}, {"type": "dpo", "model": ref}).stage("dpo").model == ref
-    # an eval stage's sft names an evaluated model (a checkpoint's name), so it is free
+    # an eval stage's sft names an evaluated model (a checkpoint's name), and a judge reads
+    # its own path: both are free
     assert _recipe({"type": "dpo"}, {"type": "eval", "sft": "sftx"}).stage("eval").sft == "sftx"
+    pw = _recipe({"type": "pairwise_rm"}, {"type": "online",
+                                           "judge": {"type": "pairwise", "path": "pairrm"}})
+    assert pw.stage("online").judge.path == "pairrm"
 
 
 def test_checkpoint_resolves_a_link_in_a_run_directory(tmp_path):

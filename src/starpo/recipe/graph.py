@@ -37,9 +37,10 @@ from starpo.errors import RecipeError, StarpoError, did_you_mean
 # the recipe's starting model (``model.name_or_path``), by the name stages use for it
 BASE = "base"
 
-# fields whose value may be the evaluation name of a checkpoint rather than a stage or a
-# path (an eval stage's ``sft`` after rewrite): never taken for a misspelt stage
-_EVAL_NAME_FIELDS = ("sft",)
+# fields whose value need be neither a stage nor a path, so it is never taken for a
+# misspelt stage: an eval stage's ``sft`` may be the evaluation name of a checkpoint (see
+# rewrite), and a judge reads its own ``path`` (``pairrm`` beside a ``pairwise_rm`` stage)
+_FREE_FIELDS = ("sft", "judge.path")
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,9 @@ def _looks_like_name(ref: str) -> bool:
 
 def problems(recipe) -> list[str]:
     """Links that cannot work, one line each with the key: a stage naming itself or a
-    later stage (it runs first), and a name that is no stage and no directory but close
-    to a stage's name (a typo; a hub id with an owner, ``org/model``, is never one)."""
+    later stage (it runs first), and a ``model``, ``reference`` or ``models`` entry that
+    is no stage and no directory but close to a stage's name (a typo; a hub id with an
+    owner, ``org/model``, is never one); and a stage called ``base``."""
     order = {n: i for i, n in enumerate(names(recipe))}
     out = []
     for i, st in enumerate(recipe.stages):
@@ -178,7 +180,7 @@ def problems(recipe) -> list[str]:
                 out.append(f"{where}: stage {e.target!r} comes after {e.stage!r}, so its "
                            f"model does not exist yet when {e.stage!r} runs; put "
                            f"{e.target!r} before {e.stage!r}")
-        elif e.target != BASE and e.field not in _EVAL_NAME_FIELDS and \
+        elif e.target != BASE and e.field not in _FREE_FIELDS and \
                 _looks_like_name(e.target):
             hint = did_you_mean(e.target, list(order) + [BASE])
             if hint:
