@@ -4,8 +4,6 @@ sweep, the checkpoint resolver, and the one-line errors for impossible links."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from starpo.errors import RecipeError, StarpoError

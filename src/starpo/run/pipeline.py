@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from starpo.recipe import Recipe, dump_recipe
-from starpo.errors import RecipeError, StarpoError, TrainingError, bad_rows_to
+from starpo.errors import StarpoError, TrainingError, bad_rows_to
 from starpo import fileio, stages
 from starpo.recipe import graph, load_recipe
 from starpo.stages import eval as eval_stage
