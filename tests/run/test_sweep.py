@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from starpo.run import sweep as S
-from starpo.recipe import load_recipe
+from starpo.recipe import load_recipe, recipe_from_dict
 from sweep_helpers import RECIPE, SWEEP, _fake_eval, load_error, write_sweep
 
 # =========================================================================== schema / errors
@@ -28,8 +28,8 @@ def test_valid_sweep_expands_each_method_to_its_product(tmp_path):
                                          "simpo-gamma1"]
     t = sw.trial("simpo-gamma1")
     assert t.params == {"stages.dpo.gamma": 1.0, "stages.dpo.beta": 2.0}
-    dpo = next(s for s in t.tree["stages"] if s["name"] == "dpo")
-    assert dpo["loss"] == "simpo" and dpo["beta"] == 2.0 and dpo["gamma"] == 1.0
+    dpo = t.recipe.stage("dpo")
+    assert dpo.loss == "simpo" and dpo.beta == 2.0 and dpo.gamma == 1.0
     assert sw.pref_stage == "dpo" and sw.shared == ["sft"]
     assert len({t.config_hash for t in sw.trials}) == 4
 
@@ -76,10 +76,22 @@ def test_a_shared_stage_must_not_need_an_unshared_one(tmp_path):
         S.load_sweep(path)
 
 
+def test_a_kept_stage_must_not_need_a_stage_left_out(tmp_path):
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["stages"][1]["reference"] = "sft"
+    path = write_sweep(tmp_path, {**SWEEP, "shared": [], "stages": ["dpo", "eval"]}, recipe)
+    with pytest.raises(S.SweepError, match=r"stages: stage 'dpo' needs 'sft' \(reference\), "
+                                           r"which the sweep leaves out"):
+        S.load_sweep(path)
+    # an implicit starting model is not a need: without sft, dpo starts from the base model
+    sw = S.load_sweep(write_sweep(tmp_path, {**SWEEP, "shared": [], "stages": ["dpo", "eval"]}))
+    plan = S.make_plan(sw, tmp_path / "out")
+    assert plan.trials[0][1].stage("dpo").model == "base"
+
+
 def test_command_line_overrides_apply_to_every_trial(tmp_path):
     sw = S.load_sweep(write_sweep(tmp_path), ["stages.dpo.train.max_steps=7"])
-    assert all(next(s for s in t.tree["stages"] if s["name"] == "dpo")["train"]["max_steps"]
-               == 7 for t in sw.trials)
+    assert all(t.recipe.stage("dpo").train.max_steps == 7 for t in sw.trials)
     with pytest.raises(S.SweepError, match="must look like key.path=value"):
         S.load_sweep(write_sweep(tmp_path), ["nonsense"])
 
@@ -130,18 +142,20 @@ def test_trial_recipes_point_at_the_shared_checkpoints(tmp_path):
 
 
 def test_implicit_starting_models_are_written_out():
-    tree = {"stages": [{"name": "sft", "type": "sft"}, {"name": "a", "type": "dpo"},
-                       {"name": "rm", "type": "reward", "model": "sft"},
-                       {"name": "b", "type": "online", "judge": {"path": "rm"}},
-                       {"name": "eval", "type": "eval"}]}
-    t = S.trial_recipe_tree(tree, ["sft", "rm"], Path("/x/shared"))
-    by = {s["name"]: s for s in t["stages"]}
+    data = {"sources": [{"path": "world:sft"}]}
+    rec = recipe_from_dict({"stages": [
+        {"name": "sft", "type": "sft", "data": data}, {"name": "a", "type": "dpo", "data": data},
+        {"name": "rm", "type": "reward", "model": "sft", "data": data},
+        {"name": "b", "type": "online", "judge": {"path": "rm"}, "data": data},
+        {"name": "eval", "type": "eval"}]})
+    t = S.trial_recipe(rec, ["sft", "rm"], Path("/x/shared"))
+    by = {s.name: s for s in t.stages}
     assert list(by) == ["a", "b", "eval"]
-    assert by["a"]["model"] == "/x/shared/sft/model"
-    assert by["b"]["model"] == "a"                             # was implicit: the previous
-    assert by["b"]["judge"]["path"] == "/x/shared/rm/model"
-    assert by["eval"]["models"] == ["/x/shared/sft/model", "a", "b"]
-    assert by["eval"]["sft"] == "sft"
+    assert by["a"].model == "/x/shared/sft/model"
+    assert by["b"].model == "a"                             # was implicit: the previous
+    assert by["b"].judge.path == "/x/shared/rm/model"
+    assert by["eval"].models == ["/x/shared/sft/model", "a", "b"]
+    assert by["eval"].sft == "sft"
 
 
 # =========================================================================== executor

@@ -1,4 +1,5 @@
-"""The recipe: its typed schema (:mod:`.schema`) and how YAML becomes one (:mod:`.load`)."""
+"""The recipe: its typed schema (:mod:`.schema`), how YAML becomes one (:mod:`.load`) and
+the links between its stages (:mod:`.graph`)."""
 
 # the package's public names (re-exported)
 from starpo.recipe.load import (apply_override, dump_recipe, load_recipe,  # noqa: F401

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from starpo import judges, losses, pair_rules
 from starpo.errors import RecipeError
+from starpo.recipe import graph
 
 
 class Strict(BaseModel):
@@ -128,6 +129,8 @@ class StageBase(Strict):
     starts_from_model: ClassVar[bool] = True  # trains a model given by `model`
     refs: ClassVar[tuple[str, ...]] = ("model",)  # fields that may name another stage
     evaluates: ClassVar[bool] = False         # samples and scores models (writes summary.json)
+    sft_baseline: ClassVar[bool] = False      # the first such stage is evaluation's SFT reference
+    # (what these mean for a recipe, resolved: starpo.recipe.graph)
 
     name: str | None = None
     model: str | None = None        # starting point: a stage name or a path (default: previous)
@@ -137,6 +140,7 @@ class StageBase(Strict):
 
 
 class SFTStage(StageBase):
+    sft_baseline: ClassVar[bool] = True
     type: Literal["sft"]
     packing: PackingSpec = PackingSpec()
 
@@ -277,6 +281,7 @@ class EvalStage(Strict):
     starts_from_model: ClassVar[bool] = False
     refs: ClassVar[tuple[str, ...]] = ("judge.path", "models", "sft")
     evaluates: ClassVar[bool] = True
+    sft_baseline: ClassVar[bool] = False
     type: Literal["eval"]
     name: str | None = None
     data: DataSpec = Field(default_factory=_default_eval_data)
@@ -388,6 +393,14 @@ class Recipe(Strict):
             if order[spec.path] >= i:
                 raise ValueError(f"{where}: stage {spec.path!r} comes after {st.name!r}; "
                                  f"put the {kind} stage before the stage it judges")
+        return self
+
+    @model_validator(mode="after")
+    def _links(self) -> "Recipe":
+        """Every field naming another stage names an earlier one (starpo.recipe.graph)."""
+        found = graph.problems(self)
+        if found:
+            raise ValueError(found[0])
         return self
 
     def stage(self, name: str):

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Callable
 
 from starpo.recipe import Recipe, dump_recipe
-from starpo.errors import RecipeError, StarpoError, TrainingError, bad_rows_to
+from starpo.errors import StarpoError, TrainingError, bad_rows_to
 from starpo import fileio, stages
-from starpo.recipe import load_recipe
+from starpo.recipe import graph, load_recipe
 from starpo.stages import eval as eval_stage
 from starpo.report import write_report
 from starpo.runtime import Runtime
@@ -85,7 +85,7 @@ class RunContext:
         if not self.runtime.is_main:   # one writer: the main process
             return
         d = self.stage_dir(name)
-        model = d / "model"
+        model = graph.model_dir(self.out, name)
         why = verify_model_dir(model) if model.is_dir() else None
         if why is not None:
             raise TrainingError(f"{model}: the stage's saved model is damaged ({why}); the "
@@ -113,45 +113,31 @@ class RunContext:
     def base_model_path(self) -> str:
         """The recipe's starting model as a path or hub id ("tiny" is built once here)."""
         spec = self.recipe.model
+        path = graph.base_model(self.recipe, self.out)
         if spec.name_or_path != "tiny":
-            return spec.name_or_path
-        path = self.out / "base" / "model"
+            return path
         # built once, by the main process; the others wait and then read it
         with self.runtime.main_first():
-            if not (path / "config.json").is_file():
+            if not (Path(path) / "config.json").is_file():
                 if not self.runtime.is_main:
                     raise StarpoError(f"{path}: the main process did not write the base model")
                 self.log(f"building the tiny default model and training its tokenizer → {path}")
                 model, tok = loading.build_or_load(
                     spec, lambda: self.world.corpus(), seed=self.recipe.seed, cache_dir=None)
                 loading.save_pretrained(model, tok, path)
-        return str(path)
+        return path
 
     def resolve_model(self, ref: str | None, *, before: str | None = None) -> str:
-        """A stage name, "base", or a path → a checkpoint path (or hub id).
+        """A stage name, "base", or a path → a checkpoint path (or hub id), for stage
+        ``before``; ``None`` is its implicit starting model (:func:`starpo.recipe.graph.checkpoint`)."""
+        return graph.checkpoint(self.recipe, ref, self.out, needed_by=before,
+                                base=self.base_model_path)
 
-        ``None`` means the model of the last trained stage before ``before`` (or the base
-        model when there is none).
-        """
-        names = [s.name for s in self.recipe.stages]
-        if ref is None:
-            prev = None
-            for s in self.recipe.stages:
-                if s.name == before:
-                    break
-                if s.yields_policy:
-                    prev = s.name
-            ref = prev or "base"
-        if ref == "base":
-            return self.base_model_path()
-        if ref in names:
-            path = self.stage_dir(ref) / "model"
-            if not (path / "config.json").is_file():
-                raise StarpoError(f"stage {before!r} needs the model of stage {ref!r}, which "
-                                  f"has not been trained yet ({path} missing); run it first "
-                                  f"(--stages {ref},{before})")
-            return str(path)
-        return ref  # a local path or a hub id
+    def resolver(self, stage) -> Callable[[str], str]:
+        """:meth:`resolve_model` for ``stage``'s links, e.g. a judge's ``path`` (what
+        :func:`starpo.judges.make_judge` takes): a stage must have been trained, ``base``
+        is the starting model, a path or hub id stays as it is."""
+        return lambda ref: self.resolve_model(ref, before=stage.name)
 
 
 def run(recipe: Recipe, out: Path, *, only: list[str] | None = None, restart: bool = False,
@@ -284,7 +270,7 @@ def _evaluate_run(run_dir: Path, rpath: Path, models, n, *, stage, progress, log
         st = eval_stage.default_eval_stage(n)
     ctx = RunContext(recipe, run_dir, log=log, progress=progress)
     out_dir = run_dir / st.name
-    wanted = list(models or st.models or eval_stage.default_models(recipe, run_dir, log=log))
+    wanted = list(models or eval_stage.default_models(recipe, run_dir, st, log=log))
     res = None
     prev = _previous_eval(out_dir)
     if prev is not None:
@@ -319,7 +305,7 @@ def _earlier_models(prev: tuple[dict, dict], wanted: list[str], recipe: Recipe,
     stage name or checkpoint path, then the new ones), and why that is not possible
     (``None``: it is)."""
     summary, meta = prev
-    names = {s.name for s in recipe.stages} | {"base"}
+    names = set(graph.names(recipe)) | {graph.BASE}
     asked = {eval_stage.model_key(ref, names): ref for ref in wanted}
     kept = [k for k in summary if k not in asked]
     order = []
@@ -327,7 +313,7 @@ def _earlier_models(prev: tuple[dict, dict], wanted: list[str], recipe: Recipe,
         if k in asked:
             order.append(asked[k])
         elif k in names:
-            if k != "base" and not (run_dir / k / "model" / "config.json").is_file():
+            if k != graph.BASE and not (graph.model_dir(run_dir, k) / "config.json").is_file():
                 return kept, [], f"the model of stage {k} is gone"
             order.append(k)
         else:

@@ -65,14 +65,14 @@ from typing import Any, Callable
 from starpo import fileio
 from starpo.errors import DiskError, StarpoError
 from starpo.metrics.names import EVAL_METRICS
-from starpo.recipe import Recipe, dump_recipe, recipe_from_dict
+from starpo.recipe import Recipe, dump_recipe
 from starpo.report.sweep_page import write_sweep_report
 from starpo.run import pipeline
 from starpo.train import preempt
 # the sweep file's schema, grid and trial recipes (callers reach them as sweep.<name> too)
 from starpo.run.sweep_file import (ResourcesSpec, Sweep, SweepError, Trial,  # noqa: F401
-                                   _fmt_value, _starts, expand, load_sweep,
-                                   shared_recipe_tree, short_names, trial_recipe_tree)
+                                   _fmt_value, expand, load_sweep, shared_recipe, short_names,
+                                   trial_recipe)
 
 
 # =========================================================================== results
@@ -196,7 +196,7 @@ def _link(target: Path, link: Path) -> bool:
         return False
 
 
-def share_caches(run_dir: Path, out: Path, stages: list[dict],
+def share_caches(run_dir: Path, out: Path, recipe: Recipe,
                  cache_dir: Path | None = None) -> None:
     """Point a run directory's caches at the sweep's shared ones.
 
@@ -210,9 +210,9 @@ def share_caches(run_dir: Path, out: Path, stages: list[dict],
     cache_dir = Path(cache_dir) if cache_dir is not None else out
     _link(cache_dir / "refcache", run_dir / "refcache")
     _link(cache_dir / "evalcache", run_dir / "evalcache")
-    for st in stages:
-        if _starts(st) and not (run_dir / st["name"] / "stage.json").exists():
-            _link(out / "prepared" / st["name"], run_dir / st["name"] / "data")
+    for st in recipe.stages:
+        if st.starts_from_model and not (run_dir / st.name / "stage.json").exists():
+            _link(out / "prepared" / st.name, run_dir / st.name / "data")
 
 
 @dataclass
@@ -249,16 +249,14 @@ def make_plan(sweep: Sweep, out: str | Path, cache_dir: str | Path | None = None
     else:
         caches = None
     shared_dir = out / "shared"
-    st = shared_recipe_tree(sweep.base_tree, sweep.shared)
-    shared = None
-    if st is not None:
-        st["name"] = f"{sweep.name}-shared"
-        shared = recipe_from_dict(st, origin=f"{sweep.path} (shared run)")
+    shared = shared_recipe(sweep.base, sweep.shared)
+    if shared is not None:
+        shared.name = f"{sweep.name}-shared"
     trials = []
     for t in sweep.trials:
-        tt = trial_recipe_tree(t.tree, sweep.shared, shared_dir)
-        tt["name"] = f"{sweep.name}-{t.id}"
-        trials.append((t, recipe_from_dict(tt, origin=f"{sweep.path} (trial {t.id})")))
+        rec = trial_recipe(t.recipe, sweep.shared, shared_dir)
+        rec.name = f"{sweep.name}-{t.id}"
+        trials.append((t, rec))
     return SweepPlan(sweep, out, shared, trials, caches)
 
 
@@ -441,8 +439,7 @@ def run_shared(plan: SweepPlan, *, log: Callable[[str], None], progress: bool,
     names = ", ".join(s.name for s in plan.shared.stages)
     log(f"[shared] {names} → {plan.shared_dir}")
     plan.shared_dir.mkdir(parents=True, exist_ok=True)
-    share_caches(plan.shared_dir, plan.out, plan.shared.model_dump(mode="json")["stages"],
-                 plan.caches)
+    share_caches(plan.shared_dir, plan.out, plan.shared, plan.caches)
     t0 = time.time()
     try:
         if processes > 1:
@@ -483,7 +480,7 @@ def _prepare_trial(plan: SweepPlan, t: Trial, rec: Recipe) -> Path:
     tdir = trial_dir(plan.out, t.id)
     tdir.mkdir(parents=True, exist_ok=True)
     fileio.write_text(tdir / "recipe.yaml", dump_recipe(rec))
-    share_caches(tdir, plan.out, rec.model_dump(mode="json")["stages"], plan.caches)
+    share_caches(tdir, plan.out, rec, plan.caches)
     return tdir
 
 

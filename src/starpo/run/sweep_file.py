@@ -20,30 +20,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 
 from starpo import extensions, losses
 from starpo.metrics.names import HEADLINE_METRICS
-from starpo.recipe import (STAGE_TYPES, PreferenceSpec, Recipe, apply_override,
-                           recipe_from_dict, stage_spec)
+from starpo.recipe import (STAGE_TYPES, PreferenceSpec, Recipe, apply_override, graph,
+                           recipe_from_dict)
 from starpo.errors import RecipeError, StarpoError
-
-
-def _kind(st: dict):
-    """The spec class of a raw stage dict: its declared traits (starpo.recipe.schema)."""
-    return stage_spec(st["type"])
-
-
-def _policy(st: dict) -> bool:
-    return _kind(st).yields_policy
-
-
-def _starts(st: dict) -> bool:
-    return _kind(st).starts_from_model
-
-
-def _refs(st: dict, field: str) -> bool:
-    return field in _kind(st).refs
-
-
-def _is_eval(st: dict) -> bool:
-    return _kind(st).evaluates
 
 
 class SweepError(StarpoError):
@@ -172,12 +151,12 @@ def _inner(err: RecipeError) -> str:
 
 @dataclass
 class Trial:
-    """One grid point: a method, its parameter values and its validated recipe tree."""
+    """One grid point: a method, its parameter values and its validated recipe."""
 
     id: str
     method: str
     params: dict[str, Any]
-    tree: dict                    # the kept recipe with the method and params applied
+    recipe: Recipe                # the kept stages with the method and params applied
     config_hash: str = ""
 
 
@@ -190,7 +169,7 @@ class Sweep:
     name: str
     recipe_path: Path
     base: Recipe                  # overrides applied, kept stages only
-    base_tree: dict
+    base_tree: dict               # base as YAML, where the grid's dotted keys apply
     pref_stage: str
     shared: list[str]
     trials: list[Trial]
@@ -265,53 +244,6 @@ def expand(methods: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]
     return out
 
 
-# =========================================================================== stage references
-
-
-def implicit_model(stages: list[dict], i: int) -> str:
-    """The starting model of stage ``i`` when its ``model`` is unset: the last trained
-    policy stage before it, else ``base`` (what the pipeline resolves)."""
-    prev = "base"
-    for st in stages[:i]:
-        if _policy(st):
-            prev = st["name"]
-    return prev
-
-
-def default_eval_models(stages: list[dict]) -> list[str]:
-    """An eval stage's default models: every policy stage of the recipe, in order."""
-    return [st["name"] for st in stages if _policy(st)]
-
-
-def eval_reference(stages: list[dict], ev: dict) -> str:
-    """The SFT reference of an eval stage (evaluation.reference_name's rule)."""
-    if ev.get("sft"):
-        return ev["sft"]
-    for st in stages:
-        if st["type"] == "sft":
-            return st["name"]
-    return "base"
-
-
-def stage_refs(stages: list[dict], i: int) -> list[tuple[str, str]]:
-    """``(field, stage name)`` for every other stage that stage ``i`` needs."""
-    st = stages[i]
-    names = {s["name"] for s in stages}
-    refs: list[tuple[str, str]] = []
-    if _starts(st):
-        refs.append(("model", st.get("model") or implicit_model(stages, i)))
-    if _refs(st, "reference") and st.get("reference"):
-        refs.append(("reference", st["reference"]))
-    judge = st.get("judge") or {}
-    if _refs(st, "judge.path") and judge.get("path"):
-        refs.append(("judge.path", judge["path"]))
-    if _is_eval(st):
-        for m in st.get("models") or default_eval_models(stages):
-            refs.append(("models", m))
-        refs.append(("sft", eval_reference(stages, st)))
-    return [(f, r) for f, r in refs if r in names]
-
-
 # =========================================================================== loading
 
 
@@ -361,16 +293,6 @@ def _parse_cli_override(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
-def _named_tree(tree: dict) -> dict:
-    """The tree with every stage's ``name`` filled in (defaults to its type), so stages can
-    be addressed and compared by name before and after removing some."""
-    t = copy.deepcopy(tree)
-    for st in t.get("stages") or []:
-        if isinstance(st, dict) and not st.get("name") and st.get("type"):
-            st["name"] = st["type"]
-    return t
-
-
 def _read_spec(path: Path) -> SweepSpec:
     try:
         return SweepSpec.model_validate(_read_yaml(path, "sweep"))
@@ -378,9 +300,9 @@ def _read_spec(path: Path) -> SweepSpec:
         raise SweepError(_schema_errors(err, str(path))) from None
 
 
-def _recipe_tree(path: Path, spec: SweepSpec, overrides: list[str]) -> tuple[Path, dict]:
-    """The base recipe's raw tree with the file's, then the command line's overrides
-    applied, validated as a whole, stage names filled in."""
+def _full_recipe(path: Path, spec: SweepSpec, overrides: list[str]) -> tuple[Path, Recipe]:
+    """The base recipe with the file's, then the command line's overrides applied,
+    validated as a whole."""
     recipe_path = (path.parent / spec.recipe).resolve()
     if not recipe_path.is_file():
         raise SweepError(f"{path}: recipe: {spec.recipe} not found (looked for {recipe_path})")
@@ -397,38 +319,39 @@ def _recipe_tree(path: Path, spec: SweepSpec, overrides: list[str]) -> tuple[Pat
         except RecipeError as err:
             raise SweepError(str(err)) from None
     try:
-        recipe_from_dict(tree, origin="trial")
+        return recipe_path, recipe_from_dict(tree, origin="trial")
     except RecipeError as err:
         raise SweepError(f"{path}: the recipe {recipe_path.name} with the sweep's overrides: "
                          f"{_inner(err)}") from None
-    return recipe_path, _named_tree(tree)
 
 
-def _keep_stages(path: Path, spec: SweepSpec, tree: dict, recipe_name: str) -> list[dict]:
+def _keep_stages(path: Path, spec: SweepSpec, full: Recipe, recipe_name: str) -> Recipe:
     """The stages a trial uses (``stages:``, default all); nothing kept may need a stage
     left out, and one of them must be an eval stage."""
-    names = [st["name"] for st in tree["stages"]]
+    names = graph.names(full)
     keep = spec.stages if spec.stages is not None else names
     for n in keep:
         if n not in names:
             raise SweepError(f"{path}: stages: no stage named {n!r} in {recipe_name}; it has "
                              f"{names}")
-    kept = [st for st in tree["stages"] if st["name"] in keep]
     dropped = set(names) - set(keep)
-    for i, st in enumerate(kept):
-        for fld, ref in _dangling_refs(kept, i, dropped):
-            raise SweepError(f"{path}: stages: stage {st['name']!r} needs {ref!r} ({fld}), "
-                             f"which the sweep leaves out")
-    if not any(_is_eval(st) for st in kept):
+    for e in graph.edges(full):
+        if e.stage in keep and not e.implicit and e.target in dropped:
+            raise SweepError(f"{path}: stages: stage {e.stage!r} needs {e.target!r} "
+                             f"({e.field}), which the sweep leaves out")
+    if not any(full.stage(n).evaluates for n in keep):
         raise SweepError(f"{path}: the trials have no eval stage, so nothing would score "
                          f"them; add one to {recipe_name} (or to stages:)")
-    return kept
+    try:
+        return graph.select(full, keep)
+    except RecipeError as err:
+        raise SweepError(f"{path}: stages: {err}") from None
 
 
-def _preference_stage(path: Path, spec: SweepSpec, kept: list[dict]) -> str:
+def _preference_stage(path: Path, spec: SweepSpec, base: Recipe) -> str:
     """The stage whose ``loss`` a method sets: named, or the first dpo stage; the eval
     stage must score it."""
-    kinds = {st["name"]: st["type"] for st in kept}
+    kinds = {st.name: st.type for st in base.stages}
     pref = spec.preference_stage or next((n for n, k in kinds.items() if k == "dpo"), None)
     preference_kinds = [t for t, cls in STAGE_TYPES.items() if issubclass(cls, PreferenceSpec)]
     if pref is None:
@@ -437,9 +360,9 @@ def _preference_stage(path: Path, spec: SweepSpec, kept: list[dict]) -> str:
     if kinds.get(pref) not in preference_kinds:
         raise SweepError(f"{path}: preference_stage: {pref!r} is not a "
                          f"{' or '.join(preference_kinds)} stage of the trials ({list(kinds)})")
-    ev = next(st for st in kept if _is_eval(st))
-    if ev.get("models") and pref not in ev["models"]:
-        raise SweepError(f"{path}: the eval stage {ev['name']!r} lists models {ev['models']} "
+    ev = next(st for st in base.stages if st.evaluates)
+    if ev.models and pref not in ev.models:
+        raise SweepError(f"{path}: the eval stage {ev.name!r} lists models {ev.models} "
                          f"without the preference stage {pref!r}, so no trial would be scored")
     return pref
 
@@ -497,9 +420,9 @@ def _make_trials(path: Path, spec: SweepSpec, base_tree: dict, pref_idx: int) ->
                                    origin="trial")
         except RecipeError as err:
             raise SweepError(f"{path}: methods.{method}: trial {tid}: {_inner(err)}") from None
-        resolved = _named_tree(rec.model_dump(mode="json"))
-        digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
-        trials.append(Trial(tid, method, params, resolved, digest))
+        resolved = json.dumps(rec.model_dump(mode="json"), sort_keys=True)
+        digest = hashlib.sha256(resolved.encode()).hexdigest()[:16]
+        trials.append(Trial(tid, method, params, rec, digest))
     return trials
 
 
@@ -512,13 +435,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """
     path = Path(path)
     spec = _read_spec(path)
-    recipe_path, tree = _recipe_tree(path, spec, list(overrides or []))
-    kept = _keep_stages(path, spec, tree, recipe_path.name)
-    pref = _preference_stage(path, spec, kept)
-    _check_shared(path, spec, kept, pref)
-    tree["stages"] = kept
-    base = recipe_from_dict(tree, origin=str(recipe_path))
-    base_tree = _named_tree(base.model_dump(mode="json"))
+    recipe_path, full = _full_recipe(path, spec, list(overrides or []))
+    base = _keep_stages(path, spec, full, recipe_path.name)
+    pref = _preference_stage(path, spec, base)
+    _check_shared(path, spec, base, pref)
+    base_tree = base.model_dump(mode="json")
     pref_idx = [st["name"] for st in base_tree["stages"]].index(pref)
     _check_grid(path, spec, base_tree, pref_idx)
     return Sweep(path=path, spec=spec, name=spec.name or path.stem, recipe_path=recipe_path,
@@ -527,119 +448,63 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
                  cli_overrides=list(overrides or []))
 
 
-def _dangling_refs(stages: list[dict], i: int, dropped: set[str]) -> list[tuple[str, str]]:
-    """References of stage ``i`` to stages the sweep dropped (``stages:``)."""
-    st = stages[i]
-    refs = []
-    if _starts(st) and st.get("model") in dropped:
-        refs.append(("model", st["model"]))
-    if st.get("reference") in dropped:
-        refs.append(("reference", st["reference"]))
-    if (st.get("judge") or {}).get("path") in dropped:
-        refs.append(("judge.path", st["judge"]["path"]))
-    if _is_eval(st):
-        for m in st.get("models") or []:
-            if m in dropped:
-                refs.append(("models", m))
-        if st.get("sft") in dropped:
-            refs.append(("sft", st["sft"]))
-    return refs
-
-
-def _check_shared(path: Path, spec: SweepSpec, kept: list[dict], pref: str) -> None:
+def _check_shared(path: Path, spec: SweepSpec, base: Recipe, pref: str) -> None:
     """Shared stages exist, are trained stages other than the swept one, and need nothing
     but other shared stages (they run once, before any trial)."""
-    names = [st["name"] for st in kept]
+    names = graph.names(base)
     for n in spec.shared:
         if n not in names:
             raise SweepError(f"{path}: shared: no stage named {n!r} among the trials' stages "
                              f"{names}")
-        st = kept[names.index(n)]
-        if _is_eval(st):
+        if base.stage(n).evaluates:
             raise SweepError(f"{path}: shared: {n!r} is an eval stage; eval runs in every "
                              f"trial (the SFT baseline is evaluated once automatically)")
         if n == pref:
             raise SweepError(f"{path}: shared: {n!r} is the preference stage the methods "
                              f"change; it cannot be shared")
     for n in spec.shared:
-        i = names.index(n)
-        for fld, ref in stage_refs(kept, i):
-            if ref not in spec.shared:
-                raise SweepError(f"{path}: shared: stage {n!r} needs {ref!r} ({fld}), which "
-                                 f"is not shared; share it too or set {n}.{fld}")
+        for e in graph.stage_edges(base, base.stage(n)):
+            if e.target not in spec.shared:
+                raise SweepError(f"{path}: shared: stage {n!r} needs {e.target!r} "
+                                 f"({e.field}), which is not shared; share it too or set "
+                                 f"{n}.{e.field}")
 
 
 # =========================================================================== trial recipes
 
 
-def _point(ref: str, shared: set[str], shared_dir: Path) -> str:
-    """A stage name of the shared run → its checkpoint path; other names unchanged."""
-    return str(shared_dir / ref / "model") if ref in shared else ref
+def trial_recipe(recipe: Recipe, shared: list[str], shared_dir: Path) -> Recipe:
+    """The trial's own recipe: the shared stages removed and every link to them (model,
+    reference, judge, eval models and SFT reference) naming their checkpoint under
+    ``shared_dir``, implicit starting models written out (:func:`starpo.recipe.graph.rewrite`)."""
+    return graph.rewrite(recipe, {n: str(graph.model_dir(shared_dir, n)) for n in shared})
 
 
-def trial_recipe_tree(tree: dict, shared: list[str], shared_dir: Path) -> dict:
-    """The trial's own recipe: the shared stages removed, every reference to them (model,
-    reference, judge, eval models and SFT reference) replaced by their checkpoint under
-    ``shared_dir``, implicit starting models written out (removing a stage would change
-    what "the previous stage" means)."""
-    t = copy.deepcopy(tree)
-    stages = t["stages"]
-    sh = set(shared)
-    out = []
-    for i, st in enumerate(stages):
-        if st["name"] in sh:
-            continue
-        st = copy.deepcopy(st)
-        if _starts(st):
-            st["model"] = _point(st.get("model") or implicit_model(stages, i), sh, shared_dir)
-        if _refs(st, "reference") and st.get("reference"):
-            st["reference"] = _point(st["reference"], sh, shared_dir)
-        if _refs(st, "judge.path") and (st.get("judge") or {}).get("path"):
-            st["judge"]["path"] = _point(st["judge"]["path"], sh, shared_dir)
-        if _is_eval(st):
-            ref = eval_reference(stages, st)
-            models = list(st.get("models") or default_eval_models(stages))
-            if ref in sh:
-                # evaluation names a checkpoint path ".../<name>/model" by <name>, so the
-                # shared SFT model keeps its name in summary.json and stays the reference
-                if ref not in models:
-                    models.insert(0, ref)
-                st["sft"] = ref
-            st["models"] = [_point(m, sh, shared_dir) for m in models]
-        out.append(st)
-    t["stages"] = out
-    return t
-
-
-def shared_recipe_tree(tree: dict, shared: list[str]) -> dict | None:
-    """The shared run: the shared stages, plus the trials' eval stage evaluating the shared
-    policies (so the SFT baseline is scored once). ``None`` without shared stages."""
+def shared_recipe(recipe: Recipe, shared: list[str]) -> Recipe | None:
+    """The shared run: the shared stages (implicit starting models written out), plus the
+    trials' eval stage evaluating the shared policies (so the SFT baseline is scored
+    once). ``None`` without shared stages."""
     if not shared:
         return None
-    t = copy.deepcopy(tree)
-    stages = t["stages"]
-    out = []
-    for i, st in enumerate(stages):
-        if st["name"] not in shared:
-            continue
-        st = copy.deepcopy(st)
-        if _starts(st) and not st.get("model"):
-            st["model"] = implicit_model(stages, i)
-        out.append(st)
+    stages = []
+    for st in recipe.stages:
+        if st.name in shared:
+            st = st.model_copy(deep=True)
+            start = graph.starting_model(recipe, st)
+            if start is not None:
+                st.model = start
+            stages.append(st)
     # the SFT baseline is evaluated here only when the SFT reference is itself shared;
     # otherwise every trial evaluates its own and the analysis averages those
-    ev = next((st for st in stages if _is_eval(st)), None)
-    policies = [st["name"] for st in out if _policy(st)]
-    ref = eval_reference(stages, ev) if ev is not None else None
-    names = {st["name"] for st in stages}
-    judge = ((ev or {}).get("judge") or {}).get("path")
-    judged_by_trial = judge in names and judge not in shared   # a reward model each trial trains
+    ev = next((st for st in recipe.stages if st.evaluates), None)
+    policies = [st.name for st in stages if st.yields_policy]
+    ref = graph.sft_reference(recipe, ev) if ev is not None else None
+    judge = ev.judge.path if ev is not None else None
+    # a reward model each trial trains
+    judged_by_trial = judge in graph.names(recipe) and judge not in shared
     if ev is not None and ref in policies and not judged_by_trial:
-        ev = copy.deepcopy(ev)
-        ev["models"] = policies
-        ev["sft"] = ref
-        out.append(ev)
-    t["stages"] = out
-    return t
-
-
+        ev = ev.model_copy(deep=True)
+        ev.models = policies
+        ev.sft = ref
+        stages.append(ev)
+    return graph.replace_stages(recipe, stages)

@@ -20,7 +20,7 @@ from starpo.data.sources import load_mixture
 from starpo.errors import StarpoError
 from starpo.judges import make_judge
 from starpo.metrics.evaluation import EvalResult, brief, evaluate_models
-from starpo.recipe import DataSpec, EvalStage, SourceSpec
+from starpo.recipe import DataSpec, EvalStage, SourceSpec, graph
 from starpo.report.charts import signed
 
 
@@ -49,37 +49,21 @@ def gap_lines(gaps: list[dict]) -> list[str]:
     return out
 
 
-def _stage_model_exists(out: Path, name: str) -> bool:
-    return (out / name / "model" / "config.json").is_file()
-
-
-def default_models(recipe, out: Path, *, log: Callable[[str], None] = print) -> list[str]:
-    """Every trained (policy) stage of the run in recipe order: sft, dpo, online, ….
-
-    Reward and eval stages are not policies. A stage whose model has not been written yet
-    is left out (with a message).
-    """
+def default_models(recipe, out: Path, stage=None, *,
+                   log: Callable[[str], None] = print) -> list[str]:
+    """The models ``stage`` evaluates (:func:`starpo.recipe.graph.eval_models`): its
+    ``models``, else every policy stage in recipe order that has been trained in the run
+    ``out`` (one whose model has not been written yet is left out, with a message)."""
+    if stage is not None and stage.models:
+        return graph.eval_models(recipe, stage)
     names = []
-    for st in recipe.stages:
-        if not st.yields_policy:
-            continue
-        if _stage_model_exists(out, st.name):
-            names.append(st.name)
+    for name in graph.policy_stages(recipe):
+        path = graph.model_dir(out, name)
+        if (path / "config.json").is_file():
+            names.append(name)
         else:
-            log(f"  {st.name}: no trained model at {out / st.name / 'model'}; not evaluated")
+            log(f"  {name}: no trained model at {path}; not evaluated")
     return names
-
-
-def reference_name(recipe, stage=None) -> str:
-    """The SFT reference: ``stage.sft`` when the eval stage has that field and it is set,
-    else the first stage of type ``sft``, else ``"base"`` (the recipe's starting model)."""
-    explicit = getattr(stage, "sft", None) if stage is not None else None
-    if explicit:
-        return explicit
-    for st in recipe.stages:
-        if st.type == "sft":
-            return st.name
-    return "base"
 
 
 def display_name(ref: str) -> str:
@@ -93,7 +77,7 @@ def display_name(ref: str) -> str:
 
 def model_key(ref: str, stage_names: set[str]) -> str:
     """The name of model ``ref`` (a stage, ``base`` or a path) in ``summary.json``."""
-    return ref if ref in stage_names or ref == "base" else display_name(ref)
+    return ref if ref in stage_names or ref == graph.BASE else display_name(ref)
 
 
 def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None = None,
@@ -105,11 +89,11 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
     and may raise to stop. A model listed twice (by name and by path) is evaluated once."""
     recipe = ctx.recipe
     seed = ctx.seed_for(stage)
-    names = models or stage.models or default_models(recipe, ctx.out, log=ctx.log)
+    names = models or default_models(recipe, ctx.out, stage, log=ctx.log)
     if not names:
         raise StarpoError("eval: no trained model to evaluate in this run; train a stage "
                           "first or list models (a stage name, 'base' or a checkpoint path)")
-    stage_names = {s.name for s in recipe.stages}
+    stage_names = set(graph.names(recipe))
     resolved: dict[str, str] = {}
     for ref in names:
         path = ctx.resolve_model(ref, before=stage.name)
@@ -119,7 +103,7 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
         if key in resolved:
             key = fileio.safe_name(ref)
         resolved[key] = path
-    sft = reference_name(recipe, stage)
+    sft = graph.sft_reference(recipe, stage)
     if sft not in resolved:
         try:
             sft_path = ctx.resolve_model(sft, before=stage.name)
@@ -145,12 +129,8 @@ def run_evaluation(ctx, stage, *, models: list[str] | None = None, n: int | None
     if not rows:
         raise StarpoError("eval: the evaluation data gave no prompt")
 
-    def resolve_judge(path: str):
-        if path in stage_names:
-            return str(ctx.stage_dir(path) / "model")
-        return None
-
-    judge = make_judge(stage.judge, resolve_path=resolve_judge, model_spec=recipe.model,
+    judge = make_judge(stage.judge, resolve_path=ctx.resolver(stage),
+                       model_spec=recipe.model,
                        device=ctx.runtime.device)
     if check is not None:
         check({"prompts": len(rows), "seed": seed, "bootstrap": stage.bootstrap,

@@ -68,16 +68,6 @@ SAMPLED_PARTIAL = "sampled.partial.jsonl"
 CHUNK_BATCHES = 8
 
 
-def _judge_resolver(ctx, stage):
-    names = {s.name for s in ctx.recipe.stages}
-
-    def resolve(path: str):
-        if path in names or path == "base":
-            return ctx.resolve_model(path, before=stage.name)
-        return None
-    return resolve
-
-
 def _link_or_copy_tree(src: Path, dst: Path) -> None:
     """``dst`` becomes a copy of the checkpoint ``src`` (files hard-linked when possible,
     so the last round's weights are not stored twice), replaced atomically."""
@@ -278,7 +268,7 @@ def _sample_and_judge(ctx, stage, k, rows, model, tok, seed, timer, *, policy_pa
     del backend
     timer.add("sampling", t0)
     t0 = time.time()
-    judge = make_judge(stage.judge, resolve_path=_judge_resolver(ctx, stage),
+    judge = make_judge(stage.judge, resolve_path=ctx.resolver(stage),
                        model_spec=ctx.recipe.model, device=rt.device)
     # judged in blocks like the sampling: each process scores its block's groups
     block = rt.shard(len(prompts))
