@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from starpo.metrics.names import EVAL_METRICS
 from starpo.run import sweep as S
 
 TINY = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -55,7 +56,7 @@ def _fake_eval(tdir: Path, score: float, model: str = "dpo") -> None:
     """What a trial's eval stage leaves behind, written by hand."""
     d = tdir / "eval"
     d.mkdir(parents=True, exist_ok=True)
-    m = {k: 0.1 for k in S.EVAL_METRICS}
+    m = {k: 0.1 for k in EVAL_METRICS}
     (d / "summary.json").write_text(json.dumps({"sft": {**m, "mean_score": -1.0},
                                                 model: {**m, "mean_score": score, "n": 2}}))
     (d / "meta.json").write_text(json.dumps({"reference": "sft",

@@ -16,6 +16,7 @@ from starpo import report as R
 from starpo.metrics import analysis as A
 from starpo.metrics import names
 from starpo.metrics import registry as MR
+from starpo.run import sweep as S
 
 CONTRACT = ("mean_score", "win_vs_chosen", "win_vs_sft", "kl_vs_sft", "kl_vs_sft_per_token",
             "mean_length")
@@ -90,17 +91,21 @@ def _run_dir(root: Path, summary: dict) -> Path:
 
 
 def _sweep_dir(root: Path, summary: dict) -> Path:
-    """A sweep directory as ``starpo sweep`` leaves it: each trial records the metrics of
-    its model (here the two summaries), the SFT reference's beside them."""
+    """A sweep directory as ``starpo sweep`` leaves it: each trial's record read from its
+    evaluation by the sweep's own reader (here the two summaries' models)."""
     root.mkdir(parents=True)
     trials = [{"id": f"t{i}", "method": "dpo", "params": {"dpo.beta": b}, "dir": f"trials/t{i}"}
               for i, b in enumerate((0.1, 0.5))]
     (root / "sweep.json").write_text(json.dumps(
         {"name": "extra", "methods": {"dpo": {}}, "trials": trials, "analysis": {}}))
-    keys = MR.sweep_names()
-    recs = [{**t, "status": "ok", "metrics": {k: summary[model].get(k) for k in keys},
-             "sft": {k: summary["sft"].get(k) for k in keys}}
-            for t, model in zip(trials, ("sft", "dpo"))]
+    recs = []
+    for t, model in zip(trials, ("sft", "dpo")):      # recorded as the sweep records them
+        ev = root / t["dir"] / "eval"
+        ev.mkdir(parents=True)
+        (ev / "summary.json").write_text(json.dumps(summary))
+        (ev / "meta.json").write_text(json.dumps({"reference": "sft"}))
+        recs.append({**t, "status": "ok", **S.read_trial_eval(root / t["dir"], "eval",
+                                                                model, root)})
     (root / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return root
 

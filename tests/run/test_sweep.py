@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from starpo.metrics.names import EVAL_METRICS
 from starpo.run import sweep as S
 from starpo.recipe import load_recipe, recipe_from_dict
 from sweep_helpers import RECIPE, SWEEP, _fake_eval, load_error, write_sweep
@@ -191,7 +192,7 @@ def test_a_failed_trial_is_recorded_and_the_sweep_goes_on_then_resume_skips(tmp_
     assert by["simpo-gamma0.3"]["error"] == "RuntimeError: CUDA out of memory"
     assert by["simpo-gamma1"]["sft"]["mean_score"] == -1.0
     assert by["simpo-gamma1"]["eval_file"] == "trials/simpo-gamma1/eval/dpo.jsonl"
-    assert set(by["simpo-gamma1"]["metrics"]) == set(S.EVAL_METRICS)
+    assert set(by["simpo-gamma1"]["metrics"]) == set(EVAL_METRICS)
     assert any("FAILED" in line and "dpo-beta0.5" in line for line in logs)
 
     # resume: nothing runs again; failed trials only with retry_failed
@@ -260,8 +261,8 @@ def test_every_trial_is_recorded_with_the_contract_metrics(swept):
                                        "simpo-gamma1"]
     for r in recs:
         assert r["status"] == "ok", r.get("error")
-        assert set(r["metrics"]) == set(S.EVAL_METRICS)
-        assert all(isinstance(r["metrics"][k], float) for k in S.EVAL_METRICS), r["metrics"]
+        assert set(r["metrics"]) == set(EVAL_METRICS)
+        assert all(isinstance(r["metrics"][k], float) for k in EVAL_METRICS), r["metrics"]
         assert r["seconds"] > 0 and r["method"] in ("dpo", "simpo")
         per_prompt = (plan.out / r["eval_file"]).read_text().splitlines()
         assert len(per_prompt) == r["n_prompts"] == 8

@@ -16,6 +16,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from starpo.metrics.names import EVAL_METRICS
 from starpo.run import sweep as S          # noqa: E402
 from starpo.run import sweep_ray as R      # noqa: E402
 from sweep_helpers import SWEEP, RECIPE, FAST, write_sweep   # noqa: E402
@@ -55,7 +56,7 @@ def _score(tid: str) -> float:
 def fake_eval(tdir: Path, score: float) -> None:
     d = tdir / "eval"
     d.mkdir(parents=True, exist_ok=True)
-    m = {k: round(score / 3 + 0.5, 6) for k in S.EVAL_METRICS}
+    m = {k: round(score / 3 + 0.5, 6) for k in EVAL_METRICS}
     (d / "summary.json").write_text(json.dumps({"sft": {**m, "mean_score": -0.25},
                                                 "dpo": {**m, "mean_score": score, "n": 3}}))
     (d / "meta.json").write_text(json.dumps({"reference": "sft", "files": {"dpo": "dpo.jsonl"}}))

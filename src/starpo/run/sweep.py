@@ -64,7 +64,7 @@ from typing import Any, Callable
 
 from starpo import fileio
 from starpo.errors import DiskError, StarpoError
-from starpo.metrics.names import EVAL_METRICS
+from starpo.metrics.registry import sweep_names
 from starpo.recipe import Recipe, dump_recipe
 from starpo.report.sweep_page import write_sweep_report
 from starpo.run import pipeline
@@ -135,11 +135,12 @@ def read_trial_eval(tdir: Path, eval_stage: str, model: str, out: Path) -> dict:
     ref = meta.get("reference")
     files = meta.get("files") or {}
     fname = files.get(model) or f"{model}.jsonl"
-    res = {"metrics": {k: m.get(k) for k in EVAL_METRICS},
-           "ci": {k: m.get(f"{k}_ci") for k in EVAL_METRICS},
+    names = sweep_names()            # read now: a metric added to the registry is recorded
+    res = {"metrics": {k: m.get(k) for k in names},
+           "ci": {k: m.get(f"{k}_ci") for k in names},
            "n_prompts": m.get("n"),
            "eval_file": os.path.relpath(d / fname, out),
-           "sft": ({k: summary[ref].get(k) for k in EVAL_METRICS}
+           "sft": ({k: summary[ref].get(k) for k in names}
                    if ref and isinstance(summary.get(ref), dict) else None)}
     return res
 

@@ -19,7 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from starpo import extensions, losses
-from starpo.metrics.names import HEADLINE_METRICS
+from starpo.metrics.registry import headline_names
 from starpo.recipe import (STAGE_TYPES, PreferenceSpec, Recipe, apply_override, graph,
                            recipe_from_dict)
 from starpo.errors import RecipeError, StarpoError
@@ -37,13 +37,13 @@ class _Strict(BaseModel):
 
 
 class AnalysisSpec(_Strict):
-    metric: str = "mean_score"      # one of HEADLINE_METRICS
+    metric: str = "mean_score"      # a registry metric a method wants high
 
     @field_validator("metric")
     @classmethod
     def _headline(cls, v: str) -> str:
-        if v not in HEADLINE_METRICS:
-            raise ValueError(f"analysis.metric: {v!r} is not one of {', '.join(HEADLINE_METRICS)}")
+        if v not in headline_names():
+            raise ValueError(f"analysis.metric: {v!r} is not one of {', '.join(headline_names())}")
         return v
     top_k_percent: float = Field(25.0, gt=0, le=100)
     reference_method: str | None = None   # best runs are compared with it in % (default dpo)
