@@ -73,7 +73,7 @@ from starpo.metrics.samples import (ModelRef, ModelSamples, load_for_sampling,
 from starpo.metrics.stats import (by_category, gap_pairs, kl_terms, score_gaps,
                                   summarize_model, win_outcomes)
 from starpo.recipe import GenerationSpec
-from starpo.runtime import default_device, release_memory
+from starpo.runtime import Runtime, release_memory
 
 
 @dataclass
@@ -175,9 +175,7 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
     if not messages:
         raise StarpoError("evaluation: no prompt to evaluate")
     chosen = _chosen_texts(prompts)
-    if runtime is not None:
-        device = runtime.device
-    device = device if device is not None else default_device()
+    device = runtime.device if runtime is not None else Runtime.local(device).device
     block = runtime.shard(len(messages)) if runtime is not None else range(len(messages))
     gather = runtime.gather if runtime is not None else list
     order = ([sft] if sft is not None else []) + [m for m in models if m != sft]
