@@ -95,8 +95,8 @@ Modules
     :mod:`~starpo.world.templates` (vocabulary, templates, prompt parsing),
     :mod:`~starpo.world.gold` (the gold reward), :mod:`~starpo.world.labeler` (the
     simulated annotator), :mod:`~starpo.world.responses` (the response mix, the best
-    response), :mod:`~starpo.world.rows` (prompts, rows, the tokenizer corpus). Everything
-    named below is importable from ``starpo.world`` itself.
+    response), :mod:`~starpo.world.rows` (prompts, rows, the tokenizer corpus). The names
+    in ``__all__`` are importable from ``starpo.world`` itself.
 """
 
 from __future__ import annotations

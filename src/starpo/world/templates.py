@@ -218,6 +218,7 @@ def _parse(prompt: str) -> Task | None:
 
 
 def _as_text(x: Any) -> str:
+    """Any value as text: the parser, the gold reward and the labeler take anything."""
     if x is None:
         return ""
     if isinstance(x, (bytes, bytearray)):
