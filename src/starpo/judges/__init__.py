@@ -1,7 +1,7 @@
 """Judges score responses to prompts (higher is better); the online stage ranks samples
 with one, the eval stage scores every model with one.
 
-Built-in judges (the registry below; ``type:`` of a recipe's ``judge``):
+Built-in judges (``type:`` of a recipe's ``judge``; :data:`BUILDERS` below makes them):
 
 * ``gold`` (:class:`~starpo.judges.gold.GoldJudge`): the embedded world's known gold
   reward, for the CPU quickstart and as the upper bound the other judges are measured by.
