@@ -123,3 +123,37 @@ def test_the_audit_catches_a_model_that_skipped_the_runtime(tmp_path, audited, o
     with pytest.raises(AssertionError, match="never placed"):
         pipeline.run(recipe_from_dict(_recipe()), tmp_path / "run", runtime=rt, log=quiet,
                      progress=False, report=False)
+
+
+# --------------------------------------------------------------------------- decisions made without a run
+
+def test_local_runtime_device():
+    assert Runtime.local("cpu").device == torch.device("cpu")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert Runtime.local().device.type == want
+    assert not Runtime.local().distributed and Runtime.local().is_main
+
+
+def test_dtype_of_auto_and_named():
+    cpu = Runtime.cpu()
+    assert cpu.dtype("auto") == torch.float32 and cpu.mixed_precision("auto") == "no"
+    assert cpu.dtype("bfloat16") == torch.bfloat16 and cpu.dtype("float16") == torch.float16
+    assert cpu.dtype("float32") == torch.float32
+    gpu = Runtime(torch.device("cuda"))
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert gpu.dtype("auto") == (torch.bfloat16 if bf16 else torch.float32)
+    assert gpu.mixed_precision("auto") == ("bf16" if bf16 else "no")
+
+
+def test_is_main_process_without_accelerate_state(monkeypatch):
+    import accelerate
+
+    class Broken:
+        def __init__(self, *a, **k):
+            raise RuntimeError("no state")
+
+    monkeypatch.setattr(accelerate, "PartialState", Broken)
+    monkeypatch.setenv("RANK", "1")
+    assert Runtime.is_main_process() is False
+    monkeypatch.setenv("RANK", "0")
+    assert Runtime.is_main_process() is True

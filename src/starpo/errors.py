@@ -112,11 +112,10 @@ _BAD_ROWS: ContextVar[BadRowsFile | None] = ContextVar("starpo_bad_rows", defaul
 
 
 def _main_process() -> bool:
-    try:
-        from accelerate import PartialState
-        return PartialState().is_main_process
-    except Exception:  # noqa: BLE001 - no accelerate state: a plain single process
-        return os.environ.get("RANK", "0") == "0"
+    # the Runtime decides which process writes; imported here because it imports torch,
+    # which nothing that only validates a recipe should need
+    from starpo.runtime import Runtime
+    return Runtime.is_main_process()
 
 
 @contextmanager

@@ -5,11 +5,19 @@ to every stage and component that places tensors, loads models or writes files, 
 the device is decided in exactly one place. Everything that runs a forward puts the model
 there with :meth:`Runtime.model` and each batch with :meth:`Runtime.batch`: the reference
 pass, held-out evaluation, sampling and judging run where the policy trains.
+
+The decisions a library call makes without a run's Runtime (a judge, an evaluation or a
+model loaded from your own code) are here too: :meth:`Runtime.local` (which device),
+:meth:`Runtime.dtype` (what ``model.dtype: auto`` means there) and
+:meth:`Runtime.is_main_process` (whether this process writes shared files).
+
+This module imports nothing else of starpo (it heads the layer order).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -25,8 +33,6 @@ class Runtime:
     @classmethod
     def create(cls) -> "Runtime":
         """This process's runtime under ``accelerate launch`` (or a plain single process)."""
-        import os
-
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
         # several processes and no GPU (`accelerate launch --multi_gpu --num_processes 2` or
@@ -43,6 +49,25 @@ class Runtime:
     @classmethod
     def cpu(cls) -> "Runtime":
         return cls(torch.device("cpu"))
+
+    @classmethod
+    def local(cls, device=None) -> "Runtime":
+        """One process on ``device``, for a library call made without a run's runtime; no
+        device: CUDA when present, else the CPU."""
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(torch.device(device))
+
+    @staticmethod
+    def is_main_process() -> bool:
+        """Whether this process writes the files every process would write alike, for code
+        handed no runtime (the bad-rows file of :mod:`starpo.errors`): accelerate's process
+        state, which :meth:`create` set up; without one, a plain single process (``RANK``)."""
+        try:
+            from accelerate import PartialState
+            return PartialState().is_main_process
+        except Exception:  # no accelerate state: a plain single process
+            return os.environ.get("RANK", "0") == "0"
 
     @property
     def is_main(self) -> bool:
@@ -61,13 +86,25 @@ class Runtime:
         """A batch (anything with ``.to(device)``) on this runtime's device."""
         return batch.to(self.device)
 
+    @property
+    def _bf16(self) -> bool:
+        return (self.device.type == "cuda" and torch.cuda.is_available()
+                and torch.cuda.is_bf16_supported())
+
     def mixed_precision(self, requested: str) -> str:
         """``auto`` → bf16 on a GPU that supports it, else no mixed precision."""
         if requested != "auto":
             return requested
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "no"
+        return "bf16" if self._bf16 else "no"
+
+    def dtype(self, name: str) -> torch.dtype:
+        """A recipe's ``model.dtype`` here: ``"auto"`` is bfloat16 on a GPU that supports it,
+        float32 otherwise (the dtype of a model that only infers; one that trains keeps
+        float32 master weights and gets :meth:`mixed_precision`)."""
+        if name == "auto":
+            return torch.bfloat16 if self._bf16 else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[name]
 
     def accelerator(self, mixed_precision: str = "auto"):
         """An accelerate ``Accelerator`` for one training loop on this runtime's device."""
@@ -132,11 +169,6 @@ class Runtime:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-
-def default_device() -> torch.device:
-    """For library calls made without a runtime: CUDA when present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def release_memory() -> None:

@@ -16,7 +16,9 @@ from starpo.errors import StarpoError
 from starpo.judges.gold import GoldJudge
 from starpo.judges.reward_model import GPTNeoXRewardModel, RewardModelJudge, openassistant_format, register_openassistant
 from starpo.judges.base import Judge, PairwiseJudge, PointwiseJudge, rank_groups
-from starpo.judges import make_judge
+from starpo.judges import BUILDERS, make_judge
+from starpo.judge_kinds import BUILTIN, is_pointwise
+from starpo.runtime import Runtime
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -241,7 +243,7 @@ def test_reward_model_truncates_from_the_left(llama_rm):
 
 
 def test_reward_model_errors(tmp_path, llama_rm):
-    with pytest.raises(StarpoError, match="cannot load reward model"):
+    with pytest.raises(StarpoError, match="judge.path: .*missing.* is neither a local"):
         RewardModelJudge(str(tmp_path / "missing"))
     with pytest.raises(StarpoError, match="input_format"):
         RewardModelJudge(str(llama_rm["path"]), input_format="alpaca")
@@ -302,7 +304,7 @@ def test_pairrm_adapter_explains_how_to_install(monkeypatch):
 def test_pairrm_adapter_with_a_fake_blender(monkeypatch):
     class FakeBlender:
         def loadranker(self, name, device=None):
-            self.name = name
+            self.name, self.device = name, device
 
         def rank(self, inputs, candidates, return_scores=False, batch_size=8):
             scores = [[QUALITY[c] for c in cs] for cs in candidates]
@@ -314,7 +316,8 @@ def test_pairrm_adapter_with_a_fake_blender(monkeypatch):
                         types.SimpleNamespace(Blender=FakeBlender))
     judge = make_judge(JudgeSpec(type="pairwise", path="pairrm"))
     assert judge.blender.name == "llm-blender/PairRM"
-    assert judge.pairrm_ranks("q", ["ok", "great", "bad"]) == [2, 1, 3]  # lower is better
+    assert judge.blender.device == str(Runtime.local().device)      # no device given
+    assert make_judge(JudgeSpec(type="pairwise"), device="cpu").blender.device == "cpu"
     assert judge.rank("q", ["ok", "great", "bad"]) == [0.0, 2.0, -1.0]   # higher is better
     assert judge.compare("q", "good", "bad") == pytest.approx(1 / (1 + math.exp(-2)))
 
@@ -364,3 +367,52 @@ def test_make_judge_reward_model_resolves_stage_names(llama_rm, oa_checkpoint):
     assert isinstance(oa.model, GPTNeoXRewardModel)
     with pytest.raises(StarpoError, match="judge.path"):
         make_judge(JudgeSpec(type="reward_model"))
+
+
+def test_every_builtin_judge_kind_has_a_builder():
+    assert set(BUILDERS) == set(BUILTIN)
+
+
+def test_is_pointwise_reads_the_class(monkeypatch):
+    class Scores:                       # duck-typed: a score method makes it pointwise
+        def score(self, prompts, responses):
+            return [0.0] * len(responses)
+
+        def rank(self, prompt, candidates):
+            return [0.0] * len(candidates)
+
+    class Compares(PairwiseJudge):      # inherits score (an error) and pointwise = False
+        pass
+
+    class Points(PointwiseJudge):
+        pass
+
+    mod = types.ModuleType("judges_for_kinds")
+    mod.Scores, mod.Compares, mod.Points = Scores, Compares, Points
+    monkeypatch.setitem(sys.modules, "judges_for_kinds", mod)
+    assert is_pointwise("judges_for_kinds:Scores")
+    assert not is_pointwise("judges_for_kinds:Compares")
+    assert is_pointwise("judges_for_kinds:Points")
+    assert is_pointwise("gold") and not is_pointwise("world_labeler")
+
+
+def test_reward_model_judge_loads_through_the_one_loader(llama_rm, monkeypatch):
+    import starpo.judges.reward_model as rm_module
+    from starpo.model import loading
+
+    calls = []
+
+    def spy(path, spec=None, **kwargs):
+        calls.append((path, spec, kwargs))
+        return loading.load_reward_model(path, spec, **kwargs)
+
+    monkeypatch.setattr(rm_module, "load_reward_model", spy)
+    spec = ModelSpec(attn_implementation="eager")
+    judge = make_judge(JudgeSpec(type="reward_model", path=str(llama_rm["path"])),
+                       model_spec=spec, device="cpu")
+    [(path, got_spec, kwargs)] = calls
+    assert path == str(llama_rm["path"]) and got_spec is spec
+    assert kwargs["device"] == torch.device("cpu") and kwargs["chat"] is False
+    assert judge.model.config._attn_implementation == "eager"
+    assert not judge.model.training
+    assert judge.tokenizer.chat_template == llama_rm["tok"].chat_template   # as saved

@@ -169,8 +169,13 @@ def test_offsets_map_back_to_the_text(tok):
 
 # --------------------------------------------------------------------------- tiny model
 
+def _distinct_parameters(model) -> int:
+    """Parameters counted once each (tied embeddings are one tensor)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def test_tiny_model_size_and_ids(tok, model):
-    n = M.count_parameters(model)
+    n = _distinct_parameters(model)
     print(f"tiny model (default TinyModelSpec, vocab {len(tok)}): {n:,} parameters")
     assert 500_000 < n < 5_000_000
     cfg = model.config
@@ -319,14 +324,6 @@ def test_checkpoint_without_weights_is_a_clear_error(tmp_path, tok, model):
         M.load_model(str(out), ModelSpec())
 
 
-def test_resolve_dtype():
-    assert M.resolve_dtype("auto", "cpu") == torch.float32
-    assert M.resolve_dtype("bfloat16") == torch.bfloat16
-    assert M.resolve_dtype("float16", "cpu") == torch.float16
-    if not torch.cuda.is_available():
-        assert M.resolve_dtype("auto") == torch.float32
-
-
 # --------------------------------------------------------------------------- tokenizers without ChatML
 
 def _base_checkpoint(tmp_path, corpus) -> Path:
@@ -410,6 +407,17 @@ def test_template_installed_on_a_base_tokenizer_sets_its_end_of_turn_as_eos(tmp_
     rm = M.load_reward_model(str(base), ModelSpec(), chat=False)
     assert rm.config.pad_token_id == raw.pad_token_id
     assert rm.get_input_embeddings().num_embeddings == len(raw)
+
+
+def test_a_classifier_of_several_labels_is_no_reward_model(tmp_path, tok):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      num_labels=2, pad_token_id=tok.pad_token_id)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    with pytest.raises(StarpoError, match="judge.path: .*clf.* more than one label"):
+        M.load_reward_model(str(tmp_path / "clf"), ModelSpec())
 
 
 def test_stop_tokens_of_a_gemma_style_template(corpus):
@@ -529,7 +537,7 @@ def test_lora_trains_adapters_and_saves_merged(tmp_path, corpus):
     spec = ModelSpec(lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
     model, tok = M.build_or_load(spec, lambda: corpus, seed=0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert 0 < trainable < 0.1 * M.count_parameters(model)
+    assert 0 < trainable < 0.1 * _distinct_parameters(model)
     with torch.no_grad():  # make the adapter do something (B starts at zero)
         for name, p in model.named_parameters():
             if "lora_B" in name:

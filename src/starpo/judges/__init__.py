@@ -1,7 +1,7 @@
 """Judges score responses to prompts (higher is better); the online stage ranks samples
 with one, the eval stage scores every model with one.
 
-Built-in judges (the registry below; ``type:`` of a recipe's ``judge``):
+Built-in judges (``type:`` of a recipe's ``judge``; :data:`BUILDERS` below makes them):
 
 * ``gold`` (:class:`~starpo.judges.gold.GoldJudge`): the embedded world's known gold
   reward, for the CPU quickstart and as the upper bound the other judges are measured by.
@@ -25,70 +25,24 @@ one with ``score(prompts, responses)`` also serves the eval stage. Subclassing
 :class:`~starpo.judges.base.PointwiseJudge` (implement ``score``) or
 :class:`~starpo.judges.base.PairwiseJudge` (implement ``prefer``) gives the rest.
 
-This module imports no torch: recipes validate judge names through it.
+What a recipe checks about a judge ``type`` (known? pointwise? which stage kind it loads)
+is in :mod:`starpo.judge_kinds`, which the recipe imports instead of this package.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Callable
 
 from starpo import extensions
-from starpo.errors import RecipeError, StarpoError, did_you_mean
+from starpo.errors import StarpoError
+# re-exported from the recipe-time half, so that `from starpo.judges import is_pointwise` works
+from starpo.judge_kinds import BUILTIN, check_name, is_pointwise, stage_kind
 
+__all__ = ["BUILTIN", "BUILDERS", "PAIRRM_NAMES", "check_name", "is_pointwise", "stage_kind",
+           "make_judge"]
 
-@dataclass(frozen=True)
-class JudgeKind:
-    name: str
-    pointwise: bool                       # has a score of its own (the eval stage needs one)
-    build: str                            # "module:function" making it from a spec
-    # the stage kind whose model it loads: its `path` is required and, when it names a
-    # stage of the recipe, that stage must be of this kind (checked when the recipe loads)
-    stage_kind: str | None = None
-
-
-BUILTIN = {k.name: k for k in (
-    JudgeKind("gold", True, "starpo.judges:_build_gold"),
-    JudgeKind("reward_model", True, "starpo.judges:_build_reward_model"),
-    JudgeKind("pairwise_rm", False, "starpo.judges:_build_pairwise_rm",
-              stage_kind="pairwise_rm"),
-    JudgeKind("pairwise", False, "starpo.judges:_build_pairrm"),
-    JudgeKind("world_labeler", False, "starpo.judges:_build_world_labeler"),
-)}
 PAIRRM_NAMES = {"pairrm", "PairRM", "llm-blender/PairRM"}
-
-
-def check_name(name: str) -> str:
-    """Recipe-time check of a judge ``type`` (imports a ``module:Class``)."""
-    if name in BUILTIN:
-        return name
-    if ":" in name:
-        cls = extensions.load(name, "judge")
-        if not callable(getattr(cls, "rank", None)):
-            raise RecipeError(f"judge {name!r}: a judge class needs a rank(prompt, candidates) "
-                              f"method (subclass starpo.judges.base.PointwiseJudge or "
-                              f"PairwiseJudge)")
-        return name
-    raise RecipeError(f"unknown judge type {name!r}; expected one of {', '.join(BUILTIN)} or "
-                      f"an importable module:Class{did_you_mean(name, BUILTIN)}")
-
-
-def is_pointwise(name: str) -> bool:
-    """Whether the judge scores each response on its own (rather than only comparing)."""
-    if name in BUILTIN:
-        return BUILTIN[name].pointwise
-    cls = extensions.load(name, "judge")
-    from starpo.judges.base import PairwiseJudge
-    if isinstance(cls, type) and issubclass(cls, PairwiseJudge):
-        return False
-    return callable(getattr(cls, "score", None))
-
-
-def stage_kind(name: str) -> str | None:
-    """The stage kind a built-in judge loads its model from (None: any path, or none)."""
-    kind = BUILTIN.get(name)
-    return kind.stage_kind if kind else None
 
 
 def make_judge(spec, *, resolve_path: Callable[[str], str | None] | None = None,
@@ -103,8 +57,8 @@ def make_judge(spec, *, resolve_path: Callable[[str], str | None] | None = None,
     path = spec.path
     if path and resolve_path is not None and path not in PAIRRM_NAMES:
         path = resolve_path(path) or path
-    if spec.type in BUILTIN:
-        return extensions.load(BUILTIN[spec.type].build, "judge")(spec, path, model_spec, device)
+    if spec.type in BUILDERS:
+        return BUILDERS[spec.type](spec, path, model_spec, device)
     cls = extensions.load(spec.type, "judge")
     kwargs = dict(spec.options)
     params = inspect.signature(cls).parameters
@@ -137,29 +91,13 @@ def _build_pairrm(spec, path, model_spec, device):
     return PairRMJudge(str(target), device=device, batch_size=spec.batch_size)
 
 
-def _load_kwargs(model_spec) -> dict:
-    """dtype, attention implementation and trust_remote_code of the recipe's model, for a
-    judge that loads a checkpoint."""
-    kwargs = {}
-    if model_spec is not None:
-        kwargs["trust_remote_code"] = bool(getattr(model_spec, "trust_remote_code", False))
-        dtype = getattr(model_spec, "dtype", None)
-        if dtype and dtype != "auto":
-            kwargs["dtype"] = dtype
-        attn = getattr(model_spec, "attn_implementation", None)
-        if attn:
-            kwargs["attn_implementation"] = attn
-    return kwargs
-
-
 def _build_reward_model(spec, path, model_spec, device):
     from starpo.judges.reward_model import RewardModelJudge
     if not path:
         raise StarpoError("judge.path: a reward_model judge needs the path (or stage name) "
                           "of a sequence-classification checkpoint")
     return RewardModelJudge(str(path), input_format=spec.input_format,
-                            batch_size=spec.batch_size, device=device,
-                            **_load_kwargs(model_spec))
+                            batch_size=spec.batch_size, device=device, model_spec=model_spec)
 
 
 def _build_pairwise_rm(spec, path, model_spec, device):
@@ -171,4 +109,13 @@ def _build_pairwise_rm(spec, path, model_spec, device):
         raise StarpoError("judge.input_format: a pairwise_rm judge reads its stage's layout "
                           "with the chat template; leave input_format unset")
     return PairwiseRMJudge(str(path), batch_size=spec.batch_size, device=device,
-                           **_load_kwargs(model_spec))
+                           model_spec=model_spec)
+
+
+# one builder per built-in judge of starpo.judge_kinds.BUILTIN: (spec, path, model_spec,
+# device) -> judge; each imports its judge's module when called (torch, transformers)
+BUILDERS: dict[str, Callable] = {
+    "gold": _build_gold, "reward_model": _build_reward_model,
+    "pairwise_rm": _build_pairwise_rm, "pairwise": _build_pairrm,
+    "world_labeler": _build_world_labeler,
+}

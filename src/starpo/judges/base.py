@@ -27,6 +27,8 @@ class Judge(Protocol):
 class PointwiseJudge:
     """Base of judges that score each response on its own; ranking is scoring."""
 
+    pointwise = True     # read by starpo.judge_kinds.is_pointwise (the eval stage needs it)
+
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         raise NotImplementedError
 
@@ -82,6 +84,7 @@ class PairwiseJudge:
     """
 
     name = "pairwise"
+    pointwise = False    # read by starpo.judge_kinds.is_pointwise: it only compares
 
     def __init__(self, comparator: Comparator | None = None, *, both_orders: bool = True):
         self.comparator, self.both_orders = comparator, both_orders

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
-
 from starpo.data.canonical import last_user_text
 from starpo.errors import StarpoError
 from starpo.judges.base import PairwiseJudge, Prompt
+from starpo.runtime import Runtime
 
 
 class PairRMJudge(PairwiseJudge):
@@ -17,8 +16,8 @@ class PairRMJudge(PairwiseJudge):
 
     PairRM ranks the k candidates of a prompt; its ranks are lower-is-better (1 = best)
     and its scores higher-is-better. ``rank`` returns PairRM's scores (higher is better);
-    :meth:`pairrm_ranks` returns its raw ranks. ``prefer`` = ``sigmoid(score_a - score_b)``
-    from ranking the two candidates. The prompt given to PairRM is the last user message.
+    ``prefer`` = ``sigmoid(score_a - score_b)`` from ranking the two candidates. The prompt
+    given to PairRM is the last user message.
 
     llm-blender pins ``transformers<5`` and is not a starpo dependency: install it in a
     separate environment (``pip install git+https://github.com/yuchenlin/LLM-Blender.git``)
@@ -41,9 +40,7 @@ class PairRMJudge(PairwiseJudge):
             ) from None
         self.batch_size = batch_size
         self.blender = llm_blender.Blender()
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.blender.loadranker(model, device=str(device))
+        self.blender.loadranker(model, device=str(Runtime.local(device).device))
 
     def _scores(self, prompts: Sequence[Prompt], groups: Sequence[Sequence[str]]):
         return self.blender.rank([last_user_text(p) for p in prompts],
@@ -59,8 +56,3 @@ class PairRMJudge(PairwiseJudge):
 
     def rank_many(self, prompts, groups) -> list[list[float]]:
         return [[float(x) for x in s] for s in self._scores(prompts, groups)]
-
-    def pairrm_ranks(self, prompt: Prompt, candidates: Sequence[str]) -> list[int]:
-        ranks = self.blender.rank([last_user_text(prompt)], [list(candidates)],
-                                  return_scores=False, batch_size=self.batch_size)
-        return [int(r) for r in ranks[0]]

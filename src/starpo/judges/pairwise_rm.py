@@ -58,10 +58,11 @@ class PairwiseRMJudge(PairwiseJudge):
     name = "pairwise_rm"
 
     def __init__(self, path_or_model, tokenizer=None, *, batch_size: int = 16, device=None,
-                 **load_kwargs):
+                 model_spec=None):
         super().__init__(both_orders=True)
         self.scorer = RewardModelJudge(path_or_model, tokenizer, input_format="chat_template",
-                                       batch_size=batch_size, device=device, **load_kwargs)
+                                       batch_size=batch_size, device=device,
+                                       model_spec=model_spec)
         self.source = self.scorer.source
         layout = getattr(self.scorer.model.config, LAYOUT_KEY, None)
         if layout != LAYOUT:

@@ -17,6 +17,8 @@ from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXModel, GPTNeoX
 from starpo.data.canonical import as_messages
 from starpo.errors import StarpoError
 from starpo.judges.base import PointwiseJudge, Prompt, _check_lengths
+from starpo.model.loading import load_reward_model, load_tokenizer
+from starpo.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -151,22 +153,29 @@ class RewardModelJudge(PointwiseJudge):
     in input order. Models that locate the last token by ``config.pad_token_id`` (the
     transformers ``*ForSequenceClassification`` classes) get the tokenizer's pad id (or
     its eos id) there if they have none, so batches larger than one work.
+
+    A path loads through :func:`starpo.model.loading.load_reward_model` (the tokenizer as
+    the checkpoint has it: no template is installed), with ``model_spec``'s dtype,
+    attention implementation and ``trust_remote_code`` (a recipe's ``model``; defaults
+    when None), on ``device`` (the runtime's; :meth:`Runtime.local` when None).
     """
 
     name = "reward_model"
 
     def __init__(self, path_or_model, tokenizer=None, input_format: str = "chat_template",
                  batch_size: int = 16, device=None, *, max_length: int | None = None,
-                 dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
-                 attn_implementation: str | None = None):
+                 model_spec=None):
         if input_format not in ("chat_template", "openassistant"):
             raise StarpoError(f"judge.input_format must be 'chat_template' or 'openassistant', "
                               f"got {input_format!r}")
         self.input_format, self.batch_size = input_format, int(batch_size)
         if isinstance(path_or_model, (str, os.PathLike)):
             path = str(path_or_model)
-            model, tokenizer = _load_reward_model(path, tokenizer, device, dtype,
-                                                  trust_remote_code, attn_implementation)
+            register_openassistant()
+            if tokenizer is None:
+                tokenizer = load_tokenizer(path, model_spec, chat=False, what="judge.path")
+            model = load_reward_model(path, model_spec, device=Runtime.local(device).device,
+                                      tokenizer=tokenizer, chat=False)
             self.source = path
         else:
             model = path_or_model
@@ -234,30 +243,3 @@ def _device_of(model) -> torch.device:
     if isinstance(dev, torch.device):
         return dev
     return next(model.parameters()).device
-
-
-def _load_reward_model(path, tokenizer, device, dtype, trust_remote_code, attn_implementation):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    register_openassistant()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if dtype is None or dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StarpoError(f"judge: cannot load reward model {path!r}: {first}") from None
-    if not isinstance(model, GPTNeoXRewardModel) and getattr(model.config, "num_labels", 1) != 1:
-        logger.warning("reward model %s has %d labels; scoring with logit 0", path,
-                       model.config.num_labels)
-    return model.to(device), tokenizer

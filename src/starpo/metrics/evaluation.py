@@ -78,7 +78,7 @@ from starpo.metrics.samples import (ModelRef, ModelSamples, load_for_sampling,
                                     response_logprobs, sample_model)
 from starpo.metrics.stats import gap_pairs, kl_terms, score_gaps, win_outcomes
 from starpo.recipe import GenerationSpec
-from starpo.runtime import default_device, release_memory
+from starpo.runtime import Runtime, release_memory
 
 
 @dataclass
@@ -180,9 +180,7 @@ def evaluate_models(models: Mapping[str, ModelRef], prompts: Sequence[dict], jud
     if not messages:
         raise StarpoError("evaluation: no prompt to evaluate")
     chosen = _chosen_texts(prompts)
-    if runtime is not None:
-        device = runtime.device
-    device = device if device is not None else default_device()
+    device = runtime.device if runtime is not None else Runtime.local(device).device
     block = runtime.shard(len(messages)) if runtime is not None else range(len(messages))
     gather = runtime.gather if runtime is not None else list
     order = ([sft] if sft is not None else []) + [m for m in models if m != sft]

@@ -25,7 +25,7 @@ from starpo.generate.sampling import generate, render_prompt
 from starpo.model import loading
 from starpo.model.logprobs import sequence_logprobs
 from starpo.recipe import GenerationSpec
-from starpo.runtime import default_device, release_memory
+from starpo.runtime import Runtime, release_memory
 from starpo.train.refcache import _file_sha, model_fingerprint
 
 
@@ -137,7 +137,7 @@ def sample_cache_key(ref: ModelRef, prompts: list[list[dict]], spec: GenerationS
     for name in _GEN_FILES:
         if (p / name).is_file():
             h.update(f"{name}:{_file_sha(p / name)}".encode())
-    dev = torch.device(device).type if device is not None else default_device().type
+    dev = Runtime.local(device).device.type
     h.update(json.dumps({"prompts": prompts, "spec": spec.model_dump(mode="json"),
                          "seed": seed, "device": dev, "torch": torch.__version__,
                          "model": model_spec.model_dump(mode="json") if model_spec is not None

@@ -47,13 +47,14 @@ from starpo.errors import StarpoError
 from starpo import fileio
 from starpo.model.chat import end_of_turn_token, stop_token_ids, template_text
 from starpo.recipe import ModelSpec
+from starpo.runtime import Runtime
 
 __all__ = [
     "CHATML_TEMPLATE", "CHATML_SPECIAL_TOKENS", "EOS_TOKEN", "PAD_TOKEN",
     "train_tokenizer", "build_tiny_model", "build_or_load",
     "load_tokenizer", "load_model", "load_reward_model", "reward_model_from_causal",
     "save_pretrained", "align_model_to_tokenizer", "apply_lora",
-    "resolve_dtype", "count_parameters", "gguf_location", "dequantized",
+    "gguf_location", "dequantized",
 ]
 
 IM_START, IM_END, PAD_TOKEN = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -223,11 +224,6 @@ def build_tiny_model(spec, tokenizer, seed: int = 0, *, attn_implementation: str
     return model.float()
 
 
-def count_parameters(model) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def _corpus_digest(texts: list[str]) -> str:
     h = hashlib.sha256()
     for t in texts:
@@ -278,7 +274,7 @@ def build_or_load(spec, corpus_fn: Callable[[], list[str]], seed: int = 0,
                                  attn_implementation=spec.attn_implementation)
         if target is not None:
             save_pretrained(model, tok, target)
-        model = model.to(resolve_dtype(spec.dtype, device))
+        model = model.to(Runtime.local(device).dtype(spec.dtype))
         if device is not None:
             model = model.to(device)
         _set_mode(model, for_training)
@@ -295,20 +291,6 @@ def _spec(spec):
     if spec is None:
         return ModelSpec()
     return spec
-
-
-def resolve_dtype(name: str, device=None) -> torch.dtype:
-    """``"auto"`` is bfloat16 on a CUDA device that supports it, float32 otherwise."""
-    if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}[name]
-    if device is None:
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
-    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def _offline() -> bool:
@@ -459,7 +441,8 @@ def load_model(name_or_path: str, spec=None, *, for_training: bool = True, devic
     ``AutoModelForSequenceClassification`` with one label).
 
     * ``attn_implementation`` and dtype from ``spec`` (``"auto"``: fp32 master weights for
-      a model that trains, else ``resolve_dtype``);
+      a model that trains, else ``Runtime.dtype`` on ``device``, the default one when none
+      is given);
       ``trust_remote_code`` only when ``spec.trust_remote_code`` is true;
     * the model is aligned with ``tokenizer`` (loaded with ``load_tokenizer(..., chat=chat)``
       from the same place when not given): embeddings resized if the tokenizer grew,
@@ -483,7 +466,7 @@ def load_model(name_or_path: str, spec=None, *, for_training: bool = True, devic
     # (bf16 autocast where the GPU supports it) does the compute; models that only infer
     # (references, judges, evaluation) load in the compute dtype itself
     dtype = torch.float32 if for_training and spec.dtype == "auto" else \
-        resolve_dtype(spec.dtype, device)
+        Runtime.local(device).dtype(spec.dtype)
     kwargs: dict[str, Any] = dict(dtype=dtype,
                                   attn_implementation=spec.attn_implementation,
                                   trust_remote_code=spec.trust_remote_code,
@@ -503,6 +486,13 @@ def load_model(name_or_path: str, spec=None, *, for_training: bool = True, devic
         if isinstance(err, (KeyError, NotImplementedError)):
             raise
         raise _load_error(str(name_or_path), what, err, "model") from err
+    except RuntimeError as err:
+        # a classifier whose head has several labels (transformers refuses the 1-label head)
+        if kind == "reward" and "mismatch" in str(err):
+            raise StarpoError(f"{what}: {str(name_or_path)!r} is a classifier with more than "
+                              "one label; a reward model gives one score (num_labels 1): "
+                              "name a reward model or a causal LM to start one from") from err
+        raise
     if gguf is not None:
         dequantized(model)
     align_model_to_tokenizer(model, tokenizer)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from starpo import judges, losses, pair_rules
+from starpo import judge_kinds, losses, pair_rules
 from starpo.errors import RecipeError
 from starpo.recipe import graph
 
@@ -217,7 +217,7 @@ class GenerationSpec(Strict):
 
 
 class JudgeSpec(Strict):
-    # a name of starpo.judges' registry, or an importable module:Class
+    # a built-in judge (starpo.judge_kinds), or an importable module:Class
     type: str = "reward_model"
     path: str | None = None          # stage name or checkpoint for reward_model / pairwise
     input_format: Literal["chat_template", "openassistant"] = "chat_template"
@@ -228,7 +228,7 @@ class JudgeSpec(Strict):
     @classmethod
     def _known_judge(cls, v: str) -> str:
         try:
-            return judges.check_name(v)
+            return judge_kinds.check_name(v)
         except RecipeError as err:
             raise ValueError(str(err)) from None
 
@@ -295,7 +295,7 @@ class EvalStage(Strict):
 
     @model_validator(mode="after")
     def _pointwise(self) -> "EvalStage":
-        if not judges.is_pointwise(self.judge.type):
+        if not judge_kinds.is_pointwise(self.judge.type):
             raise ValueError(f"judge.type: the eval stage needs a pointwise judge (one that "
                              f"scores each response); {self.judge.type} only compares pairs")
         return self
@@ -377,7 +377,7 @@ class Recipe(Strict):
         order = {st.name: i for i, st in enumerate(self.stages)}
         for i, st in enumerate(self.stages):
             spec = getattr(st, "judge", None)
-            kind = judges.stage_kind(spec.type) if spec is not None else None
+            kind = judge_kinds.stage_kind(spec.type) if spec is not None else None
             if kind is None:
                 continue
             where = f"stages.{st.name}.judge.path"
