@@ -432,7 +432,7 @@ def test_sample_cache_reuses_samples_and_keys_on_what_they_depend_on(ckpts, prom
     for name in models:
         assert again.records[name] == first.records[name]
 
-    k = lambda **o: SM.sample_cache_key(ckpts["sft"], E._prompt_messages(prompts),  # noqa: E731
+    k = lambda **o: SM.sample_cache_key(ckpts["sft"], E._prompt_messages(prompts),
                                        o.get("spec", SPEC), seed=o.get("seed", 3))
     assert k() == k()
     assert k(seed=4) != k()

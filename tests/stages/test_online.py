@@ -133,10 +133,10 @@ def test_sampling_is_deterministic_through_the_round_code(base):
     from starpo import world
     prompts = [r["prompt"] for r in world.rows("prompt", 3, seed=0)]
     spec = GenerationSpec(temperature=1.0, top_p=0.95, max_new_tokens=12, batch_size=4)
-    run = lambda seed, bs=4: O.sample_responses(  # noqa: E731
+    run = lambda seed, bs=4: O.sample_responses(
         base["model"], base["tok"], prompts, spec.model_copy(update={"batch_size": bs}),
         n=3, seed=seed, progress=False)
-    texts = lambda g: [[s.text for s in grp] for grp in g]  # noqa: E731
+    texts = lambda g: [[s.text for s in grp] for grp in g]
     a, b, c = run(11), run(11, bs=5), run(12)
     assert texts(a) == texts(b)
     assert [[s.token_ids for s in g] for g in a] == [[s.token_ids for s in g] for g in b]

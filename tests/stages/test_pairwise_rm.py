@@ -55,7 +55,7 @@ def test_task_loss_is_the_bce_of_plain_forwards(base, pairs):
     task = RewardTask(pairs, batch_size=4, seed=0, objective=PAIRWISE)
     batch = collate_reward_pairs(pairs[:4])
     loss, metrics = task.loss(SequenceScores(model), batch)
-    plain = lambda ids: model(input_ids=torch.tensor([ids])).logits[0, 0]  # noqa: E731
+    plain = lambda ids: model(input_ids=torch.tensor([ids])).logits[0, 0]
     with torch.no_grad():
         zc = torch.stack([plain(p.prompt_ids + p.chosen_ids) for p in pairs[:4]])
         zr = torch.stack([plain(p.prompt_ids + p.rejected_ids) for p in pairs[:4]])

@@ -130,7 +130,7 @@ def read_hub(spec) -> _Table:
     try:
         ds = datasets.load_dataset(spec.path, name=spec.config_name, data_dir=spec.data_dir,
                                    split=spec.split)
-    except Exception as err:  # noqa: BLE001 - any loader failure is the user's source
+    except Exception as err:  # any loader failure is the user's source
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"could not load the hub dataset ({type(err).__name__}: {first}); "
                         "check the path, config_name, data_dir and split, or use a local "

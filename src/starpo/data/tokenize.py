@@ -138,7 +138,7 @@ def _untrimmed(tokenizer):
     post = getattr(backend, "post_processor", None) if backend is not None else None
     try:
         trims = post is not None and _trims_offsets(json.loads(post.__getstate__()))
-    except Exception:  # noqa: BLE001 - a state we cannot read: leave the tokenizer alone
+    except Exception:  # a state we cannot read: leave the tokenizer alone
         trims = False
     if not trims:
         yield

@@ -36,11 +36,8 @@ from typing import Callable
 
 from starpo import extensions
 from starpo.errors import StarpoError
-# re-exported from the recipe-time half, so that `from starpo.judges import is_pointwise` works
-from starpo.judge_kinds import BUILTIN, check_name, is_pointwise, stage_kind
 
-__all__ = ["BUILTIN", "BUILDERS", "PAIRRM_NAMES", "check_name", "is_pointwise", "stage_kind",
-           "make_judge"]
+__all__ = ["BUILDERS", "PAIRRM_NAMES", "make_judge"]
 
 PAIRRM_NAMES = {"pairrm", "PairRM", "llm-blender/PairRM"}
 

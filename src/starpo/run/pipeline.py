@@ -62,7 +62,7 @@ class RunContext:
     # trials of a sweep) can share one directory safely.
     refcache_dir: Path | None = None
     # evaluation samples of checkpoints, keyed by everything they depend on
-    # (starpo.metrics.evaluation.sample_cache_key); default DIR/evalcache, shareable like refcache
+    # (starpo.metrics.samples.sample_cache_key); default DIR/evalcache, shareable like refcache
     sample_cache_dir: Path | None = None
     # where this process computes and whether it writes files: one per run
     runtime: Runtime = field(default_factory=Runtime.create)

@@ -392,7 +392,7 @@ def _worker_envs(jobs: int) -> list[dict[str, str]]:
         try:
             import torch
             gpus = [str(i) for i in range(torch.cuda.device_count())]
-        except Exception:  # noqa: BLE001 - no torch CUDA: CPU slots
+        except Exception:  # no torch CUDA: CPU slots
             gpus = []
     envs = []
     for s in range(jobs):
@@ -533,7 +533,7 @@ def _run_trial(plan, k: int, t: Trial, rec: Recipe, run: Callable[[Recipe, Path]
         raise     # not the trial's fault, and every trial after it would fail the same way
     except StarpoError as e:
         err = e
-    except Exception as e:  # noqa: BLE001 - recorded; the sweep goes on
+    except Exception as e:  # recorded; the sweep goes on
         if raise_errors:
             raise
         err = e

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from starpo import fileio
-from starpo.judges import is_pointwise
+from starpo.judge_kinds import is_pointwise
 from starpo.recipe import Recipe, load_recipe
 from starpo.report.charts import interval_chart
 from starpo.run.reproduce import runs
