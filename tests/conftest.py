@@ -92,6 +92,22 @@ def random_docs(n=12, vocab=100, seed=0, lo=5, hi=40):
     return out
 
 
+def random_pairs(n=6, vocab=60, seed=0):
+    """Tokenized preference pairs of random ids (prompt 2–6 tokens, each response 1–5),
+    every response token trained."""
+    import random
+
+    from starpo.data.tokenize import TokenizedPair
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 6))]
+        c = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 5))]
+        r = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 5))]
+        out.append(TokenizedPair(p, c, list(c), r, list(r), "t", i))
+    return out
+
+
 # the tiny default model of the stage tests (reward, online)
 def _stage_tiny():
     from starpo.recipe import TinyModelSpec

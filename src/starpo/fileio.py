@@ -323,6 +323,16 @@ def exclusive(lock: str | os.PathLike, *, stale_after: float = 120.0,
         with os.fdopen(fd, "w") as f:
             f.write(token)
         break
+    with _holding(lock, token, heartbeat):
+        yield
+
+
+@contextmanager
+def _holding(lock: Path, token: str, heartbeat: float | None) -> Iterator[None]:
+    """The block during which this process holds ``lock`` (a file it created holding
+    ``token``): a thread touches the file every ``heartbeat`` seconds so that waiters
+    never take a long holder for a dead one; on exit the file is removed unless another
+    process broke the lock meanwhile (then it is theirs)."""
     stop = threading.Event()
     beat = None
     if heartbeat:
@@ -332,7 +342,7 @@ def exclusive(lock: str | os.PathLike, *, stale_after: float = 120.0,
                     os.utime(lock)
                 except OSError:
                     return
-        beat = threading.Thread(target=touch, name=f"lock {lock.name}", daemon=True)
+        beat = threading.Thread(target=touch, name=f"lock {lock}", daemon=True)
         beat.start()
     try:
         yield
@@ -476,23 +486,5 @@ def dir_lock(directory: str | os.PathLike, *, command: str, force: bool = False,
         with os.fdopen(fd, "w") as f:
             f.write(token_text)
         break
-    stop = threading.Event()
-
-    def touch() -> None:
-        while not stop.wait(LOCK_HEARTBEAT):
-            try:
-                os.utime(lock)
-            except OSError:
-                return
-    beat = threading.Thread(target=touch, name=f"lock {directory.name}", daemon=True)
-    beat.start()
-    try:
+    with _holding(lock, token_text, LOCK_HEARTBEAT):
         yield
-    finally:
-        stop.set()
-        beat.join()
-        try:
-            if lock.read_text() == token_text:
-                lock.unlink()
-        except OSError:
-            pass

@@ -383,3 +383,32 @@ def test_the_slurm_task_passes_the_signal_on_and_requeues_itself(tmp_path):
     assert job.returncode == 75, err
     assert (tmp_path / "requeue").read_text().split() == ["requeue", "555"]
     assert "requeueing job 555" in out
+
+
+@pytest.mark.parametrize("slow_kill", [False, True])
+def test_the_requeue_wrapper_returns_starpos_status_when_it_ends_right_after_the_signal(
+        tmp_path, slow_kill):
+    """The batch script's wrapper passes SIGUSR1 on and returns starpo's status (75), also
+    when starpo ends between the forwarded signal and the wrapper's liveness check: a slow
+    ``kill`` (a shell function over the builtin) holds that window open, which under load
+    made the wrapper return the cut-short wait's 138 and skip the requeue."""
+    from starpo.run.sweep_slurm import REQUEUE_FUNCTION
+    child = tmp_path / "child.py"
+    child.write_text("import os, signal, time\n"
+                     "signal.signal(signal.SIGUSR1, lambda *a: os._exit(75))\n"
+                     f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
+                     "time.sleep(30)\n")
+    slow = 'kill() { builtin kill "$@"; local r=$?; sleep 0.5; return $r; }\n' if slow_kill \
+        else ""
+    script = tmp_path / "job.sh"
+    script.write_text(f"{slow}{REQUEUE_FUNCTION}\n"
+                      f"run_requeueable {sys.executable} {child}\necho status $?\n")
+    job = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "SLURM_JOB_ID": ""})
+    deadline = time.time() + 30
+    while not (tmp_path / "ready").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.1)                              # the wrapper is in its wait
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=30)
+    assert "status 75" in out, out

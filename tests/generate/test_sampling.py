@@ -14,14 +14,7 @@ from starpo.generate.sampling import (
 from sampling_cases import PROMPTS, Triggered, ids_of, make_tokenizer, tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    OpenMP spin-wait of 2 threads made decoding 100x slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,13 @@ metrics and the held-out evaluation, checked against the pure losses by hand."""
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import random_pairs, tiny_llama
 from starpo import losses
 from starpo.data import prefbatch as PB
-from starpo.data.tokenize import TokenizedPair
 from starpo.model.logprobs import sequence_logprobs
 from starpo.recipe import PreferenceSpec
 from starpo.runtime import Runtime
@@ -22,14 +20,7 @@ VOCAB = 60
 
 
 def _pairs(n=6, seed=0):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        p = [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 6))]
-        c = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 5))]
-        r = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 5))]
-        out.append(TokenizedPair(p, c, list(c), r, list(r), "t", i))
-    return out
+    return random_pairs(n, VOCAB, seed)
 
 
 @torch.no_grad()

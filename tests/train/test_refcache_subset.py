@@ -4,14 +4,12 @@ ones) are computed, and a longer rerun adds only what it lacks."""
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import random_pairs, tiny_llama
 from starpo.data import prefbatch as PB
-from starpo.data.tokenize import TokenizedPair
 from starpo.model.logprobs import sequence_logprobs
 from starpo.recipe import PreferenceSpec, TrainSpec
 from starpo.runtime import Runtime
@@ -23,14 +21,7 @@ VOCAB = 60
 
 
 def _pairs(n, seed=0):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        p = [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 6))]
-        c = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 5))]
-        r = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 5))]
-        out.append(TokenizedPair(p, c, list(c), r, list(r), "t", i))
-    return out
+    return random_pairs(n, VOCAB, seed)
 
 
 class _Recording(PreferenceTask):

@@ -53,7 +53,15 @@ run_requeueable() {{
   while true; do
     rc=0
     wait "$child" || rc=$?
-    kill -0 "$child" 2>/dev/null || break    # wait was cut short by a trapped signal
+    kill -0 "$child" 2>/dev/null && continue   # a trapped signal cut the wait short
+    # starpo has ended; if it ended right after a trapped signal, rc (> 128) is the
+    # cut-short wait's, and one more wait reads starpo's own status (127: already read)
+    if [ "$rc" -gt 128 ]; then
+      local again=0
+      wait "$child" || again=$?
+      [ "$again" -eq 127 ] || rc=$again
+    fi
+    break
   done
   trap - USR1 TERM
   if [ "$rc" -eq {EXIT_STATUS} ] && [ -n "${{SLURM_JOB_ID:-}}" ]; then
