@@ -24,7 +24,7 @@ from torch import nn
 
 from starpo.data import prefbatch as PB
 from starpo.data.batch import TokenBatch
-from starpo.model.attention import segment_attention, segments_apply
+from starpo.model.attention import attention_for, segment_attention
 from starpo.model.logprobs import model_attention_mask, sequence_logprobs, unwrap_model
 from starpo.train.preference import PreferenceTask
 from starpo.stages.sft import SFTTask
@@ -34,10 +34,14 @@ def full_logits_logprobs(model: nn.Module, batch: TokenBatch):
     """``sequence_logprobs`` with the chunked head switched off: the model's own forward
     (full logits, float32 log-softmax, gather), attention as in the library path."""
     core = unwrap_model(model)
-    seg = segments_apply(core, batch.attention_mask)
-    with segment_attention(core) if seg else contextlib.nullcontext():
+    kind = attention_for(core, batch.attention_mask,
+                         prefix_shared=bool(batch.meta.get("implicit_prefix")))
+    with segment_attention(core, kind, position_ids=batch.position_ids,
+                           rows=batch.input_ids.shape[0],
+                           host_position_ids=batch.meta.get("host_position_ids")) \
+            if kind else contextlib.nullcontext():
         out = core(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                   attention_mask=batch.attention_mask if seg else
+                   attention_mask=batch.attention_mask if kind else
                    model_attention_mask(core, batch))
     logp = torch.log_softmax(out.logits.float(), dim=-1)
     per = logp[batch.tgt_row, batch.tgt_pos, batch.tgt_ids]

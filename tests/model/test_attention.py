@@ -68,7 +68,7 @@ def test_when_segments_apply(monkeypatch):
     model = llama()
     assert A.local_attention(model) == "segments"
     padded = collate_padded(pairs(), 0)
-    assert not A.segments_apply(model, padded.attention_mask)     # 2D mask: native kernel
+    assert A.attention_for(model, padded.attention_mask) is None   # 2D mask: native kernel
     calls = Calls(monkeypatch)
     sequence_logprobs(model, padded)
     assert calls.n == 0

@@ -687,11 +687,6 @@ def describe(core: nn.Module, *, prefix_shared: bool = False) -> str:
     return text
 
 
-def segments_apply(core: nn.Module, attention_mask) -> bool:
-    """Whether a training forward of ``core`` on a batch with this mask runs per segment."""
-    return attention_for(core, attention_mask) == "segments"
-
-
 @contextlib.contextmanager
 def segment_attention(core: nn.Module, kind: str = "segments", *, position_ids=None,
                       rows: int | None = None, host_position_ids=None):
