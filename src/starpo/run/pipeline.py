@@ -72,6 +72,10 @@ class RunContext:
     def stage_dir(self, name: str) -> Path:
         return self.out / name
 
+    def model_dir(self, name: str) -> Path:
+        """Where stage ``name`` saves its model (what links to the stage resolve to)."""
+        return graph.model_dir(self.out, name)
+
     @property
     def refcache(self) -> Path:
         return Path(self.refcache_dir) if self.refcache_dir is not None else self.out / "refcache"
@@ -85,7 +89,7 @@ class RunContext:
         if not self.runtime.is_main:   # one writer: the main process
             return
         d = self.stage_dir(name)
-        model = graph.model_dir(self.out, name)
+        model = self.model_dir(name)
         why = verify_model_dir(model) if model.is_dir() else None
         if why is not None:
             raise TrainingError(f"{model}: the stage's saved model is damaged ({why}); the "

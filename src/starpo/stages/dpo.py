@@ -23,7 +23,7 @@ def run_dpo(ctx, stage) -> dict:
                                            ref_path, ctx.stage_dir(stage.name), seed=seed,
                                            desc=stage.name)
     if ctx.runtime.is_main:
-        loading.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model",
+        loading.save_pretrained(model, tok, ctx.model_dir(stage.name),
                                 state_dict=state_dict)
     ctx.runtime.wait()
     summary["reference"] = ref_path

@@ -145,7 +145,7 @@ def run_online(ctx, stage) -> dict:
     if ctx.runtime.is_main:
         fileio.write_jsonl(stage_dir / "rounds.jsonl", summaries)
         fileio.write_jsonl(stage_dir / "metrics.jsonl", _combined_metrics(stage_dir, stage.rounds))
-        _link_or_copy_tree(Path(policy_path), stage_dir / "model")
+        _link_or_copy_tree(Path(policy_path), ctx.model_dir(stage.name))
     ctx.runtime.wait()
     keys = ("mean_score", "pairs_selected", "pairs_trained", "dropped_ties",
             "dropped_identical", "steps")

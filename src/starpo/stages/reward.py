@@ -313,7 +313,7 @@ def train_pair_scorer(ctx, stage, objective: PairObjective, *, what: str) -> dic
                  f"{summary['eval_after']['reward_accuracy']:.3f} ({len(eval_pairs)} pairs)")
     ctx.log(line)
     if rt.is_main:
-        loading.save_pretrained(rm, tok, ctx.stage_dir(stage.name) / "model",
+        loading.save_pretrained(rm, tok, ctx.model_dir(stage.name),
                                 state_dict=res.state_dict)
     rt.wait()
     return summary

@@ -101,7 +101,7 @@ def run_sft(ctx, stage: SFTStage) -> dict:
                    progress=ctx.progress, log=ctx.log)
     if ctx.runtime.is_main:
         # res.state_dict: the whole weights gathered under FSDP/DeepSpeed (else None)
-        loading.save_pretrained(model, tok, ctx.stage_dir(stage.name) / "model",
+        loading.save_pretrained(model, tok, ctx.model_dir(stage.name),
                                 state_dict=res.state_dict)
     ctx.runtime.wait()
     return {"steps": res.steps, "final": res.last_metrics, "conversations": len(docs),
