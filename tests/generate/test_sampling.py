@@ -17,16 +17,6 @@ from sampling_cases import PROMPTS, Triggered, ids_of, make_tokenizer, tiny_mode
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models, one thread
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(len(tok))
-
-
 def test_render_prompt_uses_template_without_double_bos():
     tok = make_tokenizer(bos="<s>")
     ids = render_prompt(tok, [{"role": "user", "content": "hi"}])

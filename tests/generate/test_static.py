@@ -28,7 +28,7 @@ from starpo.generate import static
 from starpo.generate.sampling import (HFBackend, generate, render_prompt, row_key,
                                       row_uniform, row_uniforms, stop_token_ids)
 from starpo.recipe import GenerationSpec, recipe_from_dict
-from sampling_cases import PROMPTS, Triggered, make_tokenizer, tiny_model
+from sampling_cases import PROMPTS, Triggered, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.generation import time_generation
@@ -42,16 +42,6 @@ MORE_PROMPTS = PROMPTS + [
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models, one thread
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(len(tok))
 
 
 def _static(spec, rows, decoder="static"):
