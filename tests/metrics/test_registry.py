@@ -49,7 +49,7 @@ def test_summary_keys_keep_their_order_and_the_derived_names_are_the_contract():
     assert m["win_vs_sft"] == pytest.approx(4 / 6) and m["tie_vs_sft"] == pytest.approx(2 / 6)
     assert names.EVAL_METRICS == MR.sweep_names() == CONTRACT
     assert names.HEADLINE_METRICS == MR.headline_names() == CONTRACT[:3]
-    assert len({m.name for m in MR.metrics()}) == len(MR.metrics())
+    assert len({m.name for m in MR.METRICS}) == len(MR.METRICS)
     assert MR.get("win_vs_sft").tie == "tie_vs_sft"
     with pytest.raises(KeyError, match="no metric 'nope'"):
         MR.get("nope")

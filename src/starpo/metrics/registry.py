@@ -158,12 +158,6 @@ METRICS: tuple[Metric, ...] = (
 )
 
 
-def metrics() -> tuple[Metric, ...]:
-    """Every metric, in ``summary.json``'s order (read when called, so an entry added to
-    :data:`METRICS` is seen everywhere)."""
-    return METRICS
-
-
 def get(name: str) -> Metric:
     """The metric named ``name``."""
     for m in METRICS:
@@ -172,14 +166,20 @@ def get(name: str) -> Metric:
     raise KeyError(f"no metric {name!r} (metrics: {', '.join(m.name for m in METRICS)})")
 
 
+def sweep_metrics() -> tuple[Metric, ...]:
+    """The metrics a sweep records per trial and analyses (the documented contract), read
+    when called, so an entry added to :data:`METRICS` is seen everywhere."""
+    return tuple(m for m in METRICS if m.sweep)
+
+
 def sweep_names() -> tuple[str, ...]:
-    """The metrics a sweep records per trial and analyses (the documented contract)."""
-    return tuple(m.name for m in METRICS if m.sweep)
+    """The names of :func:`sweep_metrics`."""
+    return tuple(m.name for m in sweep_metrics())
 
 
 def headline_names() -> tuple[str, ...]:
     """The metrics a method wants high: what "best" may mean in a sweep's analysis."""
-    return tuple(m.name for m in METRICS if m.higher_is_better and m.sweep)
+    return tuple(m.name for m in sweep_metrics() if m.higher_is_better)
 
 
 # --------------------------------------------------------------------------- applying it

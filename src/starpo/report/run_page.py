@@ -129,7 +129,7 @@ def best_of_column(summary: dict[str, dict], key: str, reference: str | None) ->
 
 def _metrics_table(summary: dict[str, dict], colors: dict[str, str], reference: str | None
                    ) -> str:
-    metrics = registry.metrics()
+    metrics = registry.METRICS
     best = {m.name: best_of_column(summary, m.name, reference) for m in metrics}
     head = "".join(f"<th>{esc(m.header)}</th>" for m in metrics)
     rows = []
@@ -156,7 +156,7 @@ def _metrics_table(summary: dict[str, dict], colors: dict[str, str], reference: 
 
 def _metrics_legend() -> str:
     """The metrics' explanations (each said once, in the registry's order)."""
-    said = list(dict.fromkeys(m.description for m in registry.metrics() if m.description))
+    said = list(dict.fromkeys(m.description for m in registry.METRICS if m.description))
     return ('<p class="legend-note">' + esc("; ".join(said)) + (". " if said else "")
             + 'Best value of a column in bold (none where the best values look equal).</p>')
 

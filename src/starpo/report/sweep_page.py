@@ -75,17 +75,13 @@ def _sweep_summary(info: dict, res: dict, records: list[dict]) -> str:
     return "<ul class=\"facts\">" + "".join(f"<li>{esc(f)}</li>" for f in facts) + "</ul>"
 
 
-def _sweep_metrics() -> list[registry.Metric]:
-    """The metrics a sweep records per trial: its tables' columns."""
-    return [m for m in registry.metrics() if m.sweep]
-
-
 def _metric_head() -> str:
-    return "".join(f"<th>{esc(m.header)}</th>" for m in _sweep_metrics())
+    return "".join(f"<th>{esc(m.header)}</th>" for m in registry.sweep_metrics())
 
 
 def _metric_cells(values: dict) -> str:
-    return "".join(f"<td>{fmt_metric(m, values.get(m.name))}</td>" for m in _sweep_metrics())
+    return "".join(f"<td>{fmt_metric(m, values.get(m.name))}</td>"
+                   for m in registry.sweep_metrics())
 
 
 def _best_table(info: dict, res: dict, colors: dict[str, str]) -> str:
@@ -96,7 +92,7 @@ def _best_table(info: dict, res: dict, colors: dict[str, str]) -> str:
         b = (res.get("best") or {}).get(m)
         if not b:
             rows.append(f'<tr><th class="model">{esc(m)}</th><td colspan="'
-                        f'{len(_sweep_metrics()) + 3}" class="note">no finished run</td></tr>')
+                        f'{len(registry.sweep_metrics()) + 3}" class="note">no finished run</td></tr>')
             continue
         cells = _metric_cells(b["metrics"])
         vs = b.get("vs_sft") or {}
@@ -147,7 +143,7 @@ def _expected_section(res: dict, records: list[dict], colors: dict[str, str]) ->
     rows = []
     for m in res.get("methods", []):
         cells = []
-        for metric in _sweep_metrics():
+        for metric in registry.sweep_metrics():
             cells.append(_spread_cell(metric, res["expected"][m].get(metric.name) or {}))
         rows.append(f'<tr><th class="model"><span class="swatch" style="background:'
                     f'{colors.get(m, "#888")}"></span>{esc(m)}</th>'
@@ -274,7 +270,7 @@ def _scatter_trials(res: dict, records: list[dict], colors: dict[str, str]) -> s
 def _trials_table(info: dict, records: list[dict], colors: dict[str, str]) -> str:
     by_id = {r.get("id"): r for r in records}
     head = _metric_head()
-    width = len(_sweep_metrics())
+    width = len(registry.sweep_metrics())
     rows = []
     for t in info.get("trials") or [{"id": r.get("id"), "method": r.get("method"),
                                      "params": r.get("params")} for r in records]:
