@@ -15,7 +15,8 @@ where the package is installed) and bf16 autocast over fp32 master weights (star
 "auto" + the loop's mixed precision; TRL: ``bf16=True``), SFT packing (starpo: best-fit
 rows, one flat row per micro-batch; TRL: ``packing_strategy="bfd"``), DPO with a
 precomputed reference (starpo: its reference cache with prefix sharing; TRL:
-``precompute_ref_log_probs=True``).
+``precompute_ref_log_probs=True``), AdamW with torch's fused kernel on the GPU (starpo's
+choice for CUDA parameters, TRL's default; the foreach kernel on a CPU).
 
 The configurations:
 
@@ -378,7 +379,9 @@ def _trl_args(out_dir: str, sizes: dict, batch_size: int, gc: bool) -> dict:
                 learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0,
                 weight_decay=0.0, max_grad_norm=1.0, bf16=_cuda(), use_cpu=not _cuda(),
                 report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True,
-                dataloader_num_workers=0, seed=0, optim="adamw_torch",
+                dataloader_num_workers=0, seed=0,
+                # transformers' default on torch >= 2.8, as starpo's on CUDA parameters
+                optim="adamw_torch_fused" if _cuda() else "adamw_torch",
                 adam_beta1=0.9, adam_beta2=0.95, gradient_checkpointing=gc)
 
 

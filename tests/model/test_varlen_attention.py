@@ -225,16 +225,24 @@ def _case(dtype=torch.float64):
         torch.tensor([0, 4, 9], dtype=torch.int32), 4, 5
 
 
-@pytest.mark.parametrize("release", ["2.10", "2.12"])
+@pytest.mark.parametrize("release", ["2.10", "2.11", "2.12"])
 def test_adapter_speaks_each_torch_signature(monkeypatch, release):
-    """torch 2.9/2.10 take ``is_causal`` and no ``enable_gqa``/``scale``; 2.12+ take
-    ``window_size=(-1, 0)`` for causal, ``scale`` and ``enable_gqa``."""
+    """torch 2.9/2.10 take ``is_causal`` and no ``enable_gqa``/``scale``; 2.11 (the lent
+    GPU machine's) ``window_size=(-1, 0)`` for causal (a tuple: it compares with ``==``)
+    and ``scale`` but no ``enable_gqa``; 2.12+ all three."""
     import torch.nn.attention.varlen as V
     seen = {}
     if release == "2.10":
         def fake(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
             seen.update(is_causal=is_causal, heads=k.shape[1])
             return A.varlen_dense(q, k, v, cu_q, cu_k, max_q, max_k) if is_causal else None
+    elif release == "2.11":     # torch 2.11.0's signature, read from its wheel
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                 scale=None, window_size=(-1, -1)):
+            seen.update(window=window_size, heads=key.shape[1])
+            causal = window_size == (-1, 0)
+            return A.varlen_dense(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                                  scale=scale) if causal else None
     else:
         def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None,
                  window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None,
@@ -251,6 +259,8 @@ def test_adapter_speaks_each_torch_signature(monkeypatch, release):
         torch.testing.assert_close(got, A.varlen_dense(*case, gqa=True))
         if release == "2.10":
             assert seen == {"is_causal": True, "heads": 4}        # heads repeated for GQA
+        elif release == "2.11":
+            assert seen == {"window": (-1, 0), "heads": 4}
         else:
             assert seen == {"window": (-1, 0), "heads": 2, "gqa": True}
     finally:
@@ -274,11 +284,41 @@ def test_start_up_check_rejects_a_kernel_of_other_semantics(monkeypatch):
     monkeypatch.setattr(A, "torch_varlen", lambda *a, **k: A.varlen_dense(*a, **k))
     A._varlen_probe.cache_clear()
     assert A._varlen_probe(cpu)
+    # first asked for inside a reference pass or an evaluation: the check still runs
+    A._varlen_probe.cache_clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert A._varlen_probe(cpu)
     monkeypatch.setattr(A, "torch_varlen", top_left)
     A._varlen_probe.cache_clear()
     with pytest.warns(UserWarning, match="differs from its specification"):
         assert not A._varlen_probe(cpu)
     A._varlen_probe.cache_clear()
+
+
+@pytest.mark.parametrize("wrong", ["key", "value"])
+def test_start_up_check_rejects_a_kernel_with_a_wrong_backward(monkeypatch, wrong):
+    """Training runs the kernel's backward, a separate kernel: one whose forward is right
+    but whose gradient is not (here: one input's gradient halved) is not used either."""
+    class HalfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g / 2
+
+    def kernel(q, k, v, *a, **kw):
+        k, v = (HalfGrad.apply(k), v) if wrong == "key" else (k, HalfGrad.apply(v))
+        return A.varlen_dense(q, k, v, *a, **kw)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(A, "torch_varlen", kernel)
+    A._varlen_probe.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=f"with respect to the {wrong} differs"):
+            assert not A._varlen_probe(cpu)
+    finally:
+        A._varlen_probe.cache_clear()
 
 
 @pytest.mark.parametrize("layout", ["sft_flat", "prefix_shared"])

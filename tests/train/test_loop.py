@@ -106,3 +106,45 @@ def test_metrics_have_the_expected_fields(tmp_path):
     for k in ("step", "lr", "loss", "grad_norm", "tokens_per_s", "trained_tokens"):
         assert k in rec
     assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_adamw_is_fused_only_for_plain_cuda_parameters():
+    """The fused kernel needs every parameter on CUDA and floating; a sharded (DTensor-like)
+    parameter, a CPU one or an integer buffer keeps the foreach implementation, so the CPU
+    quickstart's figures do not move."""
+    from starpo.train.loop import fused_adamw, make_optimizer
+
+    class Sharded(torch.Tensor):
+        pass
+    assert not fused_adamw([])
+    assert not fused_adamw([torch.nn.Parameter(torch.zeros(2))])
+    assert not fused_adamw([torch.zeros(2, dtype=torch.long)])
+    assert not fused_adamw([torch.zeros(2).as_subclass(Sharded)])
+    opt = make_optimizer(tiny_llama(100), TrainSpec())
+    assert not opt.defaults["fused"]
+    if torch.cuda.is_available():
+        assert fused_adamw([torch.nn.Parameter(torch.zeros(2, device="cuda"))])
+        assert make_optimizer(tiny_llama(100).cuda(), TrainSpec()).defaults["fused"]
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_plain_one(tmp_path, monkeypatch):
+    """make_optimizer's fused AdamW (weight decay on matrices only, the schedule, clipping)
+    against the foreach one over a few loop steps: same weights within float noise. Run
+    with torch's CPU fused kernel here; on a GPU the CUDA one is what the loop picks."""
+    import starpo.train.loop as L
+    spec = TrainSpec(lr=5e-3, max_steps=4, batch_size=4, log_every=1, weight_decay=0.1,
+                     warmup_ratio=0.25, max_grad_norm=1.0)
+    plain, fused = tiny_llama(100), tiny_llama(100)
+    start = _weights(plain)
+    run_loop(plain, _task(4), spec, tmp_path / "plain", seed=0, progress=False)
+    made = []
+    monkeypatch.setattr(L, "fused_adamw", lambda params: True)
+
+    def make(model, s):
+        made.append(L.make_optimizer(model, s))
+        return made[-1]
+    run_loop(fused, _task(4), spec, tmp_path / "fused", seed=0, progress=False,
+             hooks=LoopHooks(make_optimizer=make))
+    assert made[0].defaults["fused"]
+    _close(_weights(plain), _weights(fused), atol=1e-5)
+    assert max((_weights(plain)[k] - start[k]).abs().max() for k in start) > 1e-2

@@ -466,8 +466,10 @@ def varlen_device(device: torch.device) -> bool:
 def _varlen_probe(device: torch.device) -> bool:
     """Hold torch's varlen kernel against :func:`varlen_dense` once per device, in bf16,
     on a case that needs both a square and a bottom-right-aligned sequence with grouped
-    heads: a torch whose kernel means something else (or fails) is not used, with a warning
-    saying why, and the flex kernel runs instead."""
+    heads: the output (largest difference ≤ 3e-2) and the gradients of query, key and value
+    (relative norm ≤ 3e-2; training runs the backward kernel, a separate one). A torch whose
+    kernel means something else (or fails) is not used, with a warning saying why, and the
+    flex kernel runs instead."""
     import warnings
     g = torch.Generator(device="cpu").manual_seed(0)
     lens_q, lens_k = [5, 3, 4], [5, 7, 4]
@@ -475,22 +477,39 @@ def _varlen_probe(device: torch.device) -> bool:
     q = torch.randn(tq, 4, 64, generator=g).to(device, torch.bfloat16)
     k = torch.randn(tk, 2, 64, generator=g).to(device, torch.bfloat16)
     v = torch.randn(tk, 2, 64, generator=g).to(device, torch.bfloat16)
+    grad_out = torch.randn(tq, 4, 64, generator=g).to(device, torch.bfloat16)
     cum = lambda x: torch.tensor([0] + list(itertools.accumulate(x)), dtype=torch.int32,
                                  device=device)
     args = (cum(lens_q), cum(lens_k), max(lens_q), max(lens_k))
-    try:
-        got = torch_varlen(q, k, v, *args, gqa=True).float()
-    except Exception as err:        # any failure means: do not use it
-        warnings.warn(f"starpo: torch's varlen attention failed its check on {device} "
-                      f"({type(err).__name__}: {err}); packed rows use flex attention")
-        return False
-    want = varlen_dense(q.float(), k.float(), v.float(), *args, gqa=True)
-    err = float((got - want).abs().max())
+
+    def run(fn, dtype):
+        x = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        out = fn(*x, *args, gqa=True)
+        out.backward(grad_out.to(dtype))
+        return [out.detach().float()] + [(torch.zeros_like(t) if t.grad is None else t.grad)
+                                         .float() for t in x]
+    # the first packed forward may be a reference pass or an evaluation (no_grad, autocast)
+    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        try:
+            got = run(torch_varlen, torch.bfloat16)
+        except Exception as err:        # any failure means: do not use it
+            warnings.warn(f"starpo: torch's varlen attention failed its check on {device} "
+                          f"({type(err).__name__}: {err}); packed rows use flex attention")
+            return False
+        want = run(varlen_dense, torch.float32)
+    err = float((got[0] - want[0]).abs().max())
     if err > 3e-2:
         warnings.warn(f"starpo: torch's varlen attention differs from its specification by "
                       f"{err:.3g} on {device} (causal alignment?); packed rows use flex "
                       "attention")
         return False
+    for name, a, b in zip(("query", "key", "value"), got[1:], want[1:]):
+        rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
+        if rel > 3e-2:
+            warnings.warn(f"starpo: the gradient of torch's varlen attention with respect "
+                          f"to the {name} differs from its specification (relative error "
+                          f"{rel:.3g}) on {device}; packed rows use flex attention")
+            return False
     return True
 
 
