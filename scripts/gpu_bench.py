@@ -27,6 +27,8 @@ The configurations:
     sft-/dpo-trl[-gc]       TRL with gradient checkpointing off, and on (``-gc``, TRL 1.x's
                             default); speed ratios compare with TRL's fastest, memory
                             ratios with its leanest, and with the same setting
+    sft-/dpo-starpo-varlen-gc  starpo with ``train.gradient_checkpointing: true``: its
+                            memory against TRL's at the same (TRL's default) setting
     sft-large-starpo-varlen the larger-work configuration: the ``--large`` model (~1.4B,
                             Qwen2-1.5B's widths) and 32 rows of 1024 tokens per optimizer
                             step (16 per micro-batch, 2 accumulated), where MFU means
@@ -112,7 +114,8 @@ class Config:
 
 
 # In the order they run: what the targets need first (the fastest kernel, TRL's fastest
-# setting, the larger work, sampling), then TRL's default setting, then the other kernels.
+# setting, the larger work, sampling), then TRL's default setting (and starpo at it),
+# then the other kernels.
 # Limits: process start, imports, model load, data, warm-up and 32 steps on one H200.
 CONFIGS = [
     Config("sft-starpo-varlen", "sft", "starpo", kernel="varlen", limit_s=40),
@@ -124,6 +127,9 @@ CONFIGS = [
     Config("generation", "gen", "starpo", limit_s=60),
     Config("sft-trl-gc", "sft", "trl", gc=True, limit_s=50),
     Config("dpo-trl-gc", "dpo", "trl", gc=True, limit_s=60),
+    # the memory target at TRL's default setting: both with checkpointing on
+    Config("sft-starpo-varlen-gc", "sft", "starpo", kernel="varlen", gc=True, limit_s=45),
+    Config("dpo-starpo-varlen-gc", "dpo", "starpo", kernel="varlen", gc=True, limit_s=50),
     Config("sft-starpo-flex", "sft", "starpo", kernel="flex", limit_s=70),
     Config("dpo-starpo-flex", "dpo", "starpo", kernel="flex", limit_s=70),
     # the per-document loop: the old GPU default (3k tokens/s on the first run), a reference
