@@ -33,6 +33,8 @@ The configurations:
                             Qwen2-1.5B's widths) and 32 rows of 1024 tokens per optimizer
                             step (16 per micro-batch, 2 accumulated), where MFU means
                             something: 8k tokens per step do not fill an H200
+    *-compiled              the same with ``train.compile: true`` (SFT, base and larger
+                            work): regional compilation of the decoder blocks
     generation              HF-backend sampling: the online stage's (the training policy,
                             fp32 weights, 4 samples per prompt, temperature 0.8) and the
                             evaluation's (the model loaded for inference, 121 prompts,
@@ -100,6 +102,7 @@ class Config:
     framework: str              # "starpo" | "trl"
     kernel: str | None = None   # starpo: the model.packed_attention it asks for
     gc: bool = False            # gradient checkpointing
+    compiled: bool = False      # starpo: train.compile (regional torch.compile of the blocks)
     large: bool = False         # the --large model and LARGE_SIZES
     limit_s: int = 60           # seconds for its whole process on one H200
     default: bool = True        # run by ``all`` without --configs
@@ -110,7 +113,8 @@ class Config:
             return "HF backend"
         what = f"packed_attention={self.kernel}" if self.framework == "starpo" else \
             "packing bfd" if self.kind == "sft" else "precomputed reference"
-        return f"{what}, gradient checkpointing {'on' if self.gc else 'off'}"
+        return (f"{what}, gradient checkpointing {'on' if self.gc else 'off'}"
+                + (", blocks compiled" if self.compiled else ""))
 
 
 # In the order they run: what the targets need first (the fastest kernel, TRL's fastest
@@ -132,6 +136,13 @@ CONFIGS = [
     Config("dpo-starpo-varlen-gc", "dpo", "starpo", kernel="varlen", gc=True, limit_s=50),
     Config("sft-starpo-flex", "sft", "starpo", kernel="flex", limit_s=70),
     Config("dpo-starpo-flex", "dpo", "starpo", kernel="flex", limit_s=70),
+    # train.compile on top of the varlen kernel (the attention stays eager between the
+    # compiled halves of each block): whether fusing the blocks' elementwise work moves
+    # the MFU; the compilation falls into the two untimed warm-up steps
+    Config("sft-starpo-varlen-compiled", "sft", "starpo", kernel="varlen", compiled=True,
+           limit_s=90),
+    Config("sft-large-starpo-varlen-compiled", "sft", "starpo", kernel="varlen",
+           compiled=True, large=True, limit_s=120),
     # the per-document loop: the old GPU default (3k tokens/s on the first run), a reference
     Config("sft-starpo-segments", "sft", "starpo", kernel="segments", limit_s=120,
            default=False),
@@ -231,12 +242,13 @@ def _not_offered(cfg: Config, kernel: str | None) -> dict | None:
     return None
 
 
-def _train_spec(sizes: dict, batch_size: int, gc: bool = False):
+def _train_spec(sizes: dict, batch_size: int, cfg: Config):
     from starpo.recipe import TrainSpec
     return TrainSpec(lr=1e-5, epochs=1, max_steps=sizes["steps"], batch_size=batch_size,
                      grad_accum=sizes["grad_accum"], scheduler="cosine", warmup_ratio=0.0,
                      log_every=1,                              # on_step: every step
-                     mixed_precision="auto", max_grad_norm=1.0, gradient_checkpointing=gc)
+                     mixed_precision="auto", max_grad_norm=1.0, gradient_checkpointing=cfg.gc,
+                     compile=cfg.compiled)
 
 
 def _loop(model, task, spec) -> tuple[list[float], int]:
@@ -289,7 +301,7 @@ def sft_starpo(cfg: Config, model_dir: str, sizes: dict) -> dict:
     mbs = task.microbatches(0)
     _enough(len(mbs), sizes, "SFT")
     _peak_reset()
-    ends, steps = _loop(model, task, _train_spec(sizes, sizes["sft_batch"], cfg.gc))
+    ends, steps = _loop(model, task, _train_spec(sizes, sizes["sft_batch"], cfg))
     steady, timed_steps = _window(ends, sizes)
     ga = sizes["grad_accum"]
     timed = mbs[max(sizes["warm_steps"], 1) * ga: steps * ga]
@@ -347,7 +359,7 @@ def dpo_starpo(cfg: Config, model_dir: str, sizes: dict) -> dict:
                           one_row=one_row(model, spec))
     mbs = task.microbatches(0)
     _enough(len(mbs), sizes, "DPO")
-    ends, steps = _loop(model, task, _train_spec(sizes, sizes["dpo_batch"], cfg.gc))
+    ends, steps = _loop(model, task, _train_spec(sizes, sizes["dpo_batch"], cfg))
     steady, timed_steps = _window(ends, sizes)
     ga = sizes["grad_accum"]
     timed = mbs[max(sizes["warm_steps"], 1) * ga: steps * ga]

@@ -268,13 +268,21 @@ def test_bench_selection_and_plan(gb):
         gb.select("sft-nope")
     p = gb.plan(gb.select("sft-starpo-varlen,sft-trl"), gb.BY_NAME["sft-starpo-varlen"].limit_s)
     assert [x["sure"] for x in p] == [True, False]
-    # TRL runs both ways; starpo once per kernel; one larger-work configuration
+    # TRL runs both ways, starpo's varlen too; starpo once per kernel; the larger work
+    # eager and compiled
     trl = {(c.kind, c.gc) for c in default if c.framework == "trl"}
     assert trl == {("sft", False), ("sft", True), ("dpo", False), ("dpo", True)}
+    assert {(c.kind, c.gc) for c in default if c.framework == "starpo" and c.kernel == "varlen"} \
+        == trl
     assert {c.kernel for c in default if c.framework == "starpo" and c.kind == "sft"} \
         == {"varlen", "flex"}
     large = [c for c in default if c.large]
-    assert len(large) == 1 and gb.sizes_for(large[0], gb.SIZES)["grad_accum"] == 2
+    assert [c.compiled for c in large] == [False, True]
+    assert all(gb.sizes_for(c, gb.SIZES)["grad_accum"] == 2 for c in large)
+    # what the targets need runs before the informational configurations
+    names = [c.name for c in default]
+    assert names.index("generation") < names.index("sft-trl-gc") < \
+        names.index("sft-starpo-varlen-compiled")
 
 
 def test_timing_window_skips_the_warm_up_steps(gb):
