@@ -12,7 +12,6 @@ import statistics
 import pytest
 
 from starpo import world as W
-from starpo.data.canonical import preference_row, prompt_row, sft_row
 from starpo.errors import DataError
 from starpo.world import World, best_response, gold_reward, gold_rewards, label_pair
 from starpo.world.templates import _COMPILED
@@ -86,20 +85,6 @@ def test_row_shapes_are_canonical():
     for i, r in enumerate(w.prompt_rows(20)):
         assert r["source"] == "world:prompt" and r["row"] == i and r["chosen"] is None
         assert [m["role"] for m in r["prompt"]] == ["user"]
-
-
-def test_rows_are_what_the_canonical_constructors_build():
-    # the world writes its rows without data.canonical (it sits above data/ in the layer
-    # order); they must be exactly what the constructors make of the same messages
-    w = World(1)
-    for r in w.sft_rows(30):
-        assert r == sft_row(r["messages"], source=r["source"], row=r["row"])
-    for r in w.preference_rows(30):
-        assert r == preference_row(r["prompt"], r["chosen"], r["rejected"],
-                                   source=r["source"], row=r["row"])
-    for r in w.eval_rows(30) + w.prompt_rows(30):
-        assert r == prompt_row(r["prompt"], chosen=r["chosen"], id=r["id"],
-                               source=r["source"], row=r["row"])
 
 
 def test_rows_and_corpus_are_pinned():

@@ -468,7 +468,7 @@ def test_hub_failure_is_a_data_error(monkeypatch):
 
 def test_world_paths_call_world_rows(monkeypatch):
     from starpo import world
-    from starpo.data.canonical import msg, preference_row
+    from starpo.canonical import msg, preference_row
     calls = []
 
     def fake_rows(kind, n, seed=0):

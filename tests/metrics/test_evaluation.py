@@ -252,7 +252,7 @@ def test_sft_against_itself_kl_zero_and_win_half(evaluated):
 
 def test_gold_scores_and_outputs(evaluated, prompts):
     from starpo import world
-    from starpo.data.canonical import response_text
+    from starpo.canonical import response_text
     res, out = evaluated
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["sft", "dpo", "sft_copy"]

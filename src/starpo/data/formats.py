@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from starpo.data.canonical import check_messages, msg, preference_row, prompt_row, sft_row
+from starpo.canonical import check_messages, msg, preference_row, prompt_row, sft_row
 from starpo.errors import DataError
 
 KINDS = ("sft", "preference", "prompt")

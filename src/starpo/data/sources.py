@@ -1,6 +1,6 @@
 """Data sources: hub schemas, local files and the embedded world, turned into canonical rows.
 
-Everything downstream sees only the shapes of :mod:`starpo.data.canonical`; this package
+Everything downstream sees only the shapes of :mod:`starpo.canonical`; this package
 is the one place that knows how public datasets spell things. A source is read
 (:mod:`starpo.data.readers`), every row is converted by a *format* (a named converter,
 :data:`starpo.data.formats.FORMATS`), rows the safety filter rejects are set aside, and a seeded subset is taken (``fraction``, then ``n``).

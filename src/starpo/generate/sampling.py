@@ -92,7 +92,7 @@ import torch
 from transformers import LogitsProcessor
 
 from starpo.recipe import GenerationSpec
-from starpo.data.canonical import as_messages
+from starpo.canonical import as_messages
 from starpo.errors import StarpoError
 from starpo.generate import static
 # the random streams and the draw live in draws.py (the static decoders use them too);

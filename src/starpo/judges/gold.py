@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from starpo import world
-from starpo.data.canonical import last_user_text
+from starpo.canonical import last_user_text
 from starpo.judges.base import PointwiseJudge, Prompt, _check_lengths
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from starpo.data.canonical import last_user_text
+from starpo.canonical import last_user_text
 from starpo.errors import StarpoError
 from starpo.judges.base import PairwiseJudge, Prompt
 from starpo.runtime import Runtime

@@ -14,7 +14,7 @@ from transformers import GPTNeoXConfig
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXModel, GPTNeoXPreTrainedModel
 
-from starpo.data.canonical import as_messages
+from starpo.canonical import as_messages
 from starpo.errors import StarpoError
 from starpo.judges.base import PointwiseJudge, Prompt, _check_lengths
 from starpo.model.loading import load_reward_model, load_tokenizer

@@ -17,7 +17,7 @@ import random
 from typing import Sequence
 
 from starpo import world
-from starpo.data.canonical import last_user_text
+from starpo.canonical import last_user_text
 from starpo.judges.base import PairwiseJudge, Prompt
 
 

@@ -69,7 +69,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from starpo import fileio
-from starpo.data.canonical import as_messages, response_text
+from starpo.canonical import as_messages, response_text
 from starpo.errors import StarpoError
 from starpo.judges.base import PairwiseJudge
 from starpo.metrics import registry

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from starpo import pair_rules, world
-from starpo.data.canonical import last_user_text, msg, preference_row
+from starpo.canonical import last_user_text, msg, preference_row
 from starpo.generate.sampling import generate
 from starpo.judges.base import rank_groups
 from starpo.train import preempt
@@ -214,7 +214,7 @@ def pair_records(samples: Sequence[dict]) -> list[dict]:
 
 
 def preference_rows(pairs: Sequence[dict], *, source: str) -> list[dict]:
-    """Canonical preference rows (:mod:`starpo.data.canonical`) of :func:`pair_records`;
+    """Canonical preference rows (:mod:`starpo.canonical`) of :func:`pair_records`;
     ``row`` is the prompt's index in the round, so tokenization problems name it."""
     return [preference_row(p["prompt"], [msg("assistant", p["chosen"])],
                            [msg("assistant", p["rejected"])], source=source, row=p["index"])

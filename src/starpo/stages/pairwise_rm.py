@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from starpo.data.canonical import response_text
+from starpo.canonical import response_text
 from starpo.judges.pairwise_rm import LAYOUT, LAYOUT_KEY, pair_response
 from starpo.losses.pairwise import pairwise_bce
 from starpo.stages.reward import PairObjective, train_pair_scorer

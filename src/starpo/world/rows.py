@@ -1,10 +1,8 @@
 """The world's data: prompts sampled from the templates, rows of each kind (``sft``,
 ``preference``, ``eval``, ``prompt``) for one seed, and the tokenizer corpus.
 
-The rows are in the canonical shape of :mod:`starpo.data.canonical`, written out here
-rather than built with its constructors: the world sits above ``data/`` in the layer
-order (``data/sources.py`` reads it as the ``world:<kind>`` source), so it cannot import
-them; ``tests/test_world.py`` checks every kind against them.
+The rows are built with the constructors of :mod:`starpo.canonical` (``data/sources.py``
+reads them as the ``world:<kind>`` source).
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 
+from starpo.canonical import msg, preference_row, prompt_row, sft_row
 from starpo.errors import DataError
 from starpo.world.gold import _score
 from starpo.world.labeler import label_pair
@@ -24,10 +23,6 @@ from starpo.world.templates import (BENIGN_PAIRS_HELDOUT, COLORS, COLORS_HELDOUT
                                     _task_from_slots)
 
 KINDS = ("sft", "preference", "eval", "prompt")
-
-
-def _msg(role: str, content: str) -> dict[str, str]:
-    return {"role": role, "content": content}
 
 
 def _cap(s: str) -> str:
@@ -101,9 +96,8 @@ class World:
         out = []
         for i in range(n):
             p, task = _sample_prompt(rng, "train")
-            out.append({"messages": [_msg("user", p),
-                                     _msg("assistant", _mix_response(task, rng))],
-                        "source": src, "row": i})
+            out.append(sft_row([msg("user", p), msg("assistant", _mix_response(task, rng))],
+                               source=src, row=i))
         return out
 
     def _pair(self, p: str, task: Task, rng: random.Random) -> tuple[str, str]:
@@ -126,8 +120,8 @@ class World:
         for i in range(n):
             p, task = _sample_prompt(rng, "train")
             ch, rj = self._pair(p, task, rng)
-            out.append({"prompt": [_msg("user", p)], "chosen": [_msg("assistant", ch)],
-                        "rejected": [_msg("assistant", rj)], "source": src, "row": i})
+            out.append(preference_row([msg("user", p)], [msg("assistant", ch)],
+                                      [msg("assistant", rj)], source=src, row=i))
         return out
 
     def eval_rows(self, n: int, seed: int | None = None) -> list[dict]:
@@ -136,9 +130,9 @@ class World:
         for i in range(n):
             p, task = _sample_prompt(rng, "eval")
             ch, _ = self._pair(p, task, rng)
-            out.append({"prompt": [_msg("user", p)], "chosen": [_msg("assistant", ch)],
-                        "id": f"world-eval-{self.seed}-{0 if seed is None else seed}-{i}",
-                        "source": src, "row": i})
+            out.append(prompt_row([msg("user", p)], chosen=[msg("assistant", ch)],
+                                  id=f"world-eval-{self.seed}-{0 if seed is None else seed}-{i}",
+                                  source=src, row=i))
         return out
 
     def prompt_rows(self, n: int, seed: int | None = None) -> list[dict]:
@@ -146,9 +140,9 @@ class World:
         out = []
         for i in range(n):
             p, _ = _sample_prompt(rng, "train")
-            out.append({"prompt": [_msg("user", p)], "chosen": None,
-                        "id": f"world-prompt-{self.seed}-{0 if seed is None else seed}-{i}",
-                        "source": src, "row": i})
+            out.append(prompt_row([msg("user", p)],
+                                  id=f"world-prompt-{self.seed}-{0 if seed is None else seed}-{i}",
+                                  source=src, row=i))
         return out
 
     def best_response(self, prompt: str) -> str:
