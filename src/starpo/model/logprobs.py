@@ -67,8 +67,9 @@ from starpo.data.batch import TokenBatch
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
                   softcap: float | None, compute_dtype: torch.dtype) -> Tensor:
-    """Logits of one chunk in float32, after the model's scale and softcap."""
-    z = h.to(compute_dtype) @ weight.to(compute_dtype).t()
+    """Logits of one chunk in float32, after the model's scale and softcap. ``weight`` is
+    already in ``compute_dtype`` (cast once per call, not once per chunk)."""
+    z = h.to(compute_dtype) @ weight.t()
     if bias is not None:
         z = z + bias.to(compute_dtype)
     z = z.float()
@@ -94,9 +95,10 @@ class _ChunkedTargetLogprob(torch.autograd.Function):
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         device_type = hidden.device.type
+        w = weight.to(compute_dtype)
         with torch.autocast(device_type, enabled=False):
             for s in range(0, n, chunk_size):
-                z = _chunk_logits(hidden[s:s + chunk_size], weight, bias, scale, softcap,
+                z = _chunk_logits(hidden[s:s + chunk_size], w, bias, scale, softcap,
                                   compute_dtype)
                 t = targets[s:s + chunk_size]
                 out[s:s + chunk_size] = z.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(z, 1)
@@ -123,7 +125,7 @@ class _ChunkedTargetLogprob(torch.autograd.Function):
                 h = hidden[s:s + chunk_size]
                 t = targets[s:s + chunk_size]
                 g = grad_out[s:s + chunk_size].float()
-                z = _chunk_logits(h, weight, bias, scale, softcap, cdt)
+                z = _chunk_logits(h, w, bias, scale, softcap, cdt)
                 # d softcap / du = 1 − (z/c)², taken before z is overwritten
                 cap_grad = None if softcap is None else (z / softcap).square_().neg_().add_(1.0)
                 # z becomes −g·softmax(z) in place: one [chunk, V] buffer, not three
