@@ -148,3 +148,26 @@ def test_fused_adamw_takes_the_same_steps_as_the_plain_one(tmp_path, monkeypatch
     assert made[0].defaults["fused"]
     _close(_weights(plain), _weights(fused), atol=1e-5)
     assert max((_weights(plain)[k] - start[k]).abs().max() for k in start) > 1e-2
+
+
+@pytest.mark.gpu
+def test_the_loop_on_cuda_runs_fused_adamw_equal_to_the_plain_one(tmp_path, monkeypatch):
+    """On CUDA parameters make_optimizer picks the fused kernel by itself; its steps equal
+    the foreach kernel's (fp32, no autocast, so only the optimizer differs)."""
+    import starpo.train.loop as L
+    spec = TrainSpec(lr=5e-3, max_steps=4, batch_size=4, log_every=1, weight_decay=0.1,
+                     warmup_ratio=0.25, max_grad_norm=1.0, mixed_precision="no")
+    fused, plain = tiny_llama(100).cuda(), tiny_llama(100).cuda()
+    start = _weights(plain)
+    made = []
+
+    def make(model, s):
+        made.append(L.make_optimizer(model, s))
+        return made[-1]
+    run_loop(fused, _task(4), spec, tmp_path / "fused", seed=0, progress=False,
+             hooks=LoopHooks(make_optimizer=make))
+    assert made[0].defaults["fused"]
+    monkeypatch.setattr(L, "fused_adamw", lambda params: False)
+    run_loop(plain, _task(4), spec, tmp_path / "plain", seed=0, progress=False)
+    _close(_weights(plain), _weights(fused), atol=1e-4)
+    assert max((_weights(plain)[k] - start[k]).abs().max() for k in start) > 1e-2
