@@ -108,11 +108,19 @@ def test_metrics_have_the_expected_fields(tmp_path):
     assert (tmp_path / "tensorboard").is_dir()
 
 
-def test_adamw_is_fused_only_for_plain_cuda_parameters():
+def test_adamw_is_fused_only_for_plain_cuda_parameters(monkeypatch):
     """The fused kernel needs every parameter on CUDA and floating; a sharded (DTensor-like)
     parameter, a CPU one or an integer buffer keeps the foreach implementation, so the CPU
-    quickstart's figures do not move."""
-    from starpo.train.loop import fused_adamw, make_optimizer
+    quickstart's figures do not move; so does a run accelerate launched with FSDP or
+    DeepSpeed."""
+    from starpo.train.loop import _sharded_launch, fused_adamw, make_optimizer
+    assert not _sharded_launch()
+    for launch in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(launch, "true")
+            assert _sharded_launch()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert not _sharded_launch()
 
     class Sharded(torch.Tensor):
         pass
@@ -123,8 +131,13 @@ def test_adamw_is_fused_only_for_plain_cuda_parameters():
     opt = make_optimizer(tiny_llama(100), TrainSpec())
     assert not opt.defaults["fused"]
     if torch.cuda.is_available():
-        assert fused_adamw([torch.nn.Parameter(torch.zeros(2, device="cuda"))])
+        cuda = [torch.nn.Parameter(torch.zeros(2, device="cuda"))]
+        assert fused_adamw(cuda)
         assert make_optimizer(tiny_llama(100).cuda(), TrainSpec()).defaults["fused"]
+        for launch in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv(launch, "true")
+                assert not fused_adamw(cuda)
 
 
 def test_fused_adamw_takes_the_same_steps_as_the_plain_one(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -68,9 +69,17 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+def _sharded_launch() -> bool:
+    # accelerate's launcher says so in the environment before the model is wrapped
+    return any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() in ("1", "true")
+               for k in ("FSDP", "DEEPSPEED"))
+
+
 def fused_adamw(params: Sequence[torch.Tensor]) -> bool:
     """Whether AdamW runs torch's fused kernel: every trainable parameter a plain floating
-    CUDA tensor (not a sharded DTensor, nothing still on the CPU or the meta device).
+    CUDA tensor (not a sharded DTensor, nothing still on the CPU or the meta device), in a
+    run that accelerate does not shard (FSDP and DeepSpeed re-home the parameters after
+    the optimizer is built; they keep the multi-tensor kernel, the one tested with them).
 
     Why: the fused kernel updates all parameters in one pass over (param, grad, exp_avg,
     exp_avg_sq) where the multi-tensor ("foreach") one makes about ten passes, and it is
@@ -79,7 +88,7 @@ def fused_adamw(params: Sequence[torch.Tensor]) -> bool:
     (the two differ in the last bits). The update is the same AdamW (tests/train/test_loop.py
     holds the fused kernel to the plain one)."""
     params = list(params)
-    return bool(params) and all(
+    return bool(params) and not _sharded_launch() and all(
         type(p) in (torch.Tensor, nn.Parameter) and p.is_cuda and p.is_floating_point()
         for p in params)
 
