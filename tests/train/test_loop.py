@@ -140,47 +140,44 @@ def test_adamw_is_fused_only_for_plain_cuda_parameters(monkeypatch):
                 assert not fused_adamw(cuda)
 
 
-def test_fused_adamw_takes_the_same_steps_as_the_plain_one(tmp_path, monkeypatch):
-    """make_optimizer's fused AdamW (weight decay on matrices only, the schedule, clipping)
-    against the foreach one over a few loop steps: same weights within float noise. Run
-    with torch's CPU fused kernel here; on a GPU the CUDA one is what the loop picks."""
+def _fused_against_plain(tmp_path, monkeypatch, device: str, *, force: bool) -> dict:
+    """Train the same tiny model twice on ``device`` (4 steps: weight decay on matrices
+    only, warmup, clipping; fp32): with make_optimizer as it decides (``force``: told the
+    parameters are fusable) and with the foreach kernel. Returns the optimizer
+    make_optimizer built and both runs' start and end weights."""
     import starpo.train.loop as L
     spec = TrainSpec(lr=5e-3, max_steps=4, batch_size=4, log_every=1, weight_decay=0.1,
-                     warmup_ratio=0.25, max_grad_norm=1.0)
-    plain, fused = tiny_llama(100), tiny_llama(100)
+                     warmup_ratio=0.25, max_grad_norm=1.0, mixed_precision="no")
+    fused, plain = tiny_llama(100).to(device), tiny_llama(100).to(device)
     start = _weights(plain)
-    run_loop(plain, _task(4), spec, tmp_path / "plain", seed=0, progress=False)
     made = []
-    monkeypatch.setattr(L, "fused_adamw", lambda params: True)
+    with monkeypatch.context() as mp:
+        if force:
+            mp.setattr(L, "fused_adamw", lambda params: True)
+        run_loop(fused, _task(4), spec, tmp_path / "fused", seed=0, progress=False,
+                 hooks=LoopHooks(make_optimizer=lambda m, s: made.append(
+                     L.make_optimizer(m, s)) or made[-1]))
+        mp.setattr(L, "fused_adamw", lambda params: False)
+        run_loop(plain, _task(4), spec, tmp_path / "plain", seed=0, progress=False)
+    return {"optimizer": made[0], "start": start, "fused": _weights(fused),
+            "plain": _weights(plain)}
 
-    def make(model, s):
-        made.append(L.make_optimizer(model, s))
-        return made[-1]
-    run_loop(fused, _task(4), spec, tmp_path / "fused", seed=0, progress=False,
-             hooks=LoopHooks(make_optimizer=make))
-    assert made[0].defaults["fused"]
-    _close(_weights(plain), _weights(fused), atol=1e-5)
-    assert max((_weights(plain)[k] - start[k]).abs().max() for k in start) > 1e-2
+
+def test_fused_adamw_takes_the_same_steps_as_the_plain_one(tmp_path, monkeypatch):
+    """make_optimizer's fused AdamW against the foreach one over a few loop steps: same
+    weights within float noise. Run with torch's CPU fused kernel here; on a GPU the CUDA
+    one is what the loop picks (the gpu twin below)."""
+    r = _fused_against_plain(tmp_path, monkeypatch, "cpu", force=True)
+    assert r["optimizer"].defaults["fused"]
+    _close(r["plain"], r["fused"], atol=1e-5)
+    assert max((r["plain"][k] - r["start"][k]).abs().max() for k in r["start"]) > 1e-2
 
 
 @pytest.mark.gpu
 def test_the_loop_on_cuda_runs_fused_adamw_equal_to_the_plain_one(tmp_path, monkeypatch):
     """On CUDA parameters make_optimizer picks the fused kernel by itself; its steps equal
     the foreach kernel's (fp32, no autocast, so only the optimizer differs)."""
-    import starpo.train.loop as L
-    spec = TrainSpec(lr=5e-3, max_steps=4, batch_size=4, log_every=1, weight_decay=0.1,
-                     warmup_ratio=0.25, max_grad_norm=1.0, mixed_precision="no")
-    fused, plain = tiny_llama(100).cuda(), tiny_llama(100).cuda()
-    start = _weights(plain)
-    made = []
-
-    def make(model, s):
-        made.append(L.make_optimizer(model, s))
-        return made[-1]
-    run_loop(fused, _task(4), spec, tmp_path / "fused", seed=0, progress=False,
-             hooks=LoopHooks(make_optimizer=make))
-    assert made[0].defaults["fused"]
-    monkeypatch.setattr(L, "fused_adamw", lambda params: False)
-    run_loop(plain, _task(4), spec, tmp_path / "plain", seed=0, progress=False)
-    _close(_weights(plain), _weights(fused), atol=1e-4)
-    assert max((_weights(plain)[k] - start[k]).abs().max() for k in start) > 1e-2
+    r = _fused_against_plain(tmp_path, monkeypatch, "cuda", force=False)
+    assert r["optimizer"].defaults["fused"]
+    _close(r["plain"], r["fused"], atol=1e-4)
+    assert max((r["plain"][k] - r["start"][k]).abs().max() for k in r["start"]) > 1e-2
