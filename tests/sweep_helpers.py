@@ -9,23 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import micro_recipe
 from starpo.metrics.names import EVAL_METRICS
 from starpo.run import sweep as S
 
-TINY = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 400}
-FAST = {"max_steps": 3, "batch_size": 4, "log_every": 1, "warmup_ratio": 0.0}
-RECIPE = {
-    "name": "micro", "seed": 0, "model": {"name_or_path": "tiny", "tiny": TINY},
-    "stages": [
-        {"type": "sft", "data": {"sources": [{"path": "world:sft", "n": 120}]},
-         "packing": {"max_length": 128}, "train": {**FAST, "lr": 1e-3}},
-        {"type": "dpo", "beta": 0.5, "max_length": 128, "max_prompt_length": 64,
-         "data": {"sources": [{"path": "world:preference", "n": 60}], "eval_fraction": 0.2},
-         "train": {**FAST, "lr": 1e-4}},
-        {"type": "eval", "data": {"sources": [{"path": "world:eval", "n": 8}], "shuffle": False},
-         "generation": {"max_new_tokens": 12, "batch_size": 8}, "bootstrap": 20},
-    ]}
+# the pipeline tests' sft → dpo recipe and an evaluation of both
+RECIPE = micro_recipe()
+RECIPE["stages"].append(
+    {"type": "eval", "data": {"sources": [{"path": "world:eval", "n": 8}], "shuffle": False},
+     "generation": {"max_new_tokens": 12, "batch_size": 8}, "bootstrap": 20})
 SWEEP = {"name": "micro-sweep", "recipe": "micro.yaml", "shared": ["sft"],
          "methods": {"dpo": {"stages.dpo.beta": [0.1, 0.5]},
                      "simpo": {"stages.dpo.gamma": [0.3, 1.0], "stages.dpo.beta": 2.0}}}

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, TINY, quiet
+from conftest import micro_recipe, quiet
 import torch
 import yaml
 
@@ -19,16 +19,7 @@ from starpo.recipe import recipe_from_dict
 
 
 
-def _recipe(**dpo):
-    return {
-        "name": "micro", "seed": 0, "model": {"name_or_path": "tiny", "tiny": TINY},
-        "stages": [
-            {"type": "sft", "data": {"sources": [{"path": "world:sft", "n": 120}]},
-             "packing": {"max_length": 128}, "train": {**FAST, "lr": 1e-3}},
-            {"type": "dpo", "beta": 0.5, "max_length": 128, "max_prompt_length": 64,
-             "data": {"sources": [{"path": "world:preference", "n": 60}], "eval_fraction": 0.2},
-             "train": {**FAST, "lr": 1e-4}, **dpo},
-        ]}
+_recipe = micro_recipe
 
 
 @pytest.fixture(scope="module")

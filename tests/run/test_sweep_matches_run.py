@@ -15,7 +15,8 @@ import pytest
 from starpo.recipe import graph, load_recipe
 from starpo.run import pipeline
 from starpo.run import sweep as S
-from sweep_helpers import FAST, RECIPE, write_sweep
+from conftest import FAST
+from sweep_helpers import RECIPE, write_sweep
 
 FEW = {**FAST, "max_steps": 2}
 

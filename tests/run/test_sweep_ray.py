@@ -19,7 +19,8 @@ ray = pytest.importorskip("ray")
 from starpo.metrics.names import EVAL_METRICS
 from starpo.run import sweep as S
 from starpo.run import sweep_ray as R
-from sweep_helpers import SWEEP, RECIPE, FAST, write_sweep
+from conftest import FAST
+from sweep_helpers import SWEEP, RECIPE, write_sweep
 
 TESTS = Path(__file__).resolve().parents[1]
 # pytest imports this file as a module named after its path from the repository root

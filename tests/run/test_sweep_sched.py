@@ -27,7 +27,8 @@ from starpo.run import sweep as S
 from starpo.run import sweep_slurm
 from starpo.runtime import Runtime
 from starpo.train import refcache
-from sweep_helpers import FAST, RECIPE, SWEEP, _fake_eval, load_error, write_sweep
+from conftest import FAST
+from sweep_helpers import RECIPE, SWEEP, _fake_eval, load_error, write_sweep
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
