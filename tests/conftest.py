@@ -15,6 +15,9 @@ torch.set_num_threads(2)
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
 from starpo.model.loading import CHATML_TEMPLATE as CHATML
+# the pipeline tests' micro model, settings and recipe, re-exported (tests/micro.py holds
+# them without this file's side effects)
+from micro import FAST as FAST, TINY as TINY, micro_recipe as micro_recipe
 
 
 def realdata(*parts: str) -> Path:
@@ -65,26 +68,6 @@ def one_thread():
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-# a micro tiny model and training settings for pipeline tests (seconds per stage)
-TINY = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 400}
-FAST = {"max_steps": 3, "batch_size": 4, "log_every": 1, "warmup_ratio": 0.0}
-
-
-def micro_recipe(**dpo) -> dict:
-    """The microscopic sft → dpo recipe (as a dict) that the pipeline and sweep tests run;
-    ``dpo`` adds or replaces fields of its DPO stage."""
-    return {
-        "name": "micro", "seed": 0, "model": {"name_or_path": "tiny", "tiny": TINY},
-        "stages": [
-            {"type": "sft", "data": {"sources": [{"path": "world:sft", "n": 120}]},
-             "packing": {"max_length": 128}, "train": {**FAST, "lr": 1e-3}},
-            {"type": "dpo", "beta": 0.5, "max_length": 128, "max_prompt_length": 64,
-             "data": {"sources": [{"path": "world:preference", "n": 60}], "eval_fraction": 0.2},
-             "train": {**FAST, "lr": 1e-4}, **dpo},
-        ]}
-
 
 def quiet(msg):
     """A pipeline ``log`` that prints nothing."""

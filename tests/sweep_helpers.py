@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import micro_recipe
+from micro import micro_recipe
 from starpo.metrics.names import EVAL_METRICS
 from starpo.run import sweep as S
 

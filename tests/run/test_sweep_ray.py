@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 from starpo.metrics.names import EVAL_METRICS
 from starpo.run import sweep as S
 from starpo.run import sweep_ray as R
-from conftest import FAST
+from micro import FAST
 from sweep_helpers import SWEEP, RECIPE, write_sweep
 
 TESTS = Path(__file__).resolve().parents[1]
