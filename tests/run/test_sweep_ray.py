@@ -196,6 +196,20 @@ def test_an_exception_in_a_trial_is_its_result_not_a_reason_to_retry(tmp_path):
     assert len((plan.out / "trials" / "dpo" / "attempts.txt").read_text().splitlines()) == 1
 
 
+def test_a_task_runs_with_the_threads_of_its_cpus_whatever_the_worker_had():
+    """A reused worker may carry another torch thread count (an earlier task, a module it
+    imported set it): each task pins it to its CPUs (at least one)."""
+    import torch
+    before = torch.get_num_threads()
+    try:
+        for cpu, want in ((1, 1), (0.5, 1), (2, 2)):
+            torch.set_num_threads(3)
+            R._pin_threads(S.ResourcesSpec(cpu=cpu))
+            assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_trial_asking_for_more_than_any_node_has_is_reported(tmp_path):
     """No node of the 2-CPU cluster fits a 3-CPU trial: the driver says so (an autoscaler
     could still add one, so it is a line, not an error; the test does not wait for it)."""

@@ -109,9 +109,19 @@ def _quiet_worker() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _pin_threads(resources: S.ResourcesSpec) -> None:
+    """torch's intra-op threads = the CPUs Ray gave the task (at least one). Ray sets
+    ``OMP_NUM_THREADS`` so when it starts a worker, but a reused worker keeps whatever an
+    earlier task (or a module it imported) set, and the thread count changes a trial's
+    numbers in the last bits: pinned, a trial gives what the local executor gives."""
+    import torch
+    torch.set_num_threads(max(1, int(resources.cpu)))
+
+
 def _shared_task(plan: S.SweepPlan) -> dict:
     """The shared stages (and the SFT baseline's evaluation), their messages → log.txt."""
     _quiet_worker()
+    _pin_threads(plan.sweep.spec.resources)
     lines: list[str] = []
     plan.shared_dir.mkdir(parents=True, exist_ok=True)
     with (plan.shared_dir / "log.txt").open("a") as f:
@@ -133,6 +143,7 @@ def _trial_task(plan: S.SweepPlan, k: int, trial: S.Trial, recipe: Recipe, runne
     import ray
     ray.get(starts.started.remote(trial.id, socket.gethostname()))  # before any work
     _quiet_worker()
+    _pin_threads(plan.sweep.spec.resources)
     run = runner or S.trial_runner(plan.sweep.spec.resources)
     *_, tdir, seconds, err = S._run_trial(plan, k, trial, recipe, run, where="",
                                           raise_errors=False, log=lambda m: None)
