@@ -288,6 +288,9 @@ def test_start_up_check_rejects_a_kernel_of_other_semantics(monkeypatch):
     A._varlen_probe.cache_clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert A._varlen_probe(cpu)
+    A._varlen_probe.cache_clear()
+    with torch.inference_mode():
+        assert A._varlen_probe(cpu)
     monkeypatch.setattr(A, "torch_varlen", top_left)
     A._varlen_probe.cache_clear()
     with pytest.warns(UserWarning, match="differs from its specification"):

@@ -471,6 +471,35 @@ def _varlen_probe(device: torch.device) -> bool:
     kernel means something else (or fails) is not used, with a warning saying why, and the
     flex kernel runs instead."""
     import warnings
+    # the first packed forward may be a reference pass or an evaluation (no_grad,
+    # inference mode, autocast): the check needs gradients and its own dtypes
+    with torch.inference_mode(False), torch.enable_grad(), \
+            torch.autocast(device.type, enabled=False):
+        try:
+            got, want = _varlen_probe_values(device)
+        except Exception as err:        # any failure means: do not use it
+            warnings.warn(f"starpo: torch's varlen attention failed its check on {device} "
+                          f"({type(err).__name__}: {err}); packed rows use flex attention")
+            return False
+    err = float((got[0] - want[0]).abs().max())
+    if err > 3e-2:
+        warnings.warn(f"starpo: torch's varlen attention differs from its specification by "
+                      f"{err:.3g} on {device} (causal alignment?); packed rows use flex "
+                      "attention")
+        return False
+    for name, a, b in zip(("query", "key", "value"), got[1:], want[1:]):
+        rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
+        if rel > 3e-2:
+            warnings.warn(f"starpo: the gradient of torch's varlen attention with respect "
+                          f"to the {name} differs from its specification (relative error "
+                          f"{rel:.3g}) on {device}; packed rows use flex attention")
+            return False
+    return True
+
+
+def _varlen_probe_values(device: torch.device) -> tuple[list, list]:
+    """(torch's kernel in bf16, the dense specification in fp32): each ``[output, dq, dk,
+    dv]`` as float32, for :func:`_varlen_probe`'s case."""
     g = torch.Generator(device="cpu").manual_seed(0)
     lens_q, lens_k = [5, 3, 4], [5, 7, 4]
     tq, tk = sum(lens_q), sum(lens_k)
@@ -488,29 +517,7 @@ def _varlen_probe(device: torch.device) -> bool:
         out.backward(grad_out.to(dtype))
         return [out.detach().float()] + [(torch.zeros_like(t) if t.grad is None else t.grad)
                                          .float() for t in x]
-    # the first packed forward may be a reference pass or an evaluation (no_grad, autocast)
-    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        try:
-            got = run(torch_varlen, torch.bfloat16)
-        except Exception as err:        # any failure means: do not use it
-            warnings.warn(f"starpo: torch's varlen attention failed its check on {device} "
-                          f"({type(err).__name__}: {err}); packed rows use flex attention")
-            return False
-        want = run(varlen_dense, torch.float32)
-    err = float((got[0] - want[0]).abs().max())
-    if err > 3e-2:
-        warnings.warn(f"starpo: torch's varlen attention differs from its specification by "
-                      f"{err:.3g} on {device} (causal alignment?); packed rows use flex "
-                      "attention")
-        return False
-    for name, a, b in zip(("query", "key", "value"), got[1:], want[1:]):
-        rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
-        if rel > 3e-2:
-            warnings.warn(f"starpo: the gradient of torch's varlen attention with respect "
-                          f"to the {name} differs from its specification (relative error "
-                          f"{rel:.3g}) on {device}; packed rows use flex attention")
-            return False
-    return True
+    return run(torch_varlen, torch.bfloat16), run(varlen_dense, torch.float32)
 
 
 def _varlen_kernel(query: torch.Tensor, scaling, dropout: float):
