@@ -113,14 +113,14 @@ def test_adamw_is_fused_only_for_plain_cuda_parameters(monkeypatch):
     parameter, a CPU one or an integer buffer keeps the foreach implementation, so the CPU
     quickstart's figures do not move; so does a run accelerate launched with FSDP or
     DeepSpeed."""
-    from starpo.train.loop import _sharded_launch, fused_adamw, make_optimizer
-    assert not _sharded_launch()
+    from starpo.train.loop import fused_adamw, make_optimizer, sharded_launch
+    assert not sharded_launch()
     for launch in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(launch, "true")
-            assert _sharded_launch()
+            assert sharded_launch()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
-    assert not _sharded_launch()
+    assert not sharded_launch()
 
     class Sharded(torch.Tensor):
         pass

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -69,12 +68,6 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def _sharded_launch() -> bool:
-    # accelerate's launcher says so in the environment before the model is wrapped
-    return any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() in ("1", "true")
-               for k in ("FSDP", "DEEPSPEED"))
-
-
 def fused_adamw(params: Sequence[torch.Tensor]) -> bool:
     """Whether AdamW runs torch's fused kernel: every trainable parameter a plain floating
     CUDA tensor (not a sharded DTensor, nothing still on the CPU or the meta device), in a
@@ -88,7 +81,7 @@ def fused_adamw(params: Sequence[torch.Tensor]) -> bool:
     (the two differ in the last bits). The update is the same AdamW (tests/train/test_loop.py
     holds the fused kernel to the plain one)."""
     params = list(params)
-    return bool(params) and not _sharded_launch() and all(
+    return bool(params) and not sharded_launch() and all(
         type(p) in (torch.Tensor, nn.Parameter) and p.is_cuda and p.is_floating_point()
         for p in params)
 
