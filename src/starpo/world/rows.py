@@ -91,6 +91,10 @@ class World:
     def _rng(self, kind: str, seed: int | None) -> random.Random:
         return random.Random(f"starpo-world|{self.seed}|{kind}|{0 if seed is None else int(seed)}")
 
+    def _id(self, kind: str, seed: int | None, i: int) -> str:
+        """The id of row ``i`` of a prompt-row kind (``eval``, ``prompt``) for ``seed``."""
+        return f"world-{kind}-{self.seed}-{0 if seed is None else seed}-{i}"
+
     def sft_rows(self, n: int, seed: int | None = None) -> list[dict]:
         rng, src = self._rng("sft", seed), "world:sft"
         out = []
@@ -131,8 +135,7 @@ class World:
             p, task = _sample_prompt(rng, "eval")
             ch, _ = self._pair(p, task, rng)
             out.append(prompt_row([msg("user", p)], chosen=[msg("assistant", ch)],
-                                  id=f"world-eval-{self.seed}-{0 if seed is None else seed}-{i}",
-                                  source=src, row=i))
+                                  id=self._id("eval", seed, i), source=src, row=i))
         return out
 
     def prompt_rows(self, n: int, seed: int | None = None) -> list[dict]:
@@ -140,8 +143,7 @@ class World:
         out = []
         for i in range(n):
             p, _ = _sample_prompt(rng, "train")
-            out.append(prompt_row([msg("user", p)],
-                                  id=f"world-prompt-{self.seed}-{0 if seed is None else seed}-{i}",
+            out.append(prompt_row([msg("user", p)], id=self._id("prompt", seed, i),
                                   source=src, row=i))
         return out
 
